@@ -1,0 +1,3 @@
+from qubrid_lab.cli import main
+
+raise SystemExit(main())

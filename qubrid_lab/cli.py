@@ -1,0 +1,88 @@
+"""``qubrid-lab``: the command line. Each command is a thin caller of a documented function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qubrid_lab.errors import QubridError
+from qubrid_lab.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {name: value for name, value in vars(args).items()
+                 if value is not None and name in Settings.model_fields}
+    return Settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qubrid_lab.server.serve import serve
+
+    serve(_settings(args), allow_open=args.allow_open)
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from qubrid_lab.server.auth import new_api_key
+
+    settings = _settings(args)
+    key_file = settings.api_key_file or settings.default_key_file()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key = new_api_key()
+    with key_file.open("a") as handle:
+        handle.write(f"{key}\n")
+    key_file.chmod(0o600)
+    print(key)
+    print(f"added to {key_file}; the server reads it at start", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from qubrid_lab.models.catalogue import default_catalogue
+
+    for entry in default_catalogue().entries.values():
+        print(f"{entry.id}\t{entry.kind}\t{entry.source}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qubrid-lab", description=__doc__)
+    parser.add_argument("--home", type=Path, help="home directory (env QUBRID_LAB_HOME, default ~/.qubrid_lab)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--model", dest="models", action="append",
+                       help="catalogue id, model directory, .gguf file or Hub id to load (repeatable)")
+    serve.add_argument("--catalogue-file", type=Path, help="JSON list of extra catalogue entries")
+    serve.add_argument("--device", help="auto, cpu or cuda[:N]")
+    serve.add_argument("--dtype", help="auto, int8 (CPU), float32, bfloat16 or float16")
+    serve.add_argument("--max-batch-size", type=int, help="most sequences decoded together per model")
+    serve.add_argument("--max-tokens-cap", type=int, help="cap on generated tokens when a request sets none")
+    serve.add_argument("--api-key-file", type=Path, help="file of accepted keys, one per line")
+    serve.add_argument("--allow-open", action="store_true", help="serve a non-loopback address without keys")
+    serve.add_argument("--log-level", help="debug, info, warning")
+    serve.set_defaults(run=cmd_serve)
+
+    keys = commands.add_parser("keys", help="manage API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a qbt_ key and add it to the key file")
+    create.add_argument("--api-key-file", type=Path, help="key file (default <home>/api_keys.txt)")
+    create.set_defaults(run=cmd_keys_create)
+
+    models = commands.add_parser("models", help="list the model catalogue")
+    models.set_defaults(run=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except QubridError as exc:
+        print(f"qubrid-lab: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

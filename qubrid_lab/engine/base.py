@@ -1,0 +1,142 @@
+"""What every inference backend speaks: a request handle that streams per-choice events.
+
+A backend (the local transformers engine, Triton, a remote OpenAI-compatible endpoint) receives token ids
+or text and pushes :class:`Delta` and :class:`Finish` events into a :class:`GenerationHandle`, from its own
+thread; the server's routes read them with ``async for`` and turn them into JSON or SSE chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from qubrid_lab.engine.sampling import SamplingParams
+
+
+@dataclass
+class Delta:
+    """New text for one choice."""
+
+    index: int
+    text: str
+
+
+@dataclass
+class Finish:
+    """One choice ended; ``completion_tokens`` counts every token it generated."""
+
+    index: int
+    reason: str  # "stop" or "length"
+    text: str
+    completion_tokens: int
+
+
+@dataclass
+class Failure:
+    """The backend could not finish the request."""
+
+    message: str
+
+
+Event = Delta | Finish | Failure
+
+
+@dataclass
+class GenerationHandle:
+    """One prompt in flight with ``n`` choices numbered from ``first_index``; events go to ``queue``."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    n: int = 1
+    first_index: int = 0
+    max_new_tokens: int = 0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    cancelled: bool = False
+
+    def emit(self, event: Event) -> None:
+        """Called from the backend's thread; hands the event to the request's event loop."""
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.finished_at = now
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the request's loop is gone; the backend drops the request on its next step
+            self.cancelled = True
+
+
+class GenerationRun:
+    """All prompts of one API request, submitted to one backend; events of every choice on one queue."""
+
+    def __init__(self, backend: ChatBackend, prompts: list[list[int]], params: SamplingParams, n: int):
+        self.submitted_at = time.perf_counter()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.handles = [
+            GenerationHandle(ids, params, self.queue, loop, n=n, first_index=i * n) for i, ids in enumerate(prompts)
+        ]
+        self.choices = n * len(prompts)
+        self.prompt_tokens = sum(len(ids) for ids in prompts)
+        try:
+            for handle in self.handles:
+                backend.submit(handle)
+        except Exception:
+            self.cancel()
+            raise
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Yields events until every choice has finished, or the backend failed."""
+        open_choices = self.choices
+        while open_choices:
+            event = await self.queue.get()
+            yield event
+            if isinstance(event, Failure):
+                return
+            if isinstance(event, Finish):
+                open_choices -= 1
+
+    def cancel(self) -> None:
+        """Free the backend's slots (the client went away or the request is over)."""
+        for handle in self.handles:
+            handle.cancelled = True
+
+    def metrics(self, completion_tokens: int) -> dict:
+        """The ``x_metrics`` block: time to first token, output tokens per second, total seconds."""
+        end = max((h.finished_at for h in self.handles if h.finished_at), default=time.perf_counter())
+        first = min((h.first_token_at for h in self.handles if h.first_token_at), default=end)
+        total = end - self.submitted_at
+        return {
+            "ttft_seconds": round(first - self.submitted_at, 4),
+            "tps": round(completion_tokens / total, 2) if total > 0 else 0.0,
+            "total_time_seconds": round(total, 4),
+        }
+
+
+class ChatBackend(Protocol):
+    """A loaded text-generation model, local or remote."""
+
+    model_id: str
+    context_length: int
+
+    def encode_chat(self, messages: list[dict]) -> list[int]: ...
+
+    def encode_text(self, prompt: str) -> list[int]: ...
+
+    def submit(self, handle: GenerationHandle) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class EmbeddingBackend(Protocol):
+    """A loaded embedding model."""
+
+    model_id: str
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]: ...
+
+    def close(self) -> None: ...

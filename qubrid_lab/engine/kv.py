@@ -1,0 +1,119 @@
+"""A batched key/value cache that rows join and leave between decode steps.
+
+transformers' ``DynamicCache`` grows by concatenation, which copies the whole cache on every step; here each
+layer writes into a preallocated buffer that doubles when full, and rows are right-aligned so that one
+decode step appends one column for every row. Rows of different lengths are left-padded and masked.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class _BufferLayer(DynamicLayer):
+    """One layer's view of :class:`BatchKV`; ``update`` writes the new columns in place."""
+
+    def __init__(self, store: BatchKV, index: int):
+        super().__init__()
+        self.store = store
+        self.index = index
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.store.write(self.index, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.store.length
+
+
+class BatchKV:
+    """Key/value buffers ``[rows, heads, capacity, head_dim]`` per layer, plus a ``[rows, capacity]`` mask."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
+        self.length = 0  # columns in use; every row's last real token sits in column length - 1
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.mask.shape[1]
+
+    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        end = self.length + key_states.shape[-2]
+        self.keys[layer][:, :, self.length:end] = key_states
+        self.values[layer][:, :, self.length:end] = value_states
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def step_inputs(self) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+        """Prepare one decode step: the cache object, the attention mask and each row's next position."""
+        if self.length + 1 > self.capacity:
+            self._reallocate(torch.arange(self.rows, device=self.device), 0, max(2 * self.capacity, 64))
+        positions = self.mask[:, : self.length].sum(dim=1, keepdim=True)
+        self.mask[:, self.length] = 1
+        cache = DynamicCache()
+        cache.layers = [_BufferLayer(self, i) for i in range(len(self.keys))]
+        return cache, self.mask[:, : self.length + 1], positions
+
+    def commit_step(self) -> None:
+        self.length += 1
+
+    def add_rows(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Append the rows of a prefilled, left-padded ``cache`` whose padding is given by ``mask``."""
+        new_len = mask.shape[1]
+        if not self.keys:
+            self.keys = [layer.keys.contiguous() for layer in cache.layers]
+            self.values = [layer.values.contiguous() for layer in cache.layers]
+            self.mask = mask.clone()
+            self.length = new_len
+            self._reallocate(torch.arange(self.rows, device=self.device), 0, new_len + 64)
+            return
+        length = max(self.length, new_len)
+        capacity = max(self.capacity, length + 64)
+        old_rows, added = self.rows, mask.shape[0]
+        keys, values = [], []
+        for i, layer in enumerate(cache.layers):
+            for source, old, target in ((layer.keys, self.keys[i], keys), (layer.values, self.values[i], values)):
+                heads, head_dim = old.shape[1], old.shape[3]
+                merged = torch.zeros((old_rows + added, heads, capacity, head_dim), dtype=old.dtype, device=self.device)
+                merged[:old_rows, :, length - self.length : length] = old[:, :, : self.length]
+                merged[old_rows:, :, length - new_len : length] = source
+                target.append(merged)
+        merged_mask = torch.zeros((old_rows + added, capacity), dtype=torch.long, device=self.device)
+        merged_mask[:old_rows, length - self.length : length] = self.mask[:, : self.length]
+        merged_mask[old_rows:, length - new_len : length] = mask
+        self.keys, self.values, self.mask, self.length = keys, values, merged_mask, length
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Drop every row not in ``keep`` (in that order) and the columns that only padded them."""
+        if not keep:
+            self.keys, self.values, self.length = [], [], 0
+            self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        used = self.mask[index, : self.length].any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else self.length
+        self._reallocate(index, start, self.capacity)
+
+    def _reallocate(self, index: torch.Tensor, start: int, capacity: int) -> None:
+        """Copy rows ``index`` and columns ``[start, length)`` into fresh buffers of ``capacity`` columns."""
+        kept = self.length - start
+        capacity = max(capacity, kept + 1)
+
+        def copy(buffer: torch.Tensor) -> torch.Tensor:
+            fresh = buffer.new_zeros((len(index), buffer.shape[1], capacity, buffer.shape[3]))
+            fresh[:, :, :kept] = buffer[index, :, start : self.length]
+            return fresh
+
+        self.keys = [copy(k) for k in self.keys]
+        self.values = [copy(v) for v in self.values]
+        mask = self.mask.new_zeros((len(index), capacity))
+        mask[:, :kept] = self.mask[index, start : self.length]
+        self.mask, self.length = mask, kept

@@ -1,0 +1,132 @@
+"""The embedded backends: causal LMs and sentence embedders run in this process with transformers.
+
+Each model gets one thread of its own ("model thread") that loads it and then does all of its torch work;
+see :mod:`qubrid_lab.engine.scheduler` for why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from qubrid_lab.engine.base import GenerationHandle
+from qubrid_lab.engine.scheduler import BatchScheduler
+from qubrid_lab.engine.thread import ModelThread
+from qubrid_lab.errors import InvalidRequestError
+from qubrid_lab.models.catalogue import ModelEntry
+from qubrid_lab.models.device import Precision, pick_device, pick_precision, quantize_linear_int8
+from qubrid_lab.models.loading import registered_at, weights_location
+
+log = logging.getLogger(__name__)
+
+
+def _config_dir(location: str) -> str:
+    if Path(location).is_dir():
+        return location
+    from transformers.utils import cached_file
+
+    return str(Path(cached_file(location, "config.json")).parent)
+
+
+class LocalChatEngine:
+    """A causal LM loaded with transformers and served through the continuous-batching scheduler."""
+
+    def __init__(self, entry: ModelEntry, cache_dir: Path, device: str = "auto", dtype: str = "auto",
+                 max_batch_size: int = 32, max_tokens_cap: int | None = None):
+        self.model_id = entry.id
+        self.entry = entry
+        self.device = pick_device(device)
+        self.precision: Precision = pick_precision(dtype, self.device)
+        self.max_tokens_cap = max_tokens_cap
+        self._thread = ModelThread(f"model:{entry.id}")
+        self._encode_lock = threading.Lock()
+        started = time.perf_counter()
+        self.tokenizer, self.model, self.created = self._thread.submit(self._load, cache_dir).result()
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        generation_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos_ids = set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        eos_ids.add(self.tokenizer.eos_token_id)
+        eos_ids.discard(None)
+        self.scheduler = BatchScheduler(self.model, self.tokenizer, self.device, eos_ids, max_batch_size, self._thread)
+        log.info("loaded %s on %s (%s) in %.1fs", entry.id, self.device, self.precision.label,
+                 time.perf_counter() - started)
+
+    def _load(self, cache_dir: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        location = weights_location(self.entry, cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        if tokenizer.chat_template is None:
+            raise InvalidRequestError(f"Model '{self.model_id}' has no chat template; it cannot serve chat.")
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=self.precision.dtype, attn_implementation="sdpa")
+        model.to(self.device).eval()
+        if self.precision.int8:
+            model = quantize_linear_int8(model)
+        return tokenizer, model, registered_at(_config_dir(location))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of the conversation rendered by the model's own chat template, ready for the reply."""
+        with self._encode_lock:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+
+    def encode_text(self, prompt: str) -> list[int]:
+        with self._encode_lock:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def submit(self, handle: GenerationHandle) -> None:
+        """Queue a request; ``handle.max_new_tokens`` is set from its params, the context and the server cap."""
+        room = self.context_length - len(handle.prompt_ids)
+        if room < 1:
+            raise InvalidRequestError(
+                f"The prompt is {len(handle.prompt_ids)} tokens; model '{self.model_id}' holds at most "
+                f"{self.context_length} tokens in all. Shorten the prompt.", param="messages")
+        wanted = handle.params.max_tokens or self.max_tokens_cap or room
+        if wanted > room:
+            if handle.params.max_tokens:
+                raise InvalidRequestError(
+                    f"max_tokens is {wanted} but the prompt already takes {len(handle.prompt_ids)} of the model's "
+                    f"{self.context_length} tokens: at most {room} can be generated.", param="max_tokens")
+            wanted = room
+        handle.max_new_tokens = wanted
+        self.scheduler.submit(handle)
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self._thread.stop()
+
+
+class LocalEmbeddingEngine:
+    """A sentence-transformers model; each request's inputs are embedded in one batch, L2-normalised."""
+
+    def __init__(self, entry: ModelEntry, cache_dir: Path, device: str = "auto"):
+        self.model_id = entry.id
+        self.entry = entry
+        self.device = pick_device(device)
+        self._thread = ModelThread(f"model:{entry.id}")
+        self.model, self.created = self._thread.submit(self._load, cache_dir).result()
+        self.max_input_tokens = int(self.model.max_seq_length)
+
+    def _load(self, cache_dir: Path):
+        from sentence_transformers import SentenceTransformer
+
+        location = weights_location(self.entry, cache_dir)
+        return SentenceTransformer(location, device=str(self.device)), registered_at(_config_dir(location))
+
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        with torch.inference_mode():
+            tokens = self.model.tokenizer(texts, truncation=True, max_length=self.max_input_tokens)["input_ids"]
+            vectors = self.model.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True)
+        return vectors.tolist(), sum(len(t) for t in tokens)
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Embeddings of ``texts`` and how many tokens they took (after truncation to the model's limit)."""
+        return await asyncio.wrap_future(self._thread.submit(self._embed, texts))
+
+    def close(self) -> None:
+        self._thread.stop()

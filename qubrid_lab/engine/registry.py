@@ -1,0 +1,67 @@
+"""The loaded models of one server, looked up by id and kind."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from qubrid_lab.engine.base import ChatBackend, EmbeddingBackend
+from qubrid_lab.errors import ModelNotFoundError
+from qubrid_lab.models.catalogue import Catalogue, ModelEntry
+from qubrid_lab.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelRegistry:
+    """Chat and embedding backends by model id; routes ask it for the right kind of model."""
+
+    chat: dict[str, ChatBackend] = field(default_factory=dict)
+    embedding: dict[str, EmbeddingBackend] = field(default_factory=dict)
+
+    def all(self) -> dict[str, ChatBackend | EmbeddingBackend]:
+        return {**self.chat, **self.embedding}
+
+    def get(self, model_id: str) -> ChatBackend | EmbeddingBackend:
+        try:
+            return self.all()[model_id]
+        except KeyError:
+            raise ModelNotFoundError(model_id, sorted(self.all())) from None
+
+    def chat_model(self, model_id: str) -> ChatBackend:
+        if model_id in self.embedding:
+            raise ModelNotFoundError(model_id, sorted(self.chat), reason=(
+                f"'{model_id}' is an embedding model; it cannot generate text. Use it with /v1/embeddings."))
+        if model_id not in self.chat:
+            raise ModelNotFoundError(model_id, sorted(self.chat))
+        return self.chat[model_id]
+
+    def embedding_model(self, model_id: str) -> EmbeddingBackend:
+        if model_id in self.chat:
+            raise ModelNotFoundError(model_id, sorted(self.embedding), reason=(
+                f"'{model_id}' is a text-generation model, not an embedding model."))
+        if model_id not in self.embedding:
+            raise ModelNotFoundError(model_id, sorted(self.embedding))
+        return self.embedding[model_id]
+
+    def close(self) -> None:
+        for backend in self.all().values():
+            backend.close()
+
+
+def load_registry(settings: Settings, catalogue: Catalogue) -> ModelRegistry:
+    """Load every model named in ``settings.models`` with the embedded transformers backend."""
+    from qubrid_lab.engine.local import LocalChatEngine, LocalEmbeddingEngine
+
+    registry = ModelRegistry()
+    for spec in settings.models:
+        entry: ModelEntry = catalogue.resolve(spec)
+        log.info("loading %s (%s, %s)", entry.id, entry.kind, entry.source)
+        if entry.kind == "embedding":
+            registry.embedding[entry.id] = LocalEmbeddingEngine(entry, settings.model_cache_dir, settings.device)
+        else:
+            registry.chat[entry.id] = LocalChatEngine(
+                entry, settings.model_cache_dir, settings.device, settings.dtype,
+                settings.max_batch_size, settings.max_tokens_cap)
+    return registry

@@ -1,0 +1,196 @@
+"""Continuous batching for one causal LM: requests join and leave the running batch between decode steps.
+
+Why not transformers' ``ContinuousBatchingManager``: its per-request logits processors cover temperature,
+top-k and top-p only, so presence/frequency penalties and per-request seeds (both in the platform's API) cannot
+be honoured, and its paged-attention path is built for GPUs; on a 2-core CPU plain batched SDPA over a right-
+aligned cache (:mod:`qubrid_lab.engine.kv`) is faster. See ``benchmarks/README.md`` for the measurements.
+
+One thread owns the model. Each loop iteration:
+  1. drops rows whose client went away,
+  2. prefills waiting requests together (left-padded) and merges them into the batch,
+  3. runs one decode step for every row and samples each row with its own parameters,
+  4. streams text deltas and retires finished rows.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationHandle
+from qubrid_lab.engine.detokenize import TextAssembler
+from qubrid_lab.engine.kv import BatchKV
+from qubrid_lab.engine.sampling import RowSampler, sample_next
+from qubrid_lab.engine.thread import ModelThread
+
+log = logging.getLogger(__name__)
+
+MAX_PREFILL_TOKENS = 4096  # bounds how long running rows wait while newcomers are prefilled
+
+
+@dataclass
+class _Row:
+    handle: GenerationHandle
+    index: int
+    sampler: RowSampler
+    text: TextAssembler
+    next_token: int = -1
+    generated: int = 0
+    done: bool = False
+
+
+class BatchScheduler:
+    """Owns a model and decodes every submitted request in one shared batch."""
+
+    def __init__(self, model, tokenizer, device: torch.device, eos_ids: set[int], max_batch_size: int,
+                 model_thread: ModelThread):
+        self.model = model
+        self.decoder = copy.deepcopy(tokenizer.backend_tokenizer)  # a private copy: decoding runs on this thread
+        self.device = device
+        self.eos_ids = eos_ids
+        self.max_batch_size = max_batch_size
+        self._pending: collections.deque[GenerationHandle] = collections.deque()
+        self._rows: list[_Row] = []
+        self._kv = BatchKV(device)
+        self._wake = threading.Condition()
+        self._closed = False
+        # The loop runs on the thread that loaded the model (see qubrid_lab.engine.thread).
+        self._loop = model_thread.submit(self._run)
+
+    @property
+    def active_rows(self) -> int:
+        return len(self._rows)
+
+    def submit(self, handle: GenerationHandle) -> None:
+        with self._wake:
+            self._pending.append(handle)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._loop.result(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._pending and not self._rows:
+                    self._wake.wait()
+                if self._closed:
+                    return
+            try:
+                with torch.inference_mode():
+                    self._retire(cancelled_only=True)
+                    self._admit()
+                    if self._rows:
+                        self._decode_step()
+                    self._retire()
+            except Exception as exc:  # a failed step must not kill the thread or leave clients waiting
+                log.exception("generation step failed")
+                self._fail_everything(f"generation failed: {type(exc).__name__}: {exc}")
+
+    # 2. prefill
+    def _admit(self) -> None:
+        batch: list[GenerationHandle] = []
+        rows, tokens = len(self._rows), 0
+        with self._wake:
+            while self._pending:
+                handle = self._pending[0]
+                if handle.cancelled:
+                    self._pending.popleft()
+                    continue
+                fits = rows + handle.n <= self.max_batch_size
+                small = tokens + len(handle.prompt_ids) <= MAX_PREFILL_TOKENS
+                if batch and not (fits and small) or not batch and not fits and self._rows:
+                    break
+                batch.append(self._pending.popleft())
+                rows += handle.n
+                tokens += len(handle.prompt_ids)
+        if not batch:
+            return
+        width = max(len(h.prompt_ids) for h in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
+        for i, handle in enumerate(batch):
+            ids[i, width - len(handle.prompt_ids) :] = torch.tensor(handle.prompt_ids)
+            mask[i, width - len(handle.prompt_ids) :] = 1
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        repeat = torch.tensor([h.n for h in batch], device=self.device)
+        source = torch.repeat_interleave(torch.arange(len(batch), device=self.device), repeat)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[source], layer.values[source]
+        self._kv.add_rows(cache, mask[source])
+        logits = out.logits[:, -1][source]
+        new_rows = [
+            _Row(h, h.first_index + i, RowSampler(h.params, logits.shape[-1], self.device, seed_offset=i),
+                 TextAssembler(self.decoder, h.params.stop))
+            for h in batch
+            for i in range(h.n)
+        ]
+        self._rows.extend(new_rows)
+        self._accept(new_rows, sample_next(logits, [r.sampler for r in new_rows]))
+
+    # 3. decode
+    def _decode_step(self) -> None:
+        cache, mask, positions = self._kv.step_inputs()
+        ids = torch.tensor([[row.next_token] for row in self._rows], dtype=torch.long, device=self.device)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        self._kv.commit_step()
+        self._accept(self._rows, sample_next(out.logits[:, -1], [r.sampler for r in self._rows]))
+
+    # 4. stream and retire
+    def _accept(self, rows: list[_Row], tokens: list[int]) -> None:
+        now = time.perf_counter()
+        for row, token in zip(rows, tokens):
+            handle = row.handle
+            handle.first_token_at = handle.first_token_at or now
+            row.generated += 1
+            row.next_token = token
+            if token in self.eos_ids:
+                self._finish(row, "stop", row.text.flush())
+                continue
+            delta = row.text.push(token)
+            if row.text.stopped:
+                self._finish(row, "stop", delta)
+            elif row.generated >= handle.max_new_tokens:
+                self._finish(row, "length", delta + row.text.flush())
+            elif delta:
+                handle.emit(Delta(row.index, delta))
+
+    def _finish(self, row: _Row, reason: str, delta: str) -> None:
+        row.done = True
+        row.handle.emit(Finish(row.index, reason, delta, row.generated))
+
+    def _retire(self, cancelled_only: bool = False) -> None:
+        keep = [i for i, row in enumerate(self._rows) if not row.handle.cancelled and (cancelled_only or not row.done)]
+        if len(keep) != len(self._rows):
+            self._kv.keep_rows(keep)
+            self._rows = [self._rows[i] for i in keep]
+
+    def _fail_everything(self, message: str) -> None:
+        with self._wake:
+            handles = {id(r.handle): r.handle for r in self._rows}
+            handles.update({id(h): h for h in self._pending})
+            self._pending.clear()
+        for handle in handles.values():
+            handle.emit(Failure(message))
+        self._rows = []
+        self._kv = BatchKV(self.device)

@@ -1,0 +1,39 @@
+"""A daemon thread that runs the torch work of one model, one call at a time.
+
+torch's OpenMP worker pool belongs to the thread that first runs a parallel region; on a 2-core CPU,
+loading a model on one thread and decoding on another made every decode step about twice as slow
+(measured in benchmarks/README.md). So a model is loaded, run and unloaded on one thread for its lifetime.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+
+class ModelThread:
+    """Runs submitted callables in order on a single daemon thread; ``submit`` returns a Future."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed to the caller through the future
+                    future.set_exception(exc)

@@ -1,0 +1,90 @@
+"""Typed errors that carry their HTTP status and the platform's error ``type``/``code``.
+
+Every error the server returns has the one shape of the specs:
+``{"error": {"message", "type", "code", "param"}}``.
+"""
+
+from __future__ import annotations
+
+
+class QubridError(Exception):
+    """Base of every error a client may see; subclasses fix status, type and code."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def to_body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code, "param": self.param}}
+
+
+class InvalidRequestError(QubridError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class AuthenticationError(QubridError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class InsufficientFundsError(QubridError):
+    status_code = 402
+    error_type = "insufficient_funds"
+    code = "insufficient_funds"
+
+
+class ModelNotFoundError(QubridError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model_id: str, known: list[str] | None = None, *, reason: str | None = None):
+        message = reason or f"The model '{model_id}' does not exist or is not loaded on this server."
+        if known:
+            message += " Available models: " + ", ".join(known) + "."
+        super().__init__(message, param="model")
+
+
+class NotFoundError(QubridError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ConflictError(QubridError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLargeError(QubridError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimitError(QubridError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class InternalError(QubridError):
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+
+class UpstreamError(QubridError):
+    status_code = 502
+    error_type = "upstream_error"
+    code = "upstream_error"

@@ -1,0 +1,78 @@
+"""Pieces shared by the generation endpoints: stop sequences, usage, sampling fields."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from qubrid_lab.engine.sampling import SamplingParams
+
+
+class WireModel(BaseModel):
+    """Unknown fields are ignored, as OpenAI-compatible servers do, so newer SDKs keep working."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(WireModel):
+    include_usage: bool = False
+
+
+class SamplingFields(WireModel):
+    """The sampling fields chat and text completions share. ``null`` means the default."""
+
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, ge=0, le=1)
+    n: int | None = Field(1, ge=1, le=16)
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    seed: int | None = Field(None, description="Extension (OpenAI): makes sampling reproducible.")
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError(f"at most 4 stop sequences are allowed, got {len(value)}")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            max_tokens=max_tokens,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            seed=self.seed,
+            stop=self.stop_list(),
+        )
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class Usage(WireModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Metrics(WireModel):
+    """``x_metrics``: measured on the server for this request."""
+
+    ttft_seconds: float
+    tps: float
+    total_time_seconds: float

@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource; handlers are named after the specs' operationIds."""

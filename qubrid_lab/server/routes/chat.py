@@ -1,0 +1,50 @@
+"""``POST /v1/chat/completions``."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from qubrid_lab.engine.base import GenerationRun
+from qubrid_lab.errors import InvalidRequestError
+from qubrid_lab.server.protocol.chat import ChatCompletion, ChatCompletionRequest
+from qubrid_lab.server.routes.generation import StreamFormat, collect, completion_id, envelope, stream
+from qubrid_lab.server.sse import sse_response
+
+router = APIRouter()
+
+
+def _reject_images(request: ChatCompletionRequest, vision: bool) -> None:
+    for i, message in enumerate(request.messages):
+        if message.has_image() and not vision:
+            raise InvalidRequestError(
+                f"messages[{i}].content has an image_url part, but model '{request.model}' reads text only. "
+                "Send text parts only, or use a vision model.", param=f"messages[{i}].content")
+
+
+@router.post("/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    backend = request.app.state.registry.chat_model(body.model)
+    _reject_images(body, vision=getattr(getattr(backend, "entry", None), "vision", False))
+    prompt = backend.encode_chat(body.template_messages())
+    run = GenerationRun(backend, [prompt], body.sampling_params(body.token_limit), body.choices_per_prompt)
+    request_id = completion_id("chatcmpl")
+    if body.stream:
+        fmt = StreamFormat(
+            opening=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+            piece=lambda i, text, finish: {"index": i, "delta": {"content": text} if text else {},
+                                           "finish_reason": finish},
+            envelope=envelope("chat.completion.chunk", request_id, body.model),
+        )
+        return sse_response(stream(run, fmt, body.include_usage))
+    done = await collect(run)
+    return ChatCompletion(
+        id=request_id,
+        created=int(time.time()),
+        model=body.model,
+        choices=[{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                 for i, (text, reason) in enumerate(zip(done.texts, done.reasons))],
+        usage=done.usage,
+        x_metrics=done.metrics,
+    )

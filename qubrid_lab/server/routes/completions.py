@@ -1,0 +1,45 @@
+"""``POST /v1/completions`` (legacy text completions)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from qubrid_lab.engine.base import GenerationRun
+from qubrid_lab.server.protocol.completions import Completion, CompletionRequest
+from qubrid_lab.server.routes.generation import StreamFormat, collect, completion_id, envelope, stream
+from qubrid_lab.server.sse import sse_response
+
+router = APIRouter()
+
+
+@router.post("/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request):
+    backend = request.app.state.registry.chat_model(body.model)
+    prompts = body.prompts()
+    n = body.choices_per_prompt
+    run = GenerationRun(backend, [backend.encode_text(p) for p in prompts], body.sampling_params(body.max_tokens), n)
+    request_id = completion_id("cmpl")
+
+    def echoed(index: int) -> str:
+        return prompts[index // n] if body.echo else ""
+
+    if body.stream:
+        fmt = StreamFormat(
+            opening=(lambda i: {"text": echoed(i), "index": i, "logprobs": None, "finish_reason": None})
+            if body.echo else None,
+            piece=lambda i, text, finish: {"text": text, "index": i, "logprobs": None, "finish_reason": finish},
+            envelope=envelope("text_completion", request_id, body.model),
+        )
+        return sse_response(stream(run, fmt, body.include_usage))
+    done = await collect(run)
+    return Completion(
+        id=request_id,
+        created=int(time.time()),
+        model=body.model,
+        choices=[{"text": echoed(i) + text, "index": i, "finish_reason": reason}
+                 for i, (text, reason) in enumerate(zip(done.texts, done.reasons))],
+        usage=done.usage,
+        x_metrics=done.metrics,
+    )

@@ -1,0 +1,101 @@
+"""What chat and text completions share: running a request to completion, or streaming it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationRun
+from qubrid_lab.errors import InternalError
+
+
+def completion_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class Collected:
+    """A finished request: every choice's text and finish reason, and the usage."""
+
+    texts: list[str]
+    reasons: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+async def collect(run: GenerationRun) -> Collected:
+    """Wait for every choice of ``run``; a backend failure becomes a 500 with its reason."""
+    texts, reasons, tokens = [""] * run.choices, ["stop"] * run.choices, 0
+    try:
+        async for event in run.events():
+            if isinstance(event, Failure):
+                raise InternalError(event.message)
+            texts[event.index] += event.text
+            if isinstance(event, Finish):
+                reasons[event.index] = event.reason
+                tokens += event.completion_tokens
+    finally:
+        run.cancel()
+    return Collected(texts, reasons, run.prompt_tokens, tokens, run.metrics(tokens))
+
+
+@dataclass
+class StreamFormat:
+    """How one endpoint spells its chunks: ``opening(index)`` may be None, ``piece(index, text, finish)``."""
+
+    opening: Callable[[int], dict] | None
+    piece: Callable[[int, str, str | None], dict]
+    envelope: Callable[[list[dict]], dict]
+
+
+async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool) -> AsyncIterator[str]:
+    """SSE chunks of ``run``; ``x_metrics`` rides on the last chunk before ``[DONE]``."""
+    from qubrid_lab.server.sse import DONE, sse_event
+
+    def chunk(choices: list[dict], **extra) -> str:
+        body = fmt.envelope(choices)
+        if include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return sse_event(body)
+
+    tokens, open_choices = 0, run.choices
+    try:
+        if fmt.opening:
+            for index in range(run.choices):
+                yield chunk([fmt.opening(index)])
+        async for event in run.events():
+            if isinstance(event, Failure):
+                yield sse_event(InternalError(event.message).to_body())
+                return
+            if isinstance(event, Delta):
+                yield chunk([fmt.piece(event.index, event.text, None)])
+                continue
+            tokens += event.completion_tokens
+            open_choices -= 1
+            if event.text:
+                yield chunk([fmt.piece(event.index, event.text, None)])
+            last = open_choices == 0 and not include_usage
+            extra = {"x_metrics": run.metrics(tokens)} if last else {}
+            yield chunk([fmt.piece(event.index, "", event.reason)], **extra)
+        if include_usage:
+            usage = {"prompt_tokens": run.prompt_tokens, "completion_tokens": tokens,
+                     "total_tokens": run.prompt_tokens + tokens}
+            yield chunk([], usage=usage, x_metrics=run.metrics(tokens))
+        yield DONE
+    finally:
+        run.cancel()
+
+
+def envelope(object_name: str, request_id: str, model: str) -> Callable[[list[dict]], dict]:
+    created = int(time.time())
+    return lambda choices: {"id": request_id, "object": object_name, "created": created, "model": model,
+                            "choices": choices}

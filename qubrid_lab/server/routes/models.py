@@ -1,0 +1,23 @@
+"""``GET /v1/models`` and ``GET /v1/models/{model_id}`` (ids may contain slashes)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from qubrid_lab.server.protocol.models import Model, ModelList
+
+router = APIRouter()
+
+
+def _describe(backend) -> Model:
+    return Model(id=backend.model_id, created=backend.created, owned_by=backend.entry.owned_by)
+
+
+@router.get("/models")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_describe(b) for b in request.app.state.registry.all().values()])
+
+
+@router.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> Model:
+    return _describe(request.app.state.registry.get(model_id))

@@ -1,0 +1,80 @@
+"""Runtime settings, read from ``QUBRID_LAB_*`` environment variables and CLI flags.
+
+One home directory (``QUBRID_LAB_HOME``, default ``~/.qubrid_lab``) holds everything the tool writes:
+the converted-model cache, the SQLite database, uploaded files and the API key file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Settings(BaseSettings):
+    """Everything the server and the workbench can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="QUBRID_LAB_", extra="ignore")
+
+    home: Path = Field(Path.home() / ".qubrid_lab", description="Directory for caches, database and files.")
+    host: str = Field("127.0.0.1", description="Address the server binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port the server listens on (0 picks a free one).")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL],
+        description="Catalogue ids to load at start (comma-separated in the environment).",
+    )
+    catalogue_file: Path | None = Field(None, description="Extra catalogue entries (JSON list) to register.")
+    device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'.")
+    dtype: str = Field(
+        "auto",
+        description="'auto' (bf16 on CUDA or bf16-capable CPUs, else fp32 with int8 weights), "
+        "'float32', 'bfloat16', 'float16' or 'int8' (CPU only: dynamic int8 linear layers).",
+    )
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most sequences decoded together on one model.")
+    max_tokens_cap: int | None = Field(
+        None, ge=1, description="Server-side cap on generated tokens when a request sets no max_tokens."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted bearer keys (comma-separated in the environment)."
+    )
+    api_key_file: Path | None = Field(None, description="File with one accepted key per line ('#' comments).")
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest JSON body accepted.")
+    log_level: str = Field("info", description="Uvicorn and qubrid_lab log level.")
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def database_path(self) -> Path:
+        return self.home / "qubrid_lab.sqlite3"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.home / "files"
+
+    def default_key_file(self) -> Path:
+        return self.home / "api_keys.txt"
+
+    def load_api_keys(self) -> set[str]:
+        """Keys from the environment plus those in the key file (explicit or the home default)."""
+        keys = set(self.api_keys)
+        key_file = self.api_key_file or self.default_key_file()
+        if key_file.is_file():
+            for line in key_file.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    keys.add(line)
+        return keys
