@@ -122,6 +122,7 @@ class ChatBackend(Protocol):
 
     model_id: str
     context_length: int
+    active_sequences: int
 
     def encode_chat(self, messages: list[dict]) -> list[int]: ...
 

