@@ -51,7 +51,7 @@ class RowSampler:
 
 def sample_next(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
     """Pick one token per row of ``logits`` (``[rows, vocab]``) honouring each row's parameters."""
-    logits = logits.float()
+    logits = logits.to(torch.float32, copy=True)
     penalised = [i for i, row in enumerate(rows) if row.counts is not None]
     if penalised:
         index = torch.tensor(penalised, device=logits.device)

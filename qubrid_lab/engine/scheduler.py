@@ -7,7 +7,7 @@ aligned cache (:mod:`qubrid_lab.engine.kv`) is faster. See ``benchmarks/README.m
 
 One thread owns the model. Each loop iteration:
   1. drops rows whose client went away,
-  2. prefills waiting requests together (left-padded) and merges them into the batch,
+  2. prefills waiting requests and merges them into the batch,
   3. runs one decode step for every row and samples each row with its own parameters,
   4. streams text deltas and retires finished rows.
 """
@@ -100,49 +100,35 @@ class BatchScheduler:
 
     # 2. prefill
     def _admit(self) -> None:
-        batch: list[GenerationHandle] = []
+        """Prefill waiting requests, one forward pass each, and merge them into the batch.
+
+        Each prompt is prefilled on its own: no padded positions pass through the linear layers, whose int8
+        activation scale (CPU default) would otherwise be skewed by them for the real tokens.
+        """
         rows, tokens = len(self._rows), 0
-        with self._wake:
-            while self._pending:
-                handle = self._pending[0]
-                if handle.cancelled:
+        while tokens < MAX_PREFILL_TOKENS:
+            with self._wake:
+                while self._pending and self._pending[0].cancelled:
                     self._pending.popleft()
-                    continue
-                fits = rows + handle.n <= self.max_batch_size
-                small = tokens + len(handle.prompt_ids) <= MAX_PREFILL_TOKENS
-                if batch and not (fits and small) or not batch and not fits and self._rows:
-                    break
-                batch.append(self._pending.popleft())
-                rows += handle.n
-                tokens += len(handle.prompt_ids)
-        if not batch:
-            return
-        width = max(len(h.prompt_ids) for h in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
-        for i, handle in enumerate(batch):
-            ids[i, width - len(handle.prompt_ids) :] = torch.tensor(handle.prompt_ids)
-            mask[i, width - len(handle.prompt_ids) :] = 1
+                if not self._pending or (rows and rows + self._pending[0].n > self.max_batch_size):
+                    return
+                handle = self._pending.popleft()
+            self._prefill(handle)
+            rows += handle.n
+            tokens += len(handle.prompt_ids)
+
+    def _prefill(self, handle: GenerationHandle) -> None:
+        ids = torch.tensor([handle.prompt_ids], dtype=torch.long, device=self.device)
         cache = DynamicCache()
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        repeat = torch.tensor([h.n for h in batch], device=self.device)
-        source = torch.repeat_interleave(torch.arange(len(batch), device=self.device), repeat)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[source], layer.values[source]
-        self._kv.add_rows(cache, mask[source])
-        logits = out.logits[:, -1][source]
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for layer in cache.layers:  # n choices share the prompt: copy its cache n times
+            layer.keys, layer.values = layer.keys.expand(handle.n, -1, -1, -1), layer.values.expand(handle.n, -1, -1, -1)
+        self._kv.add_rows(cache, torch.ones((handle.n, ids.shape[1]), dtype=torch.long, device=self.device))
+        logits = out.logits[:, -1].expand(handle.n, -1)
         new_rows = [
-            _Row(h, h.first_index + i, RowSampler(h.params, logits.shape[-1], self.device, seed_offset=i),
-                 TextAssembler(self.decoder, h.params.stop))
-            for h in batch
-            for i in range(h.n)
+            _Row(handle, handle.first_index + i, RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),
+                 TextAssembler(self.decoder, handle.params.stop))
+            for i in range(handle.n)
         ]
         self._rows.extend(new_rows)
         self._accept(new_rows, sample_next(logits, [r.sampler for r in new_rows]))

@@ -144,12 +144,19 @@ def test_legacy_completions_with_echo_and_prompt_list(client):
                                       max_tokens=8, temperature=0, echo=True)
     assert reply.object == "text_completion"
     assert [c.index for c in reply.choices] == [0, 1]
-    assert reply.choices[0].text.startswith("The capital of France is")
+    assert reply.choices[0].text.startswith("The capital of France is Paris")
     assert reply.choices[1].text.startswith("One, two,")
     assert reply.usage.completion_tokens <= 16
+    assert reply.usage.prompt_tokens == 5 + 4  # both prompts counted, as tokenized by the model
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    prompt = "The capital of France is"
+    whole = client.completions.create(model=CHAT_MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True)
     streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=CHAT_MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True))
-    assert reply.choices[0].text == "The capital of France is" + streamed
+        model=CHAT_MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True))
+    assert whole.choices[0].text == prompt + streamed
+    assert whole.choices[0].finish_reason == "length"
 
 
 def test_embeddings_place_similar_sentences_closer(client):
