@@ -53,6 +53,7 @@ class GenerationHandle:
     loop: asyncio.AbstractEventLoop
     n: int = 1
     first_index: int = 0
+    prompt_field: str = "messages"  # the request field an error about the prompt names
     max_new_tokens: int = 0
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -73,12 +74,14 @@ class GenerationHandle:
 class GenerationRun:
     """All prompts of one API request, submitted to one backend; events of every choice on one queue."""
 
-    def __init__(self, backend: ChatBackend, prompts: list[list[int]], params: SamplingParams, n: int):
+    def __init__(self, backend: ChatBackend, prompts: list[list[int]], params: SamplingParams, n: int,
+                 prompt_field: str = "messages"):
         self.submitted_at = time.perf_counter()
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.handles = [
-            GenerationHandle(ids, params, self.queue, loop, n=n, first_index=i * n) for i, ids in enumerate(prompts)
+            GenerationHandle(ids, params, self.queue, loop, n=n, first_index=i * n, prompt_field=prompt_field)
+            for i, ids in enumerate(prompts)
         ]
         self.choices = n * len(prompts)
         self.prompt_tokens = sum(len(ids) for ids in prompts)

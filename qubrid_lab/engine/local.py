@@ -81,11 +81,13 @@ class LocalChatEngine:
 
     def submit(self, handle: GenerationHandle) -> None:
         """Queue a request; ``handle.max_new_tokens`` is set from its params, the context and the server cap."""
+        if not handle.prompt_ids:
+            raise InvalidRequestError("The prompt is empty; it needs at least one token.", param=handle.prompt_field)
         room = self.context_length - len(handle.prompt_ids)
         if room < 1:
             raise InvalidRequestError(
                 f"The prompt is {len(handle.prompt_ids)} tokens; model '{self.model_id}' holds at most "
-                f"{self.context_length} tokens in all. Shorten the prompt.", param="messages")
+                f"{self.context_length} tokens in all. Shorten the prompt.", param=handle.prompt_field)
         wanted = handle.params.max_tokens or self.max_tokens_cap or room
         if wanted > room:
             if handle.params.max_tokens:

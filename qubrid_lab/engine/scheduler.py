@@ -67,7 +67,8 @@ class BatchScheduler:
     @property
     def active_rows(self) -> int:
         """Rows in the batch plus choices still waiting to join it."""
-        return len(self._rows) + sum(h.n for h in self._pending if not h.cancelled)
+        with self._wake:
+            return len(self._rows) + sum(h.n for h in self._pending if not h.cancelled)
 
     def submit(self, handle: GenerationHandle) -> None:
         with self._wake:
@@ -91,6 +92,7 @@ class BatchScheduler:
                 with torch.inference_mode():
                     self._retire(cancelled_only=True)
                     self._admit()
+                    self._retire()  # rows that finished on their first token
                     if self._rows:
                         self._decode_step()
                     self._retire()
@@ -113,7 +115,11 @@ class BatchScheduler:
                 if not self._pending or (rows and rows + self._pending[0].n > self.max_batch_size):
                     return
                 handle = self._pending.popleft()
-            self._prefill(handle)
+            try:
+                self._prefill(handle)
+            except Exception:
+                handle.emit(Failure("generation failed while reading the prompt; see the server log"))
+                raise
             rows += handle.n
             tokens += len(handle.prompt_ids)
 

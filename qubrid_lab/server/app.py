@@ -49,18 +49,42 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
 
 
 class BodySizeLimit:
-    """Answers 413 before reading a body whose declared length is over the limit (pure ASGI: streams pass)."""
+    """Answers 413 for a body over the limit, whether its length is declared or it arrives chunked.
+
+    Pure ASGI (no BaseHTTPMiddleware), so streaming responses and disconnects pass through untouched.
+    """
 
     def __init__(self, app, limit: int):
         self.app = app
         self.limit = limit
 
+    def _too_large(self, size: int):
+        return error_response(PayloadTooLargeError(
+            f"The request body is {size} bytes or more; this server accepts at most {self.limit} "
+            "(QUBRID_LAB_MAX_REQUEST_BYTES)."))
+
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                response = error_response(PayloadTooLargeError(
-                    f"The request body is {int(length)} bytes; this server accepts at most {self.limit} "
-                    "(QUBRID_LAB_MAX_REQUEST_BYTES)."))
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit():
+            if int(length) > self.limit:
+                return await self._too_large(int(length))(scope, receive, send)
+            return await self.app(scope, receive, send)
+        # No declared length: read the body here, counting, then replay it to the app.
+        buffered, size = [], 0
+        while True:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._too_large(size)(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return buffered.pop(0) if buffered else await receive()
+
+        return await self.app(scope, replay, send)

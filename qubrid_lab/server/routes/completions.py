@@ -19,7 +19,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     backend = request.app.state.registry.chat_model(body.model)
     prompts = body.prompts()
     n = body.choices_per_prompt
-    run = GenerationRun(backend, [backend.encode_text(p) for p in prompts], body.sampling_params(body.max_tokens), n)
+    run = GenerationRun(backend, [backend.encode_text(p) for p in prompts], body.sampling_params(body.max_tokens), n,
+                        prompt_field="prompt")
     request_id = completion_id("cmpl")
 
     def echoed(index: int) -> str:

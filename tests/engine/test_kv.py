@@ -1,0 +1,204 @@
+"""BatchKV: rows that join and leave a shared cache decode exactly as they would alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from qubrid_lab.engine.kv import BatchKV
+
+CPU = torch.device("cpu")
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    """Ordinary (non-special) token ids of the tiny vocabulary."""
+    return torch.randint(3, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def solo_logits(model, ids: list[int], steps: int) -> list[torch.Tensor]:
+    """Greedy decoding of one prompt with transformers' own cache: the logits of each generated step."""
+    cache = DynamicCache()
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        logits = [out.logits[0, -1]]
+        for _ in range(steps - 1):
+            token = logits[-1].argmax().view(1, 1)
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[0, -1])
+    return logits
+
+
+class Batch:
+    """Drives a BatchKV the way the scheduler does, remembering each row's logits at every step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.kv = BatchKV(CPU)
+        self.names: list[str] = []
+        self.logits: dict[str, list[torch.Tensor]] = {}
+
+    def join(self, prompts: dict[str, list[int]]) -> None:
+        """Prefill ``prompts`` together, left-padded, and append them to the batch."""
+        width = max(len(ids) for ids in prompts.values())
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, row in enumerate(prompts.values()):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        cache = DynamicCache()
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                past_key_values=cache,
+                use_cache=True,
+            )
+        self.kv.add_rows(cache, mask)
+        for name, logits in zip(prompts, out.logits[:, -1]):
+            self.names.append(name)
+            self.logits[name] = [logits]
+
+    def step(self, count: int = 1) -> None:
+        for _ in range(count):
+            tokens = torch.stack([self.logits[name][-1].argmax() for name in self.names]).view(-1, 1)
+            cache, mask, positions = self.kv.step_inputs()
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=tokens,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            self.kv.commit_step()
+            for name, logits in zip(self.names, out.logits[:, -1]):
+                self.logits[name].append(logits)
+
+    def keep(self, names: list[str]) -> None:
+        self.kv.keep_rows([self.names.index(name) for name in names])
+        self.names = list(names)
+
+
+def assert_same_as_alone(model, batch: Batch, prompts: dict[str, list[int]]) -> None:
+    for name, ids in prompts.items():
+        together = batch.logits[name]
+        alone = solo_logits(model, ids, len(together))
+        assert [int(x.argmax()) for x in together] == [int(x.argmax()) for x in alone], name
+        for step, (a, b) in enumerate(zip(together, alone)):
+            assert torch.allclose(a, b, atol=1e-4), f"{name}, step {step}: max diff {(a - b).abs().max()}"
+
+
+def test_rows_joining_and_leaving_decode_as_if_alone(tiny_model):
+    prompts = {
+        "a": prompt(5, 1),
+        "b": prompt(12, 2),
+        "c": prompt(3, 3),
+        "d": prompt(20, 4),
+        "e": prompt(7, 5),
+    }
+    batch = Batch(tiny_model)
+    batch.join({"a": prompts["a"]})
+    batch.step(3)
+    batch.join({"b": prompts["b"]})  # shorter than the batch so far: left-padded into it
+    batch.step(2)
+    batch.join({"c": prompts["c"], "d": prompts["d"]})  # d is longer than the batch: the others shift right
+    batch.step(4)
+    batch.keep(["a", "c", "d"])
+    batch.step(3)
+    batch.join({"e": prompts["e"]})
+    batch.step(3)
+    assert batch.kv.rows == 4
+    assert_same_as_alone(tiny_model, batch, prompts)
+
+
+def test_the_mask_counts_each_rows_real_tokens(tiny_model):
+    batch = Batch(tiny_model)
+    batch.join({"short": prompt(4, 1), "long": prompt(15, 2)})
+    batch.step(2)
+    _, mask, positions = batch.kv.step_inputs()
+    assert positions.flatten().tolist() == [4 + 2, 15 + 2]  # each row's next position ignores padding
+    assert mask.sum(dim=1).tolist() == [4 + 3, 15 + 3]  # the column being filled counts for both
+    assert mask.shape[1] == 15 + 3
+
+
+def test_padding_columns_go_when_the_rows_they_padded_leave(tiny_model):
+    prompts = {"short": prompt(4, 1), "long": prompt(30, 2), "mid": prompt(9, 3)}
+    batch = Batch(tiny_model)
+    batch.join(prompts)
+    batch.step(2)
+    assert batch.kv.length == 30 + 2
+    batch.keep(["short", "mid"])
+    assert batch.kv.length == 9 + 2  # only the columns the longest remaining row uses
+    assert batch.kv.mask[:, : batch.kv.length].sum(dim=1).tolist() == [4 + 2, 9 + 2]
+    assert batch.kv.keys[0].shape[0] == 2
+    batch.step(3)
+    del prompts["long"]
+    assert_same_as_alone(tiny_model, batch, prompts)
+
+
+def test_rows_can_leave_in_any_order(tiny_model):
+    prompts = {"a": prompt(6, 1), "b": prompt(11, 2), "c": prompt(8, 3)}
+    batch = Batch(tiny_model)
+    batch.join(prompts)
+    batch.step(2)
+    batch.keep(["c", "a"])
+    batch.step(3)
+    del prompts["b"]
+    assert_same_as_alone(tiny_model, batch, prompts)
+
+
+def test_the_last_row_leaving_empties_the_cache_and_it_can_refill(tiny_model):
+    batch = Batch(tiny_model)
+    batch.join({"first": prompt(5, 1)})
+    batch.step(2)
+    batch.keep([])
+    assert (batch.kv.rows, batch.kv.length, batch.kv.keys) == (0, 0, [])
+    batch.join({"second": prompt(7, 2)})
+    batch.step(4)
+    assert_same_as_alone(tiny_model, batch, {"second": prompt(7, 2)})
+
+
+def test_the_cache_grows_beyond_its_first_capacity(tiny_model):
+    prompts = {"a": prompt(6, 1), "b": prompt(10, 2)}
+    batch = Batch(tiny_model)
+    batch.join(prompts)
+    first_capacity = batch.kv.capacity
+    steps = first_capacity - batch.kv.length + 20
+    batch.step(steps)
+    assert batch.kv.capacity > first_capacity
+    assert batch.kv.length == 10 + steps
+    assert_same_as_alone(tiny_model, batch, prompts)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_copies_of_one_prompt_decode_identically(tiny_model, n):
+    """The scheduler gives each of n choices its own copy of one prefilled prompt."""
+    ids = prompt(9, 7)
+    cache = DynamicCache()
+    with torch.inference_mode():
+        out = tiny_model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+    kv = BatchKV(CPU)
+    kv.add_rows(cache, torch.ones((n, len(ids)), dtype=torch.long))
+    token = out.logits[0, -1].argmax()
+    generated = []
+    for _ in range(5):
+        step_cache, mask, positions = kv.step_inputs()
+        with torch.inference_mode():
+            out = tiny_model(
+                input_ids=token.repeat(n, 1),
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=step_cache,
+                use_cache=True,
+            )
+        kv.commit_step()
+        rows = out.logits[:, -1]
+        assert all(torch.allclose(rows[0], row, atol=1e-5) for row in rows)
+        generated.append(rows[0])
+        token = rows[0].argmax()
+    alone = solo_logits(tiny_model, ids, 6)[1:]
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(generated, alone))
