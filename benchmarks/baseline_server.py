@@ -83,14 +83,16 @@ class GenerationWorker:
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self._model_dir)
             self._model = AutoModelForCausalLM.from_pretrained(self._model_dir, dtype=torch.float32).eval()
-        except BaseException as error:  # noqa: BLE001 - reported to the main thread by wait_loaded
+        except BaseException as error:  # reported to the main thread by wait_loaded
             self._load_error = error
-        self._loaded.set()
-        while self._load_error is None:
+            return
+        finally:
+            self._loaded.set()
+        while True:
             job = self._jobs.get()
             try:
                 self._generate(job)
-            except Exception as error:  # noqa: BLE001 - the request reports it; the worker keeps serving
+            except Exception as error:  # the request reports it; the worker keeps serving
                 job.emit("error", repr(error))
 
     def _generate(self, job: Job) -> None:

@@ -2,9 +2,9 @@
 
 Each server is started in turn on a free port, warmed up with one request, loaded with streamed chat
 requests at each concurrency level, and stopped. The report gives aggregate output tokens/s, requests/s,
-TTFT p50/p95 and inter-token latency p50 per server and level, the ratios against the targets, the peak
-resident memory of each server (its process and children), and embeddings inputs/s through our server
-against the same model called in-process.
+TTFT p50/p95 and inter-token latency p50 (and max) per server and level, the ratios against the targets,
+the peak resident memory of each server (its process and children), and embeddings inputs/s through our
+server against the same model called in-process.
 
     python benchmarks/serve_throughput.py
     python benchmarks/serve_throughput.py --servers transformers baseline --requests 4 --concurrency 1 4
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -42,6 +43,7 @@ PROMPT = "Write a long story about a dragon who learns to code."
 SERVERS = ("ours", "transformers", "baseline")
 GIB = 1024**3
 RSS_TARGET_GIB = 1.5
+BACKGROUND_WARNING_CORES = 0.2
 EMBEDDING_OVERHEAD_TARGET = 0.10
 
 
@@ -89,6 +91,7 @@ class LevelResult:
     ttft_p50_s: float
     ttft_p95_s: float
     itl_p50_s: float
+    itl_max_s: float
 
 
 @dataclass
@@ -101,6 +104,7 @@ class ServerResult:
     token_counting: str | None = None
     peak_rss_startup_gib: float | None = None
     peak_rss_serving_gib: float | None = None
+    background_cores: float | None = None
     levels: dict[int, LevelResult] = field(default_factory=dict)
     embeddings_inputs_per_s: float | None = None
     error: str | None = None
@@ -135,12 +139,17 @@ def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, CUDA device: {cuda}, "
-            f"Python {platform.python_version()}")
+    return (
+        f"CPU {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, CUDA device: {cuda}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def free_port() -> int:
@@ -162,7 +171,7 @@ class RssSampler:
     """Samples the summed RSS of a process and its children every ``interval_s`` and keeps the peak."""
 
     def __init__(self, pid: int, interval_s: float = 0.2) -> None:
-        self._process = psutil.Process(pid)
+        self.process = psutil.Process(pid)
         self._interval_s = interval_s
         self._peak = 0
         self._lock = threading.Lock()
@@ -183,7 +192,7 @@ class RssSampler:
     def _sample(self) -> None:
         while not self._stopped.wait(self._interval_s):
             try:
-                processes = [self._process, *self._process.children(recursive=True)]
+                processes = [self.process, *self.process.children(recursive=True)]
             except psutil.NoSuchProcess:
                 return
             total = 0
@@ -196,24 +205,54 @@ class RssSampler:
                 self._peak = max(self._peak, total)
 
 
+class BackgroundLoad:
+    """CPU that processes other than the server and this benchmark use meanwhile, in cores.
+
+    On a shared machine a busy neighbour slows every server down; this tells a run to repeat.
+    """
+
+    def __init__(self, server: psutil.Process) -> None:
+        self._server = server
+        self._started = time.perf_counter()
+        self._start_s = self._foreign_cpu_s()
+
+    def cores(self) -> float:
+        return (self._foreign_cpu_s() - self._start_s) / (time.perf_counter() - self._started)
+
+    def _foreign_cpu_s(self) -> float:
+        machine = psutil.cpu_times()
+        busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+        ours = 0.0
+        for process in [psutil.Process(), self._server, *self._server.children(recursive=True)]:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            ours += times.user + times.system + times.children_user + times.children_system
+        return busy - ours
+
+
 @contextmanager
 def running_server(spec: ServerSpec, port: int, result: ServerResult) -> Iterator[RssSampler]:
     """Start the server in its own process group, wait until ``/health`` answers, and always stop it."""
-    log = tempfile.NamedTemporaryFile(prefix=f"{spec.name}-", suffix=".log", delete=False)
-    started = time.perf_counter()
-    process = subprocess.Popen(spec.command, env={**os.environ, **spec.env}, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    sampler = RssSampler(process.pid)
-    try:
-        wait_until_healthy(process, port, spec.startup_timeout_s, Path(log.name))
-        result.startup_s = time.perf_counter() - started
-        result.peak_rss_startup_gib = sampler.take_peak_gib()
-        yield sampler
-    finally:
-        sampler.stop()
-        stop_process_group(process)
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
+    with tempfile.NamedTemporaryFile(prefix=f"{spec.name}-", suffix=".log") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            spec.command,
+            env={**os.environ, **spec.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        sampler = RssSampler(process.pid)
+        try:
+            wait_until_healthy(process, port, spec.startup_timeout_s, Path(log.name))
+            result.startup_s = time.perf_counter() - started
+            result.peak_rss_startup_gib = sampler.take_peak_gib()
+            yield sampler
+        finally:
+            sampler.stop()
+            stop_process_group(process)
 
 
 def wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float, log: Path) -> None:
@@ -228,7 +267,8 @@ def wait_until_healthy(process: subprocess.Popen, port: int, timeout_s: float, l
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"server not healthy after {timeout_s:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
+    tail = log.read_text(errors="replace")[-3000:]
+    raise TimeoutError(f"server not healthy after {timeout_s:.0f} s:\n{tail}")
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
@@ -267,14 +307,15 @@ async def stream_one(client: AsyncOpenAI, model: str, max_tokens: int) -> Reques
         raise RuntimeError(f"{model}: the stream carried no content")
     return RequestResult(
         ttft_s=arrivals[0] - sent,
-        gaps_s=[later - earlier for earlier, later in zip(arrivals, arrivals[1:])],
+        gaps_s=[later - earlier for earlier, later in itertools.pairwise(arrivals)],
         tokens=usage_tokens if usage_tokens is not None else len(arrivals),
         tokens_from_usage=usage_tokens is not None,
     )
 
 
-async def run_level(client: AsyncOpenAI, model: str, concurrency: int, requests: int, max_tokens: int,
-                    timeout_s: float) -> tuple[LevelResult, list[RequestResult]]:
+async def run_level(
+    client: AsyncOpenAI, model: str, concurrency: int, requests: int, max_tokens: int, timeout_s: float
+) -> tuple[LevelResult, list[RequestResult]]:
     """Send ``requests`` streamed requests, at most ``concurrency`` in flight, and aggregate them."""
     slots = asyncio.Semaphore(concurrency)
 
@@ -298,6 +339,7 @@ async def run_level(client: AsyncOpenAI, model: str, concurrency: int, requests:
         ttft_p50_s=percentile(ttfts, 50),
         ttft_p95_s=percentile(ttfts, 95),
         itl_p50_s=percentile(gaps, 50),
+        itl_max_s=max(gaps, default=math.nan),
     )
     return level, results
 
@@ -312,20 +354,34 @@ def embedding_batches(count: int, size: int) -> list[list[str]]:
     subjects = ["The cat", "A developer", "My neighbour", "The committee", "A small robot", "The river"]
     verbs = ["watches", "rewrites", "ignores", "celebrates", "measures", "follows"]
     objects = ["the sunrise", "an old compiler", "the budget", "a paper boat", "the weather", "the stars"]
-    sentences = (f"{subjects[i % 6]} {verbs[i // 6 % 6]} {objects[i // 36 % 6]} on day {i}."
-                 for i in range(count * size))
+    sentences = (
+        f"{subjects[i % 6]} {verbs[i // 6 % 6]} {objects[i // 36 % 6]} on day {i}."
+        for i in range(count * size)
+    )
     flat = list(sentences)
-    return [flat[start:start + size] for start in range(0, len(flat), size)]
+    return [flat[start : start + size] for start in range(0, len(flat), size)]
 
 
 async def embeddings_through_server(client: AsyncOpenAI, batches: list[list[str]]) -> float:
-    """Inputs per second through ``/v1/embeddings``, one request at a time, after one warm-up request."""
-    await client.embeddings.create(model=EMBEDDING_MODEL, input=batches[0], encoding_format="float")
+    """Inputs per second through ``/v1/embeddings``, one request at a time, after one warm-up request.
+
+    Base64 is what the ``openai`` client asks for by default. The response is read raw: decoding it into
+    the client's pydantic objects takes tens of milliseconds of client CPU per batch, which on a small
+    machine would be counted against the server.
+    """
+
+    async def embed(batch: list[str]) -> None:
+        response = await client.embeddings.with_raw_response.create(
+            model=EMBEDDING_MODEL, input=batch, encoding_format="base64"
+        )
+        embeddings = json.loads(response.content)["data"]
+        if len(embeddings) != len(batch):
+            raise RuntimeError(f"asked for {len(batch)} embeddings, got {len(embeddings)}")
+
+    await embed(batches[0])
     started = time.perf_counter()
     for batch in batches:
-        response = await client.embeddings.create(model=EMBEDDING_MODEL, input=batch, encoding_format="float")
-        if len(response.data) != len(batch):
-            raise RuntimeError(f"asked for {len(batch)} embeddings, got {len(response.data)}")
+        await embed(batch)
     return sum(map(len, batches)) / (time.perf_counter() - started)
 
 
@@ -352,39 +408,75 @@ def chat_model_dir(home: Path) -> str:
 
 def server_spec(name: str, port: int, home: Path) -> ServerSpec:
     if name == "ours":
-        return ServerSpec(name, [console_script("qubrid-lab"), "serve", "--port", str(port)], CHAT_MODEL,
-                          startup_timeout_s=300, env={"QUBRID_LAB_HOME": str(home)})
+        return ServerSpec(
+            name,
+            [console_script("qubrid-lab"), "serve", "--port", str(port)],
+            CHAT_MODEL,
+            startup_timeout_s=300,
+            env={"QUBRID_LAB_HOME": str(home)},
+        )
     model_dir = chat_model_dir(home)
     if name == "transformers":
-        command = [console_script("transformers"), "serve", "--continuous-batching", "--host", "127.0.0.1",
-                   "--port", str(port), model_dir]
+        command = [
+            console_script("transformers"),
+            "serve",
+            "--continuous-batching",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            model_dir,
+        ]
     else:
-        command = [sys.executable, str(Path(__file__).with_name("baseline_server.py")), "--model", model_dir,
-                   "--port", str(port)]
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("baseline_server.py")),
+            "--model",
+            model_dir,
+            "--port",
+            str(port),
+        ]
     return ServerSpec(name, command, model_dir, startup_timeout_s=180)
 
 
-async def load_server(spec: ServerSpec, port: int, args: argparse.Namespace, batches: list[list[str]] | None,
-                      result: ServerResult, sampler: RssSampler) -> None:
+async def load_server(
+    spec: ServerSpec,
+    port: int,
+    args: argparse.Namespace,
+    batches: list[list[str]] | None,
+    result: ServerResult,
+    server: psutil.Process,
+) -> None:
     """Warm the running server up, then run every concurrency level (and the embeddings, if given)."""
-    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="benchmark",
-                         timeout=args.request_timeout, max_retries=0)
+    client = AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key="benchmark",
+        timeout=args.request_timeout,
+        max_retries=0,
+    )
     async with client:
         # The warm-up also loads the model on servers that load lazily (transformers serve).
         await asyncio.wait_for(stream_one(client, spec.chat_model, args.max_tokens), args.request_timeout)
-        sampler.take_peak_gib()
+        background = BackgroundLoad(server)
         counted_by_usage = []
         for concurrency in args.concurrency:
             requests = requests_at(concurrency, args.requests)
-            level, requests_done = await run_level(client, spec.chat_model, concurrency, requests,
-                                                   args.max_tokens, args.request_timeout)
+            level, requests_done = await run_level(
+                client, spec.chat_model, concurrency, requests, args.max_tokens, args.request_timeout
+            )
             result.levels[concurrency] = level
             counted_by_usage += [request.tokens_from_usage for request in requests_done]
             print(f"  {spec.name} c={concurrency}: {level.tokens_per_s:.1f} tok/s", flush=True)
-        result.token_counting = ("usage.completion_tokens" if all(counted_by_usage)
-                                 else "content chunks" if not any(counted_by_usage) else "mixed")
+        result.token_counting = (
+            "usage.completion_tokens"
+            if all(counted_by_usage)
+            else "content chunks"
+            if not any(counted_by_usage)
+            else "mixed"
+        )
         if batches is not None:
             result.embeddings_inputs_per_s = await embeddings_through_server(client, batches)
+        result.background_cores = background.cores()
 
 
 def benchmark_server(name: str, args: argparse.Namespace, batches: list[list[str]] | None) -> ServerResult:
@@ -396,11 +488,12 @@ def benchmark_server(name: str, args: argparse.Namespace, batches: list[list[str
         result.command = spec.command
         print(f"starting {name}: {' '.join(spec.command)}", flush=True)
         with running_server(spec, port, result) as sampler:
+            own_batches = batches if name == "ours" else None
             try:
-                asyncio.run(load_server(spec, port, args, batches if name == "ours" else None, result, sampler))
+                asyncio.run(load_server(spec, port, args, own_batches, result, sampler.process))
             finally:
                 result.peak_rss_serving_gib = sampler.take_peak_gib()
-    except Exception as error:  # noqa: BLE001 - reported, and the other servers still run
+    except Exception as error:  # reported, and the other servers still run
         result.error = f"{type(error).__name__}: {error}"
         print(f"  {name} failed: {result.error}", flush=True)
     return result
@@ -414,69 +507,108 @@ def ratio_rows(results: dict[str, ServerResult]) -> list[dict]:
         reference = results.get(target.reference)
         level_ours = ours.levels.get(target.concurrency) if ours else None
         level_ref = reference.levels.get(target.concurrency) if reference else None
-        ratio = (getattr(level_ours, target.metric) / getattr(level_ref, target.metric)
-                 if level_ours and level_ref else None)
+        ratio = (
+            getattr(level_ours, target.metric) / getattr(level_ref, target.metric)
+            if level_ours and level_ref
+            else None
+        )
         if ratio is None or target.bound is None:
             verdict = "n/a" if ratio is None else "info"
         else:
             met = ratio >= target.bound if target.higher_is_better else ratio <= target.bound
             verdict = "PASS" if met else "FAIL"
         bound = "" if target.bound is None else f"{'>=' if target.higher_is_better else '<='} {target.bound}"
-        rows.append({"metric": target.metric, "concurrency": target.concurrency,
-                     "versus": target.reference, "ratio": ratio, "target": bound, "verdict": verdict})
+        rows.append(
+            {
+                "metric": target.metric,
+                "concurrency": target.concurrency,
+                "versus": target.reference,
+                "ratio": ratio,
+                "target": bound,
+                "verdict": verdict,
+            }
+        )
     return rows
 
 
-def print_report(machine: str, results: dict[str, ServerResult], rows: list[dict],
-                 direct_inputs_per_s: float | None) -> None:
-    print(f"\n{machine}\n")
-    print(f"{'server':<13}{'conc':>5}{'reqs':>6}{'tokens':>8}{'tok/s':>9}{'req/s':>8}"
-          f"{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}")
+def print_levels(results: dict[str, ServerResult]) -> None:
+    print(
+        f"{'server':<13}{'conc':>5}{'reqs':>6}{'tokens':>8}{'tok/s':>9}{'req/s':>8}"
+        f"{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>9}{'ITL max':>9}"
+    )
     for result in results.values():
         for level in result.levels.values():
-            print(f"{result.name:<13}{level.concurrency:>5}{level.requests:>6}{level.output_tokens:>8}"
-                  f"{level.tokens_per_s:>9.1f}{level.requests_per_s:>8.2f}{level.ttft_p50_s * 1000:>8.0f}ms"
-                  f"{level.ttft_p95_s * 1000:>8.0f}ms{level.itl_p50_s * 1000:>7.1f}ms")
-    print("\nTokens counted by:")
+            print(
+                f"{result.name:<13}{level.concurrency:>5}{level.requests:>6}{level.output_tokens:>8}"
+                f"{level.tokens_per_s:>9.1f}{level.requests_per_s:>8.2f}{level.ttft_p50_s * 1000:>8.0f}ms"
+                f"{level.ttft_p95_s * 1000:>8.0f}ms{level.itl_p50_s * 1000:>7.1f}ms"
+                f"{level.itl_max_s * 1000:>7.0f}ms"
+            )
+    print("\nTokens counted by; CPU used by other processes meanwhile:")
     for result in results.values():
-        print(f"  {result.name:<13}{result.error or result.token_counting}")
+        if result.error:
+            print(f"  {result.name:<13}failed: {result.error.splitlines()[0]}")
+            continue
+        busy = result.background_cores > BACKGROUND_WARNING_CORES
+        print(
+            f"  {result.name:<13}{result.token_counting}; {result.background_cores:.2f} cores"
+            + ("  (busy machine: repeat the run)" if busy else "")
+        )
+
+
+def print_ratios(rows: list[dict]) -> None:
     print("\nRatios (ours / reference):")
     for row in rows:
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
-        print(f"  {row['metric']:<14} c={row['concurrency']:<3} vs {row['versus']:<13}{ratio:>8}"
-              f"  {row['target']:<8} {row['verdict']}")
-    print("\nPeak RSS, process + children (serving; including startup):")
+        print(
+            f"  {row['metric']:<14} c={row['concurrency']:<3} vs {row['versus']:<13}{ratio:>8}"
+            f"  {row['target']:<8} {row['verdict']}"
+        )
+
+
+def print_memory(results: dict[str, ServerResult]) -> None:
+    print("\nPeak RSS of process + children: serving (ready to stop, warm-up included); starting")
     for result in results.values():
         if result.peak_rss_serving_gib is None:
             continue
-        line = f"  {result.name:<13}{result.peak_rss_serving_gib:.2f} GiB; {result.peak_rss_startup_gib:.2f} GiB"
+        serving, starting = result.peak_rss_serving_gib, result.peak_rss_startup_gib
+        line = f"  {result.name:<13}{serving:.2f} GiB; {starting:.2f} GiB"
         if result.name == "ours":
-            verdict = "PASS" if result.peak_rss_serving_gib <= RSS_TARGET_GIB else "FAIL"
+            verdict = "PASS" if serving <= RSS_TARGET_GIB else "FAIL"
             line += f"  target <= {RSS_TARGET_GIB} GiB {verdict}"
         print(line)
-    ours = results.get("ours")
-    served = ours.embeddings_inputs_per_s if ours else None
-    if direct_inputs_per_s is not None:
-        print(f"\nEmbeddings ({EMBEDDING_MODEL}): direct {direct_inputs_per_s:.0f} inputs/s", end="")
-        if served is None:
-            print(", through our server: not measured")
-        else:
-            overhead = direct_inputs_per_s / served - 1
-            verdict = "PASS" if overhead <= EMBEDDING_OVERHEAD_TARGET else "FAIL"
-            print(f", through our server {served:.0f} inputs/s; ours/direct {served / direct_inputs_per_s:.2f}x,"
-                  f" overhead {overhead:+.1%} (target <= {EMBEDDING_OVERHEAD_TARGET:.0%}) {verdict}")
+
+
+def print_embeddings(served: float | None, direct: float) -> None:
+    print(f"\nEmbeddings ({EMBEDDING_MODEL}): direct {direct:.0f} inputs/s", end="")
+    if served is None:
+        print(", through our server: not measured")
+        return
+    overhead = direct / served - 1
+    verdict = "PASS" if overhead <= EMBEDDING_OVERHEAD_TARGET else "FAIL"
+    print(
+        f", through our server {served:.0f} inputs/s; ours/direct {served / direct:.2f}x,"
+        f" overhead {overhead:+.1%} (target <= {EMBEDDING_OVERHEAD_TARGET:.0%}) {verdict}"
+    )
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=16,
-                        help="requests per concurrency level (at concurrency 1: max(4, N // 4))")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=16,
+        help="requests per concurrency level (at concurrency 1: max(4, N // 4))",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--home", type=Path,
-                        default=Path(os.environ.get("QUBRID_LAB_HOME", Path.home() / ".qubrid_lab")),
-                        help="qubrid_lab home: our server's QUBRID_LAB_HOME and the converted-model cache")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=Path(os.environ.get("QUBRID_LAB_HOME", Path.home() / ".qubrid_lab")),
+        help="qubrid_lab home: our server's QUBRID_LAB_HOME and the converted-model cache",
+    )
     parser.add_argument("--request-timeout", type=float, default=300, help="seconds one request may take")
     parser.add_argument("--skip-embeddings", action="store_true")
     parser.add_argument("--embedding-requests", type=int, default=20)
@@ -487,6 +619,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    # Exit through the ``finally`` blocks on SIGTERM too, so that no server outlives the benchmark.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     machine = machine_description()
     print(machine, flush=True)
     measure_embeddings = "ours" in args.servers and not args.skip_embeddings
@@ -495,11 +629,21 @@ def main() -> int:
     results = {name: benchmark_server(name, args, batches) for name in args.servers}
     direct = embeddings_direct(batches) if measure_embeddings else None
     rows = ratio_rows(results)
-    print_report(machine, results, rows, direct)
+    print(f"\n{machine}\n")
+    print_levels(results)
+    print_ratios(rows)
+    print_memory(results)
+    if direct is not None:
+        print_embeddings(results["ours"].embeddings_inputs_per_s, direct)
     if args.json:
-        report = {"machine": machine, "prompt": PROMPT, "max_tokens": args.max_tokens,
-                  "servers": {name: asdict(result) for name, result in results.items()},
-                  "ratios": rows, "embeddings_direct_inputs_per_s": direct}
+        report = {
+            "machine": machine,
+            "prompt": PROMPT,
+            "max_tokens": args.max_tokens,
+            "servers": {name: asdict(result) for name, result in results.items()},
+            "ratios": rows,
+            "embeddings_direct_inputs_per_s": direct,
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
     return 1 if any(result.error for result in results.values()) else 0
