@@ -1,4 +1,4 @@
-"""A batched key/value cache that rows join and leave between decode steps.
+"""Key/value caches: a prompt's own while it is prefilled, and the batch's that rows join and leave.
 
 transformers' ``DynamicCache`` grows by concatenation, which copies the whole cache on every step; here each
 layer writes into a preallocated buffer that doubles when full, and rows are right-aligned so that one
@@ -7,15 +7,47 @@ decode step appends one column for every row. Rows of different lengths are left
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
-class _BufferLayer(DynamicLayer):
-    """One layer's view of :class:`BatchKV`; ``update`` writes the new columns in place."""
+class KVWriter(Protocol):
+    """Where a forward pass puts each layer's new keys/values; returns the layer's full keys/values."""
 
-    def __init__(self, store: BatchKV, index: int):
+    length: int
+
+    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor): ...
+
+
+class PrefillKV:
+    """Collects one prompt's keys/values, layer by layer, during its prefill."""
+
+    length = 0
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        self.keys.append(key_states)
+        self.values.append(value_states)
+        return key_states, value_states
+
+
+def as_transformers_cache(writer: KVWriter, layers: int) -> DynamicCache:
+    """A transformers cache object whose layers write through ``writer``."""
+    cache = DynamicCache()
+    cache.layers = [_BufferLayer(writer, i) for i in range(layers)]
+    return cache
+
+
+class _BufferLayer(DynamicLayer):
+    """One layer of a :class:`KVWriter` seen as a transformers cache layer."""
+
+    def __init__(self, store: KVWriter, index: int):
         super().__init__()
         self.store = store
         self.index = index
@@ -52,27 +84,25 @@ class BatchKV:
         self.values[layer][:, :, self.length:end] = value_states
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def step_inputs(self) -> tuple[DynamicCache, torch.Tensor | None, torch.Tensor]:
-        """Prepare one decode step: the cache object, the attention mask (None when nothing is padded) and
-        each row's next position."""
+    def step_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Prepare one decode step: the attention mask (None when nothing is padded) and each row's next
+        position. The step's forward pass then writes through :meth:`write`."""
         if self.length + 1 > self.capacity:
             self._reallocate(torch.arange(self.rows, device=self.device), 0, max(2 * self.capacity, 64))
         positions = self.mask[:, : self.length].sum(dim=1, keepdim=True)
         self.mask[:, self.length] = 1
-        cache = DynamicCache()
-        cache.layers = [_BufferLayer(self, i) for i in range(len(self.keys))]
         mask = self.mask[:, : self.length + 1]
-        return cache, None if bool(mask.all()) else mask, positions
+        return None if bool(mask.all()) else mask, positions
 
     def commit_step(self) -> None:
         self.length += 1
 
-    def add_rows(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append the rows of a prefilled, left-padded ``cache`` whose padding is given by ``mask``."""
+    def add_rows(self, prefill: PrefillKV, mask: torch.Tensor) -> None:
+        """Append the rows of a prefilled, left-padded cache whose padding is given by ``mask``."""
         new_len = mask.shape[1]
         if not self.keys:
-            self.keys = [layer.keys.contiguous() for layer in cache.layers]
-            self.values = [layer.values.contiguous() for layer in cache.layers]
+            self.keys = [k.contiguous() for k in prefill.keys]
+            self.values = [v.contiguous() for v in prefill.values]
             self.mask = mask.clone()
             self.length = new_len
             self._reallocate(torch.arange(self.rows, device=self.device), 0, new_len + 64)
@@ -81,8 +111,8 @@ class BatchKV:
         capacity = max(self.capacity, length + 64)
         old_rows, added = self.rows, mask.shape[0]
         keys, values = [], []
-        for i, layer in enumerate(cache.layers):
-            for source, old, target in ((layer.keys, self.keys[i], keys), (layer.values, self.values[i], values)):
+        for i in range(len(self.keys)):
+            for source, old, target in ((prefill.keys[i], self.keys[i], keys), (prefill.values[i], self.values[i], values)):
                 heads, head_dim = old.shape[1], old.shape[3]
                 merged = torch.zeros((old_rows + added, heads, capacity, head_dim), dtype=old.dtype, device=self.device)
                 merged[:old_rows, :, length - self.length : length] = old[:, :, : self.length]

@@ -15,11 +15,18 @@ from pathlib import Path
 import torch
 
 from qubrid_lab.engine.base import GenerationHandle
+from qubrid_lab.engine.forward import prepare_forward
 from qubrid_lab.engine.scheduler import BatchScheduler
 from qubrid_lab.engine.thread import ModelThread
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.models.catalogue import ModelEntry
-from qubrid_lab.models.device import Precision, pick_device, pick_precision, quantize_linear_int8
+from qubrid_lab.models.device import (
+    Precision,
+    pick_device,
+    pick_precision,
+    quantize_linear_int8,
+    release_freed_memory,
+)
 from qubrid_lab.models.loading import registered_at, weights_location
 
 log = logging.getLogger(__name__)
@@ -37,7 +44,7 @@ class LocalChatEngine:
     """A causal LM loaded with transformers and served through the continuous-batching scheduler."""
 
     def __init__(self, entry: ModelEntry, cache_dir: Path, device: str = "auto", dtype: str = "auto",
-                 max_batch_size: int = 32, max_tokens_cap: int | None = None):
+                 max_batch_size: int = 32, max_tokens_cap: int | None = None, fused: bool = True):
         self.model_id = entry.id
         self.entry = entry
         self.device = pick_device(device)
@@ -46,17 +53,17 @@ class LocalChatEngine:
         self._thread = ModelThread(f"model:{entry.id}")
         self._encode_lock = threading.Lock()
         started = time.perf_counter()
-        self.tokenizer, self.model, self.created = self._thread.submit(self._load, cache_dir).result()
+        self.tokenizer, self.model, forward, self.created = self._thread.submit(self._load, cache_dir, fused).result()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         generation_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         eos_ids.add(self.tokenizer.eos_token_id)
         eos_ids.discard(None)
-        self.scheduler = BatchScheduler(self.model, self.tokenizer, self.device, eos_ids, max_batch_size, self._thread)
+        self.scheduler = BatchScheduler(forward, self.tokenizer, self.device, eos_ids, max_batch_size, self._thread)
         log.info("loaded %s on %s (%s) in %.1fs", entry.id, self.device, self.precision.label,
                  time.perf_counter() - started)
 
-    def _load(self, cache_dir: Path):
+    def _load(self, cache_dir: Path, fused: bool):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         location = weights_location(self.entry, cache_dir)
@@ -65,9 +72,11 @@ class LocalChatEngine:
             raise InvalidRequestError(f"Model '{self.model_id}' has no chat template; it cannot serve chat.")
         model = AutoModelForCausalLM.from_pretrained(location, dtype=self.precision.dtype, attn_implementation="sdpa")
         model.to(self.device).eval()
+        forward = prepare_forward(model, fused)
         if self.precision.int8:
             model = quantize_linear_int8(model)
-        return tokenizer, model, registered_at(_config_dir(location))
+        release_freed_memory()
+        return tokenizer, model, forward, registered_at(_config_dir(location))
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of the conversation rendered by the model's own chat template, ready for the reply."""

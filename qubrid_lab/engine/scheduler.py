@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationHandle
 from qubrid_lab.engine.detokenize import TextAssembler
-from qubrid_lab.engine.kv import BatchKV
+from qubrid_lab.engine.forward import Forward
+from qubrid_lab.engine.kv import BatchKV, PrefillKV
 from qubrid_lab.engine.sampling import RowSampler, sample_next
 from qubrid_lab.engine.thread import ModelThread
 
@@ -47,11 +47,11 @@ class _Row:
 
 
 class BatchScheduler:
-    """Owns a model and decodes every submitted request in one shared batch."""
+    """Owns a model's forward pass and decodes every submitted request in one shared batch."""
 
-    def __init__(self, model, tokenizer, device: torch.device, eos_ids: set[int], max_batch_size: int,
+    def __init__(self, forward: Forward, tokenizer, device: torch.device, eos_ids: set[int], max_batch_size: int,
                  model_thread: ModelThread):
-        self.model = model
+        self.forward = forward
         self.decoder = copy.deepcopy(tokenizer.backend_tokenizer)  # a private copy: decoding runs on this thread
         self.device = device
         self.eos_ids = eos_ids
@@ -125,12 +125,13 @@ class BatchScheduler:
 
     def _prefill(self, handle: GenerationHandle) -> None:
         ids = torch.tensor([handle.prompt_ids], dtype=torch.long, device=self.device)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for layer in cache.layers:  # n choices share the prompt: copy its cache n times
-            layer.keys, layer.values = layer.keys.expand(handle.n, -1, -1, -1), layer.values.expand(handle.n, -1, -1, -1)
-        self._kv.add_rows(cache, torch.ones((handle.n, ids.shape[1]), dtype=torch.long, device=self.device))
-        logits = out.logits[:, -1].expand(handle.n, -1)
+        prefill = PrefillKV()
+        logits = self.forward(ids, torch.arange(ids.shape[1], device=self.device)[None], prefill, None)
+        # n choices share the prompt: its cache is copied n times
+        prefill.keys = [k.expand(handle.n, -1, -1, -1) for k in prefill.keys]
+        prefill.values = [v.expand(handle.n, -1, -1, -1) for v in prefill.values]
+        self._kv.add_rows(prefill, torch.ones((handle.n, ids.shape[1]), dtype=torch.long, device=self.device))
+        logits = logits.expand(handle.n, -1)
         new_rows = [
             _Row(handle, handle.first_index + i, RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),
                  TextAssembler(self.decoder, handle.params.stop))
@@ -141,13 +142,11 @@ class BatchScheduler:
 
     # 3. decode
     def _decode_step(self) -> None:
-        cache, mask, positions = self._kv.step_inputs()
+        mask, positions = self._kv.step_inputs()
         ids = torch.tensor([[row.next_token] for row in self._rows], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
+        logits = self.forward(ids, positions, self._kv, mask)
         self._kv.commit_step()
-        self._accept(self._rows, sample_next(out.logits[:, -1], [r.sampler for r in self._rows]))
+        self._accept(self._rows, sample_next(logits, [r.sampler for r in self._rows]))
 
     # 4. stream and retire
     def _accept(self, rows: list[_Row], tokens: list[int]) -> None:

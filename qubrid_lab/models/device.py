@@ -7,6 +7,7 @@ which on a CPU without bf16 units is the fastest exact-enough option (see ``benc
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -80,3 +81,14 @@ def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():  # torch marks quantized tensors deprecated; 2.13 still ships their kernels
         warnings.simplefilter("ignore", UserWarning)
         return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed while loading (fp32 weights replaced by int8 ones) back to the OS.
+
+    glibc keeps freed heap pages mapped, so without this the resident size stays at the loading peak.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache
 
-from qubrid_lab.engine.kv import BatchKV
+from qubrid_lab.engine.forward import FusedLlama, transformers_forward
+from qubrid_lab.engine.kv import BatchKV, PrefillKV
 
 CPU = torch.device("cpu")
 
@@ -29,52 +32,44 @@ def solo_logits(model, ids: list[int], steps: int) -> list[torch.Tensor]:
     return logits
 
 
+@pytest.fixture(params=["transformers", "fused"])
+def forward(request, tiny_model):
+    """Both forward implementations; the fused one runs on a fused copy of the tiny model."""
+    if request.param == "transformers":
+        return transformers_forward(tiny_model)
+    fused = copy.deepcopy(tiny_model)
+    FusedLlama.fuse(fused)
+    return FusedLlama(fused)
+
+
 class Batch:
     """Drives a BatchKV the way the scheduler does, remembering each row's logits at every step."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, forward):
+        self.forward = forward
         self.kv = BatchKV(CPU)
         self.names: list[str] = []
         self.logits: dict[str, list[torch.Tensor]] = {}
 
     def join(self, prompts: dict[str, list[int]]) -> None:
-        """Prefill ``prompts`` together, left-padded, and append them to the batch."""
-        width = max(len(ids) for ids in prompts.values())
-        ids = torch.zeros((len(prompts), width), dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, row in enumerate(prompts.values()):
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-        cache = DynamicCache()
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                past_key_values=cache,
-                use_cache=True,
-            )
-        self.kv.add_rows(cache, mask)
-        for name, logits in zip(prompts, out.logits[:, -1]):
+        """Prefill each of ``prompts`` on its own and append it to the batch."""
+        for name, row in prompts.items():
+            prefill = PrefillKV()
+            with torch.inference_mode():
+                logits = self.forward(torch.tensor([row]), torch.arange(len(row))[None], prefill, None)
+            self.kv.add_rows(prefill, torch.ones((1, len(row)), dtype=torch.long))
             self.names.append(name)
-            self.logits[name] = [logits]
+            self.logits[name] = [logits[0]]
 
     def step(self, count: int = 1) -> None:
         for _ in range(count):
             tokens = torch.stack([self.logits[name][-1].argmax() for name in self.names]).view(-1, 1)
-            cache, mask, positions = self.kv.step_inputs()
+            mask, positions = self.kv.step_inputs()
             with torch.inference_mode():
-                out = self.model(
-                    input_ids=tokens,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
+                logits = self.forward(tokens, positions, self.kv, mask)
             self.kv.commit_step()
-            for name, logits in zip(self.names, out.logits[:, -1]):
-                self.logits[name].append(logits)
+            for name, row in zip(self.names, logits):
+                self.logits[name].append(row)
 
     def keep(self, names: list[str]) -> None:
         self.kv.keep_rows([self.names.index(name) for name in names])
@@ -90,7 +85,7 @@ def assert_same_as_alone(model, batch: Batch, prompts: dict[str, list[int]]) -> 
             assert torch.allclose(a, b, atol=1e-4), f"{name}, step {step}: max diff {(a - b).abs().max()}"
 
 
-def test_rows_joining_and_leaving_decode_as_if_alone(tiny_model):
+def test_rows_joining_and_leaving_decode_as_if_alone(tiny_model, forward):
     prompts = {
         "a": prompt(5, 1),
         "b": prompt(12, 2),
@@ -98,7 +93,7 @@ def test_rows_joining_and_leaving_decode_as_if_alone(tiny_model):
         "d": prompt(20, 4),
         "e": prompt(7, 5),
     }
-    batch = Batch(tiny_model)
+    batch = Batch(forward)
     batch.join({"a": prompts["a"]})
     batch.step(3)
     batch.join({"b": prompts["b"]})  # shorter than the batch so far: left-padded into it
@@ -113,19 +108,19 @@ def test_rows_joining_and_leaving_decode_as_if_alone(tiny_model):
     assert_same_as_alone(tiny_model, batch, prompts)
 
 
-def test_the_mask_counts_each_rows_real_tokens(tiny_model):
-    batch = Batch(tiny_model)
+def test_the_mask_counts_each_rows_real_tokens(tiny_model, forward):
+    batch = Batch(forward)
     batch.join({"short": prompt(4, 1), "long": prompt(15, 2)})
     batch.step(2)
-    _, mask, positions = batch.kv.step_inputs()
+    mask, positions = batch.kv.step_inputs()
     assert positions.flatten().tolist() == [4 + 2, 15 + 2]  # each row's next position ignores padding
     assert mask.sum(dim=1).tolist() == [4 + 3, 15 + 3]  # the column being filled counts for both
     assert mask.shape[1] == 15 + 3
 
 
-def test_padding_columns_go_when_the_rows_they_padded_leave(tiny_model):
+def test_padding_columns_go_when_the_rows_they_padded_leave(tiny_model, forward):
     prompts = {"short": prompt(4, 1), "long": prompt(30, 2), "mid": prompt(9, 3)}
-    batch = Batch(tiny_model)
+    batch = Batch(forward)
     batch.join(prompts)
     batch.step(2)
     assert batch.kv.length == 30 + 2
@@ -138,9 +133,9 @@ def test_padding_columns_go_when_the_rows_they_padded_leave(tiny_model):
     assert_same_as_alone(tiny_model, batch, prompts)
 
 
-def test_rows_can_leave_in_any_order(tiny_model):
+def test_rows_can_leave_in_any_order(tiny_model, forward):
     prompts = {"a": prompt(6, 1), "b": prompt(11, 2), "c": prompt(8, 3)}
-    batch = Batch(tiny_model)
+    batch = Batch(forward)
     batch.join(prompts)
     batch.step(2)
     batch.keep(["c", "a"])
@@ -149,8 +144,8 @@ def test_rows_can_leave_in_any_order(tiny_model):
     assert_same_as_alone(tiny_model, batch, prompts)
 
 
-def test_the_last_row_leaving_empties_the_cache_and_it_can_refill(tiny_model):
-    batch = Batch(tiny_model)
+def test_the_last_row_leaving_empties_the_cache_and_it_can_refill(tiny_model, forward):
+    batch = Batch(forward)
     batch.join({"first": prompt(5, 1)})
     batch.step(2)
     batch.keep([])
@@ -160,9 +155,9 @@ def test_the_last_row_leaving_empties_the_cache_and_it_can_refill(tiny_model):
     assert_same_as_alone(tiny_model, batch, {"second": prompt(7, 2)})
 
 
-def test_the_cache_grows_beyond_its_first_capacity(tiny_model):
+def test_the_cache_grows_beyond_its_first_capacity(tiny_model, forward):
     prompts = {"a": prompt(6, 1), "b": prompt(10, 2)}
-    batch = Batch(tiny_model)
+    batch = Batch(forward)
     batch.join(prompts)
     first_capacity = batch.kv.capacity
     steps = first_capacity - batch.kv.length + 20
@@ -173,30 +168,23 @@ def test_the_cache_grows_beyond_its_first_capacity(tiny_model):
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_copies_of_one_prompt_decode_identically(tiny_model, n):
+def test_copies_of_one_prompt_decode_identically(tiny_model, forward, n):
     """The scheduler gives each of n choices its own copy of one prefilled prompt."""
     ids = prompt(9, 7)
-    cache = DynamicCache()
+    prefill = PrefillKV()
     with torch.inference_mode():
-        out = tiny_model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+        logits = forward(torch.tensor([ids]), torch.arange(len(ids))[None], prefill, None)
+    prefill.keys = [k.expand(n, -1, -1, -1) for k in prefill.keys]
+    prefill.values = [v.expand(n, -1, -1, -1) for v in prefill.values]
     kv = BatchKV(CPU)
-    kv.add_rows(cache, torch.ones((n, len(ids)), dtype=torch.long))
-    token = out.logits[0, -1].argmax()
+    kv.add_rows(prefill, torch.ones((n, len(ids)), dtype=torch.long))
+    token = logits[0].argmax()
     generated = []
     for _ in range(5):
-        step_cache, mask, positions = kv.step_inputs()
+        mask, positions = kv.step_inputs()
         with torch.inference_mode():
-            out = tiny_model(
-                input_ids=token.repeat(n, 1),
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=step_cache,
-                use_cache=True,
-            )
+            rows = forward(token.repeat(n, 1), positions, kv, mask)
         kv.commit_step()
-        rows = out.logits[:, -1]
         assert all(torch.allclose(rows[0], row, atol=1e-5) for row in rows)
         generated.append(rows[0])
         token = rows[0].argmax()
