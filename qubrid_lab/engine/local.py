@@ -75,7 +75,7 @@ class LocalChatEngine:
         forward = prepare_forward(model, fused)
         if self.precision.int8:
             model = quantize_linear_int8(model)
-        release_freed_memory()
+        release_freed_memory(model)
         return tokenizer, model, forward, registered_at(_config_dir(location))
 
     def encode_chat(self, messages: list[dict]) -> list[int]:

@@ -8,6 +8,7 @@ which on a CPU without bf16 units is the fastest exact-enough option (see ``benc
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -83,11 +84,18 @@ def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
         return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
-def release_freed_memory() -> None:
+def release_freed_memory(model: torch.nn.Module) -> None:
     """Hand memory freed while loading (fp32 weights replaced by int8 ones) back to the OS.
 
-    glibc keeps freed heap pages mapped, so without this the resident size stays at the loading peak.
+    Parameters loaded from safetensors are views of the memory-mapped checkpoint; while any one of them (a
+    norm weight, the embeddings) lives, the whole mapping stays resident. Copying the remaining CPU tensors
+    lets it go. glibc also keeps freed heap pages, hence ``malloc_trim``.
     """
+    gc.collect()  # modules swapped out by quantization sit in reference cycles
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
