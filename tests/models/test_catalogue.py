@@ -1,0 +1,78 @@
+"""The catalogue, settings from the environment, and the `qubrid-lab` command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qubrid_lab.cli import main
+from qubrid_lab.errors import InvalidRequestError, ModelNotFoundError
+from qubrid_lab.models.catalogue import ModelEntry, default_catalogue
+from qubrid_lab.settings import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, Settings
+
+
+def test_defaults_are_the_bundled_models():
+    catalogue = default_catalogue()
+    assert catalogue.get(DEFAULT_CHAT_MODEL).kind == "chat"
+    assert catalogue.get(DEFAULT_EMBEDDING_MODEL).kind == "embedding"
+    assert all(entry.scheme == "bundled" for entry in catalogue.entries.values())
+
+
+def test_unknown_id_lists_the_known_ones():
+    with pytest.raises(ModelNotFoundError) as caught:
+        default_catalogue().get("nope")
+    assert DEFAULT_CHAT_MODEL in caught.value.message and caught.value.param == "model"
+
+
+def test_resolve_takes_directories_gguf_files_and_hub_ids(tmp_path):
+    catalogue = default_catalogue()
+    assert catalogue.resolve(str(tmp_path)).source == f"dir:{tmp_path.resolve()}"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert catalogue.resolve(str(gguf)).scheme == "gguf"
+    hub = catalogue.resolve("someorg/some-model")
+    assert (hub.source, hub.owned_by) == ("hf:someorg/some-model", "someorg")
+    with pytest.raises(ModelNotFoundError):
+        catalogue.resolve("not a model at all")
+
+
+def test_catalogue_file_entries_are_checked(tmp_path):
+    catalogue = default_catalogue()
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([{"id": "mine", "kind": "chat", "source": "hf:me/mine", "owned_by": "me"}]))
+    catalogue.load_file(good)
+    assert catalogue.get("mine").location == "me/mine"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "kind": "chat", "source": "ftp:x", "owned_by": "me"}]))
+    with pytest.raises(InvalidRequestError, match="sources start with"):
+        catalogue.load_file(bad)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(InvalidRequestError, match="not a JSON list"):
+        catalogue.load_file(broken)
+
+
+def test_settings_read_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("QUBRID_LAB_HOME", str(tmp_path))
+    monkeypatch.setenv("QUBRID_LAB_MODELS", "a/b, c/d")
+    monkeypatch.setenv("QUBRID_LAB_API_KEYS", "qbt_one,qbt_two")
+    (tmp_path / "api_keys.txt").write_text("# keys\nqbt_three  # laptop\n\n")
+    settings = Settings()
+    assert settings.models == ["a/b", "c/d"]
+    assert settings.load_api_keys() == {"qbt_one", "qbt_two", "qbt_three"}
+    assert settings.database_path.parent == tmp_path
+
+
+def test_keys_create_appends_a_qbt_key(tmp_path, capsys):
+    key_file = tmp_path / "keys.txt"
+    assert main(["--home", str(tmp_path), "keys", "create", "--api-key-file", str(key_file)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("qbt_") and len(key) > 30
+    assert key_file.read_text().split() == [key]
+    assert Settings(home=tmp_path, api_key_file=key_file).load_api_keys() == {key}
+
+
+def test_serve_refuses_an_open_network_address(capsys):
+    assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    assert "no API keys" in capsys.readouterr().err
