@@ -30,20 +30,20 @@ class ModelRegistry:
             raise ModelNotFoundError(model_id, sorted(self.all())) from None
 
     def chat_model(self, model_id: str) -> ChatBackend:
-        if model_id in self.embedding:
-            raise ModelNotFoundError(model_id, sorted(self.chat), reason=(
-                f"'{model_id}' is an embedding model; it cannot generate text. Use it with /v1/embeddings."))
-        if model_id not in self.chat:
-            raise ModelNotFoundError(model_id, sorted(self.chat))
-        return self.chat[model_id]
+        return self._of_kind(model_id, self.chat, self.embedding,
+                             "is an embedding model; it cannot generate text. Use it with /v1/embeddings.")
 
     def embedding_model(self, model_id: str) -> EmbeddingBackend:
-        if model_id in self.chat:
-            raise ModelNotFoundError(model_id, sorted(self.embedding), reason=(
-                f"'{model_id}' is a text-generation model, not an embedding model."))
-        if model_id not in self.embedding:
-            raise ModelNotFoundError(model_id, sorted(self.embedding))
-        return self.embedding[model_id]
+        return self._of_kind(model_id, self.embedding, self.chat, "is a text-generation model, not an embedding model.")
+
+    @staticmethod
+    def _of_kind(model_id: str, wanted: dict, other: dict, mismatch: str):
+        """The backend from ``wanted``; a model of the other kind gets a 404 saying what it is."""
+        if model_id in other:
+            raise ModelNotFoundError(model_id, sorted(wanted), reason=f"'{model_id}' {mismatch}")
+        if model_id not in wanted:
+            raise ModelNotFoundError(model_id, sorted(wanted))
+        return wanted[model_id]
 
     def close(self) -> None:
         for backend in self.all().values():

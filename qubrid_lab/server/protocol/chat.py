@@ -65,24 +65,3 @@ class ChatCompletion(WireModel):
     choices: list[ChatChoice]
     usage: Usage
     x_metrics: Metrics
-
-
-class ChunkDelta(WireModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(WireModel):
-    index: int
-    delta: ChunkDelta
-    finish_reason: str | None = None
-
-
-class ChatCompletionChunk(WireModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-    x_metrics: Metrics | None = None
