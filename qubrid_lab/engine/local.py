@@ -1,7 +1,7 @@
 """The embedded backends: causal LMs and sentence embedders run in this process with transformers.
 
-Each model gets one thread of its own ("model thread") that loads it and then does all of its torch work;
-see :mod:`qubrid_lab.engine.scheduler` for why.
+A model is loaded and run on one "model thread" (see :mod:`qubrid_lab.engine.thread` for why); the server
+gives all its models the same one, so their work interleaves instead of competing for the CPU cores.
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ class LocalChatEngine:
     """A causal LM loaded with transformers and served through the continuous-batching scheduler."""
 
     def __init__(self, entry: ModelEntry, cache_dir: Path, device: str = "auto", dtype: str = "auto",
-                 max_batch_size: int = 32, max_tokens_cap: int | None = None, fused: bool = True):
+                 max_batch_size: int = 32, max_tokens_cap: int | None = None, fused: bool = True,
+                 thread: ModelThread | None = None):
         self.model_id = entry.id
         self.entry = entry
         self.device = pick_device(device)
         self.precision: Precision = pick_precision(dtype, self.device)
         self.max_tokens_cap = max_tokens_cap
-        self._thread = ModelThread(f"model:{entry.id}")
+        self._own_thread = thread is None
+        self._thread = thread or ModelThread(f"model:{entry.id}")
         self._encode_lock = threading.Lock()
         started = time.perf_counter()
         self.tokenizer, self.model, forward, self.created = self._thread.submit(self._load, cache_dir, fused).result()
@@ -114,17 +116,19 @@ class LocalChatEngine:
 
     def close(self) -> None:
         self.scheduler.close()
-        self._thread.stop()
+        if self._own_thread:
+            self._thread.stop()
 
 
 class LocalEmbeddingEngine:
     """A sentence-transformers model; each request's inputs are embedded in one batch, L2-normalised."""
 
-    def __init__(self, entry: ModelEntry, cache_dir: Path, device: str = "auto"):
+    def __init__(self, entry: ModelEntry, cache_dir: Path, device: str = "auto", thread: ModelThread | None = None):
         self.model_id = entry.id
         self.entry = entry
         self.device = pick_device(device)
-        self._thread = ModelThread(f"model:{entry.id}")
+        self._own_thread = thread is None
+        self._thread = thread or ModelThread(f"model:{entry.id}")
         self.model, self.created = self._thread.submit(self._load, cache_dir).result()
         self.max_input_tokens = int(self.model.max_seq_length)
 
@@ -145,4 +149,5 @@ class LocalEmbeddingEngine:
         return await asyncio.wrap_future(self._thread.submit(self._embed, texts))
 
     def close(self) -> None:
-        self._thread.stop()
+        if self._own_thread:
+            self._thread.stop()

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from qubrid_lab.engine.base import ChatBackend, EmbeddingBackend
+from qubrid_lab.engine.thread import ModelThread
 from qubrid_lab.errors import ModelNotFoundError
 from qubrid_lab.models.catalogue import Catalogue, ModelEntry
 from qubrid_lab.settings import Settings
@@ -19,6 +20,7 @@ class ModelRegistry:
 
     chat: dict[str, ChatBackend] = field(default_factory=dict)
     embedding: dict[str, EmbeddingBackend] = field(default_factory=dict)
+    thread: ModelThread | None = None  # the local models' shared model thread
 
     def all(self) -> dict[str, ChatBackend | EmbeddingBackend]:
         return {**self.chat, **self.embedding}
@@ -48,20 +50,23 @@ class ModelRegistry:
     def close(self) -> None:
         for backend in self.all().values():
             backend.close()
+        if self.thread:
+            self.thread.stop()
 
 
 def load_registry(settings: Settings, catalogue: Catalogue) -> ModelRegistry:
     """Load every model named in ``settings.models`` with the embedded transformers backend."""
     from qubrid_lab.engine.local import LocalChatEngine, LocalEmbeddingEngine
 
-    registry = ModelRegistry()
+    registry = ModelRegistry(thread=ModelThread("qubrid-lab:models"))
     for spec in settings.models:
         entry: ModelEntry = catalogue.resolve(spec)
         log.info("loading %s (%s, %s)", entry.id, entry.kind, entry.source)
         if entry.kind == "embedding":
-            registry.embedding[entry.id] = LocalEmbeddingEngine(entry, settings.model_cache_dir, settings.device)
+            registry.embedding[entry.id] = LocalEmbeddingEngine(entry, settings.model_cache_dir, settings.device,
+                                                                thread=registry.thread)
         else:
             registry.chat[entry.id] = LocalChatEngine(
                 entry, settings.model_cache_dir, settings.device, settings.dtype,
-                settings.max_batch_size, settings.max_tokens_cap)
+                settings.max_batch_size, settings.max_tokens_cap, thread=registry.thread)
     return registry

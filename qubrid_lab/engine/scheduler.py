@@ -5,7 +5,8 @@ top-k and top-p only, so presence/frequency penalties and per-request seeds (bot
 be honoured, and its paged-attention path is built for GPUs; on a 2-core CPU plain batched SDPA over a right-
 aligned cache (:mod:`qubrid_lab.engine.kv`) is faster. See ``benchmarks/README.md`` for the measurements.
 
-One thread owns the model. Each loop iteration:
+The model's thread (:mod:`qubrid_lab.engine.thread`, shared by every model on the device) runs one step
+at a time, so other models' work (embeddings) interleaves between decode steps. Each step:
   1. drops rows whose client went away,
   2. prefills waiting requests and merges them into the batch,
   3. runs one decode step for every row and samples each row with its own parameters,
@@ -59,46 +60,49 @@ class BatchScheduler:
         self._pending: collections.deque[GenerationHandle] = collections.deque()
         self._rows: list[_Row] = []
         self._kv = BatchKV(device)
-        self._wake = threading.Condition()
+        self._lock = threading.Lock()
+        self._thread = model_thread
+        self._scheduled = False  # a step is queued on the model thread
         self._closed = False
-        # The loop runs on the thread that loaded the model (see qubrid_lab.engine.thread).
-        self._loop = model_thread.submit(self._run)
 
     @property
     def active_rows(self) -> int:
         """Rows in the batch plus choices still waiting to join it."""
-        with self._wake:
+        with self._lock:
             return len(self._rows) + sum(h.n for h in self._pending if not h.cancelled)
 
     def submit(self, handle: GenerationHandle) -> None:
-        with self._wake:
+        with self._lock:
             self._pending.append(handle)
-            self._wake.notify()
+            self._schedule()
 
     def close(self) -> None:
-        with self._wake:
+        with self._lock:
             self._closed = True
-            self._wake.notify()
-        self._loop.result(timeout=30)
 
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._closed and not self._pending and not self._rows:
-                    self._wake.wait()
-                if self._closed:
-                    return
-            try:
-                with torch.inference_mode():
-                    self._retire(cancelled_only=True)
-                    self._admit()
-                    self._retire()  # rows that finished on their first token
-                    if self._rows:
-                        self._decode_step()
-                    self._retire()
-            except Exception as exc:  # a failed step must not kill the thread or leave clients waiting
-                log.exception("generation step failed")
-                self._fail_everything(f"generation failed: {type(exc).__name__}: {exc}")
+    def _schedule(self) -> None:
+        """Queue one step on the model thread unless one is queued already (call with the lock held)."""
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            self._thread.submit(self._step)
+
+    def _step(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._retire(cancelled_only=True)
+                self._admit()
+                self._retire()  # rows that finished on their first token
+                if self._rows:
+                    self._decode_step()
+                self._retire()
+        except Exception as exc:  # a failed step must not stop the scheduler or leave clients waiting
+            log.exception("generation step failed")
+            self._fail_everything(f"generation failed: {type(exc).__name__}: {exc}")
+        finally:
+            with self._lock:
+                self._scheduled = False
+                if self._rows or self._pending:
+                    self._schedule()
 
     # 2. prefill
     def _admit(self) -> None:
@@ -109,7 +113,7 @@ class BatchScheduler:
         """
         rows, tokens = len(self._rows), 0
         while tokens < MAX_PREFILL_TOKENS:
-            with self._wake:
+            with self._lock:
                 while self._pending and self._pending[0].cancelled:
                     self._pending.popleft()
                 if not self._pending or (rows and rows + self._pending[0].n > self.max_batch_size):
@@ -178,7 +182,7 @@ class BatchScheduler:
             self._rows = [self._rows[i] for i in keep]
 
     def _fail_everything(self, message: str) -> None:
-        with self._wake:
+        with self._lock:
             handles = {id(r.handle): r.handle for r in self._rows}
             handles.update({id(h): h for h in self._pending})
             self._pending.clear()

@@ -1,8 +1,9 @@
-"""A daemon thread that runs the torch work of one model, one call at a time.
+"""A daemon thread that runs all torch work of the models it is given, one call at a time.
 
 torch's OpenMP worker pool belongs to the thread that first runs a parallel region; on a 2-core CPU,
 loading a model on one thread and decoding on another made every decode step about twice as slow
-(measured in benchmarks/README.md). So a model is loaded, run and unloaded on one thread for its lifetime.
+(measured in benchmarks/README.md). So models are loaded and run on one thread for their lifetime; the
+server shares one among all its models, whose jobs (decode steps, embedding batches) then take turns.
 """
 
 from __future__ import annotations
