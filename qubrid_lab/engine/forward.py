@@ -64,7 +64,6 @@ class FusedLlama:
                                    attention.v_proj.out_features)
             mlp.gate_up_proj = _fuse(mlp.gate_proj, mlp.up_proj)
             del attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj
-        model.qubrid_fused = True
 
     def __init__(self, model):
         self.model = model
