@@ -82,10 +82,14 @@ class FusedLlama:
         rows, width = input_ids.shape
         x = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(x, position_ids)
-        # A padded batch decodes one token per row with an explicit mask; a lone prompt is plainly causal.
+        # A padded batch decodes one token per row with an explicit mask; a lone prompt is plainly causal, and
+        # the rest of a prompt after a cached prefix is causal aligned to the bottom right (SDPA's is_causal
+        # aligns top left).
         if attention_mask is not None and width > 1:
             raise ValueError("FusedLlama prefills one unpadded prompt at a time; got a padded multi-token batch")
         mask = attention_mask[:, None, None, :].bool() if attention_mask is not None else None
+        if mask is None and width > 1 and kv.length:
+            mask = torch.ones((width, kv.length + width), dtype=torch.bool, device=x.device).tril(kv.length)
         causal = mask is None and width > 1
         for index, layer in enumerate(inner.layers):
             attention, mlp = layer.self_attn, layer.mlp

@@ -23,17 +23,26 @@ class KVWriter(Protocol):
 
 
 class PrefillKV:
-    """Collects one prompt's keys/values, layer by layer, during its prefill."""
+    """Collects one prompt's keys/values, layer by layer, during its prefill.
 
-    length = 0
+    Built on a cached prefix (``keys``/``values`` of the prompt's first tokens), it prefills only the rest:
+    each layer's new keys/values are appended to the prefix's, and ``length`` tells the forward how many
+    positions come before the new tokens.
+    """
 
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+    def __init__(self, keys: list[torch.Tensor] | None = None, values: list[torch.Tensor] | None = None) -> None:
+        self.keys: list[torch.Tensor] = list(keys or [])
+        self.values: list[torch.Tensor] = list(values or [])
+        self.length = self.keys[0].shape[-2] if self.keys else 0
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        self.keys.append(key_states)
-        self.values.append(value_states)
+        if layer < len(self.keys):
+            key_states = torch.cat([self.keys[layer], key_states], dim=-2)
+            value_states = torch.cat([self.values[layer], value_states], dim=-2)
+            self.keys[layer], self.values[layer] = key_states, value_states
+        else:
+            self.keys.append(key_states)
+            self.values.append(value_states)
         return key_states, value_states
 
 

@@ -7,6 +7,7 @@ gives all its models the same one, so their work interleaves instead of competin
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -31,6 +32,9 @@ from qubrid_lab.models.loading import registered_at, weights_location
 
 log = logging.getLogger(__name__)
 
+MIN_SHARED_PREFIX = 8  # shorter shared prefixes save less than the extra forward pass costs
+MAX_TEMPLATE_PREFIXES = 64
+
 
 def _config_dir(location: str) -> str:
     if Path(location).is_dir():
@@ -54,6 +58,7 @@ class LocalChatEngine:
         self._own_thread = thread is None
         self._thread = thread or ModelThread(f"model:{entry.id}")
         self._encode_lock = threading.Lock()
+        self._template_prefixes: collections.OrderedDict[str | None, tuple[int, ...]] = collections.OrderedDict()
         started = time.perf_counter()
         self.tokenizer, self.model, forward, self.created = self._thread.submit(self._load, cache_dir, fused).result()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
@@ -80,11 +85,47 @@ class LocalChatEngine:
         release_freed_memory(model)
         return tokenizer, model, forward, registered_at(_config_dir(location))
 
+    def _render(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of the conversation rendered by the model's own chat template, ready for the reply."""
         with self._encode_lock:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
+            ids = self._render(messages)
+            self._learn_template_prefix(messages)
+            return ids
+
+    def _learn_template_prefix(self, messages: list[dict]) -> None:
+        """Remember what the template renders before the first non-system message's content.
+
+        That block (the system prompt, given or the template's default, and the next turn's header) starts
+        every conversation with the same system message, so its keys/values are computed once and reused
+        (:class:`~qubrid_lab.engine.scheduler.PrefixCache`). It is found by rendering the conversation's system
+        part with two different probe messages and keeping the tokens the two renderings share.
+        """
+        system = [m for m in messages[:1] if m.get("role") == "system"]
+        key = str(system[0].get("content")) if system else None
+        if key in self._template_prefixes:
+            self._template_prefixes.move_to_end(key)
+            return
+        probes = [self._render(system + [{"role": "user", "content": text}]) for text in ("A", "Z")]
+        shared = 0
+        while shared < min(map(len, probes)) and probes[0][shared] == probes[1][shared]:
+            shared += 1
+        self._template_prefixes[key] = tuple(probes[0][:shared])
+        while len(self._template_prefixes) > MAX_TEMPLATE_PREFIXES:
+            self._template_prefixes.popitem(last=False)
+
+    def _shared_prefix(self, ids: list[int]) -> int:
+        """Length of the longest known template prefix ``ids`` starts with and continues past (0: none)."""
+        with self._encode_lock:
+            prefixes = list(self._template_prefixes.values())
+        best = 0
+        for prefix in prefixes:
+            if MIN_SHARED_PREFIX <= len(prefix) < len(ids) and len(prefix) > best and tuple(ids[:len(prefix)]) == prefix:
+                best = len(prefix)
+        return best
 
     def encode_text(self, prompt: str) -> list[int]:
         with self._encode_lock:
@@ -107,6 +148,7 @@ class LocalChatEngine:
                     f"{self.context_length} tokens: at most {room} can be generated.", param="max_tokens")
             wanted = room
         handle.max_new_tokens = wanted
+        handle.shared_prefix = self._shared_prefix(handle.prompt_ids)
         self.scheduler.submit(handle)
 
     @property

@@ -8,7 +8,7 @@ aligned cache (:mod:`qubrid_lab.engine.kv`) is faster. See ``benchmarks/README.m
 The model's thread (:mod:`qubrid_lab.engine.thread`, shared by every model on the device) runs one step
 at a time, so other models' work (embeddings) interleaves between decode steps. Each step:
   1. drops rows whose client went away,
-  2. prefills waiting requests and merges them into the batch,
+  2. prefills waiting requests (reusing cached prefix keys/values) and merges them into the batch,
   3. runs one decode step for every row and samples each row with its own parameters,
   4. streams text deltas and retires finished rows.
 """
@@ -47,6 +47,38 @@ class _Row:
     done: bool = False
 
 
+class PrefixCache:
+    """The keys/values of recently seen shared prompt prefixes, least recently used dropped first.
+
+    A prompt with a shared prefix is always prefilled in two parts, prefix then rest, whether the prefix is
+    cached or not: with int8 activations (CPU default) the quantization scale depends on which tokens pass
+    through a layer together, so splitting the same way every time keeps a prompt's output independent of
+    what the cache held when it arrived.
+    """
+
+    def __init__(self, max_entries: int = 16):
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict[tuple[int, ...], PrefillKV] = collections.OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, tokens: list[int]) -> PrefillKV | None:
+        entry = self._entries.get(tuple(tokens))
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(tuple(tokens))
+        return entry
+
+    def put(self, tokens: list[int], prefix: PrefillKV) -> None:
+        prefix.keys = [k.contiguous() for k in prefix.keys]
+        prefix.values = [v.contiguous() for v in prefix.values]
+        self._entries[tuple(tokens)] = prefix
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
 class BatchScheduler:
     """Owns a model's forward pass and decodes every submitted request in one shared batch."""
 
@@ -60,6 +92,7 @@ class BatchScheduler:
         self._pending: collections.deque[GenerationHandle] = collections.deque()
         self._rows: list[_Row] = []
         self._kv = BatchKV(device)
+        self.prefixes = PrefixCache()
         self._lock = threading.Lock()
         self._thread = model_thread
         self._scheduled = False  # a step is queued on the model thread
@@ -129,8 +162,17 @@ class BatchScheduler:
 
     def _prefill(self, handle: GenerationHandle) -> None:
         ids = torch.tensor([handle.prompt_ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        split = handle.shared_prefix
         prefill = PrefillKV()
-        logits = self.forward(ids, torch.arange(ids.shape[1], device=self.device)[None], prefill, None)
+        if split:
+            prefix = self.prefixes.get(handle.prompt_ids[:split])
+            if prefix is None:
+                prefix = PrefillKV()
+                self.forward(ids[:, :split], positions[:, :split], prefix, None)
+                self.prefixes.put(handle.prompt_ids[:split], prefix)
+            prefill = PrefillKV(prefix.keys, prefix.values)
+        logits = self.forward(ids[:, split:], positions[:, split:], prefill, None)
         # n choices share the prompt: its cache is copied n times
         prefill.keys = [k.expand(handle.n, -1, -1, -1) for k in prefill.keys]
         prefill.values = [v.expand(handle.n, -1, -1, -1) for v in prefill.values]

@@ -190,3 +190,27 @@ def test_copies_of_one_prompt_decode_identically(tiny_model, forward, n):
         token = rows[0].argmax()
     alone = solo_logits(tiny_model, ids, 6)[1:]
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(generated, alone))
+
+
+@pytest.mark.parametrize("split", [1, 6, 13])
+def test_a_prompt_prefilled_after_a_cached_prefix_decodes_as_if_prefilled_whole(tiny_model, forward, split):
+    """The scheduler prefills a shared prefix once, then each prompt's rest on top of a copy of it."""
+    ids = prompt(14, 11)
+    prefix = PrefillKV()
+    with torch.inference_mode():
+        forward(torch.tensor([ids[:split]]), torch.arange(split)[None], prefix, None)
+        for _ in range(2):  # the cached prefix serves two prompts and is not changed by either
+            prefill = PrefillKV(prefix.keys, prefix.values)
+            logits = forward(torch.tensor([ids[split:]]), torch.arange(split, len(ids))[None], prefill, None)
+            assert prefix.keys[0].shape[-2] == split
+            kv = BatchKV(CPU)
+            kv.add_rows(prefill, torch.ones((1, len(ids)), dtype=torch.long))
+            generated = [logits[0]]
+            for _ in range(4):
+                mask, positions = kv.step_inputs()
+                rows = forward(generated[-1].argmax().view(1, 1), positions, kv, mask)
+                kv.commit_step()
+                generated.append(rows[0])
+            alone = solo_logits(tiny_model, ids, 5)
+            for step, (a, b) in enumerate(zip(generated, alone)):
+                assert torch.allclose(a, b, atol=1e-4), f"step {step}: max diff {(a - b).abs().max()}"
