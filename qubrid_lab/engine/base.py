@@ -55,6 +55,7 @@ class GenerationHandle:
     first_index: int = 0
     prompt_field: str = "messages"  # the request field an error about the prompt names
     max_new_tokens: int = 0
+    adapter: str | None = None  # the LoRA adapter (fine-tuned model) to decode with; None: the base model
     shared_prefix: int = 0  # leading prompt tokens many prompts share (a chat template's system block), set by the backend
     first_token_at: float | None = None
     finished_at: float | None = None

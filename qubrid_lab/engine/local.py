@@ -17,6 +17,7 @@ import torch
 
 from qubrid_lab.engine.base import GenerationHandle
 from qubrid_lab.engine.forward import prepare_forward
+from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.scheduler import BatchScheduler
 from qubrid_lab.engine.thread import ModelThread
 from qubrid_lab.errors import InvalidRequestError
@@ -61,12 +62,14 @@ class LocalChatEngine:
         self._template_prefixes: collections.OrderedDict[str | None, tuple[int, ...]] = collections.OrderedDict()
         started = time.perf_counter()
         self.tokenizer, self.model, forward, self.created = self._thread.submit(self._load, cache_dir, fused).result()
+        self.lora = LoraSet(self.model)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         generation_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         eos_ids.add(self.tokenizer.eos_token_id)
         eos_ids.discard(None)
-        self.scheduler = BatchScheduler(forward, self.tokenizer, self.device, eos_ids, max_batch_size, self._thread)
+        self.scheduler = BatchScheduler(forward, self.tokenizer, self.device, eos_ids, max_batch_size, self._thread,
+                                        self.lora)
         log.info("loaded %s on %s (%s) in %.1fs", entry.id, self.device, self.precision.label,
                  time.perf_counter() - started)
 
@@ -156,10 +159,51 @@ class LocalChatEngine:
         """Sequences decoding or waiting for a slot."""
         return self.scheduler.active_rows
 
+    def add_adapter(self, name: str, adapter_dir: Path) -> None:
+        """Load a peft LoRA adapter trained on this model; requests whose handle names it decode with it."""
+        self._thread.submit(self.lora.load, name, Path(adapter_dir)).result()
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; requests still using it fail on the next step, saying the model was deleted."""
+        self._thread.submit(self.lora.remove, name).result()
+
     def close(self) -> None:
         self.scheduler.close()
         if self._own_thread:
             self._thread.stop()
+
+
+class FineTunedChat:
+    """A fine-tuned model: its base model's engine, decoding with the job's LoRA adapter.
+
+    It shares the base's weights, batch and model thread; its rows and the base's decode side by side.
+    """
+
+    def __init__(self, model_id: str, base: LocalChatEngine, adapter_dir: Path, created: int):
+        self.model_id = model_id
+        self.base = base
+        self.entry = ModelEntry(model_id, "chat", f"dir:{adapter_dir}", owned_by="user",
+                                description=f"LoRA fine-tune of {base.model_id}")
+        self.created = created
+        self.context_length = base.context_length
+        base.add_adapter(model_id, adapter_dir)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.base.encode_chat(messages)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return self.base.encode_text(prompt)
+
+    def submit(self, handle: GenerationHandle) -> None:
+        handle.adapter = self.model_id
+        self.base.submit(handle)
+
+    @property
+    def active_sequences(self) -> int:
+        return self.base.scheduler.active_rows_for(self.model_id)
+
+    def close(self) -> None:
+        self.base.remove_adapter(self.model_id)
 
 
 class LocalEmbeddingEngine:

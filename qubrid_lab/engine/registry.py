@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qubrid_lab.engine.base import ChatBackend, EmbeddingBackend
 from qubrid_lab.engine.thread import ModelThread
@@ -47,8 +48,28 @@ class ModelRegistry:
             raise ModelNotFoundError(model_id, sorted(wanted))
         return wanted[model_id]
 
+    def add_adapter(self, model_id: str, base_model: str, adapter_dir: Path, created: int) -> None:
+        """Serve a fine-tuned model: ``base_model`` (loaded here) with the LoRA adapter in ``adapter_dir``."""
+        from qubrid_lab.engine.local import FineTunedChat
+
+        base = self.chat.get(base_model)
+        if base is None or not hasattr(base, "add_adapter"):
+            raise ModelNotFoundError(base_model, sorted(self.chat), reason=(
+                f"The fine-tuned model '{model_id}' needs its base model '{base_model}' loaded on this server "
+                "by the local engine; add it to QUBRID_LAB_MODELS (or --model) and restart."))
+        self.remove_adapter(model_id)
+        self.chat[model_id] = FineTunedChat(model_id, base, Path(adapter_dir), created)
+
+    def remove_adapter(self, model_id: str) -> None:
+        """Stop serving a fine-tuned model; requests still running on it fail, saying it was deleted."""
+        backend = self.chat.get(model_id)
+        if backend is not None and hasattr(backend, "base"):
+            del self.chat[model_id]
+            backend.close()
+
     def close(self) -> None:
-        for backend in self.all().values():
+        # fine-tuned views first: they unload their adapters from base models that are still running
+        for backend in sorted(self.all().values(), key=lambda b: not hasattr(b, "base")):
             backend.close()
         if self.thread:
             self.thread.stop()

@@ -16,6 +16,7 @@ at a time, so other models' work (embeddings) interleaves between decode steps. 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import threading
@@ -28,6 +29,7 @@ from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationHandle
 from qubrid_lab.engine.detokenize import TextAssembler
 from qubrid_lab.engine.forward import Forward
 from qubrid_lab.engine.kv import BatchKV, PrefillKV
+from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.sampling import RowSampler, sample_next
 from qubrid_lab.engine.thread import ModelThread
 
@@ -40,6 +42,7 @@ MAX_PREFILL_TOKENS = 4096  # bounds how long running rows wait while newcomers a
 class _Row:
     handle: GenerationHandle
     index: int
+    adapter: str | None
     sampler: RowSampler
     text: TextAssembler
     next_token: int = -1
@@ -58,23 +61,23 @@ class PrefixCache:
 
     def __init__(self, max_entries: int = 16):
         self.max_entries = max_entries
-        self._entries: collections.OrderedDict[tuple[int, ...], PrefillKV] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[tuple, PrefillKV] = collections.OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, tokens: list[int]) -> PrefillKV | None:
-        entry = self._entries.get(tuple(tokens))
+    def get(self, key: tuple) -> PrefillKV | None:
+        entry = self._entries.get(key)
         if entry is None:
             self.misses += 1
             return None
         self.hits += 1
-        self._entries.move_to_end(tuple(tokens))
+        self._entries.move_to_end(key)
         return entry
 
-    def put(self, tokens: list[int], prefix: PrefillKV) -> None:
+    def put(self, key: tuple, prefix: PrefillKV) -> None:
         prefix.keys = [k.contiguous() for k in prefix.keys]
         prefix.values = [v.contiguous() for v in prefix.values]
-        self._entries[tuple(tokens)] = prefix
+        self._entries[key] = prefix
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
@@ -83,8 +86,9 @@ class BatchScheduler:
     """Owns a model's forward pass and decodes every submitted request in one shared batch."""
 
     def __init__(self, forward: Forward, tokenizer, device: torch.device, eos_ids: set[int], max_batch_size: int,
-                 model_thread: ModelThread):
+                 model_thread: ModelThread, lora: LoraSet | None = None):
         self.forward = forward
+        self.lora = lora
         self.decoder = copy.deepcopy(tokenizer.backend_tokenizer)  # a private copy: decoding runs on this thread
         self.device = device
         self.eos_ids = eos_ids
@@ -104,6 +108,12 @@ class BatchScheduler:
         with self._lock:
             return len(self._rows) + sum(h.n for h in self._pending if not h.cancelled)
 
+    def active_rows_for(self, adapter: str) -> int:
+        """Rows and waiting choices that decode with ``adapter``."""
+        with self._lock:
+            return (sum(1 for r in self._rows if r.adapter == adapter and not r.done)
+                    + sum(h.n for h in self._pending if h.adapter == adapter and not h.cancelled))
+
     def submit(self, handle: GenerationHandle) -> None:
         with self._lock:
             self._pending.append(handle)
@@ -122,6 +132,7 @@ class BatchScheduler:
     def _step(self) -> None:
         try:
             with torch.inference_mode():
+                self._fail_removed_adapters()
                 self._retire(cancelled_only=True)
                 self._admit()
                 self._retire()  # rows that finished on their first token
@@ -136,6 +147,19 @@ class BatchScheduler:
                 self._scheduled = False
                 if self._rows or self._pending:
                     self._schedule()
+
+    # 1. drop rows whose client went away or whose fine-tuned model was deleted
+    def _adapter_loaded(self, handle: GenerationHandle) -> bool:
+        if handle.adapter is None or (self.lora is not None and handle.adapter in self.lora):
+            return True
+        if not handle.cancelled:
+            handle.emit(Failure(f"The model '{handle.adapter}' was deleted while this request was running."))
+            handle.cancelled = True
+        return False
+
+    def _fail_removed_adapters(self) -> None:
+        for row in self._rows:
+            self._adapter_loaded(row.handle)
 
     # 2. prefill
     def _admit(self) -> None:
@@ -152,6 +176,8 @@ class BatchScheduler:
                 if not self._pending or (rows and rows + self._pending[0].n > self.max_batch_size):
                     return
                 handle = self._pending.popleft()
+            if not self._adapter_loaded(handle):
+                continue
             try:
                 self._prefill(handle)
             except Exception:
@@ -165,21 +191,24 @@ class BatchScheduler:
         positions = torch.arange(ids.shape[1], device=self.device)[None]
         split = handle.shared_prefix
         prefill = PrefillKV()
-        if split:
-            prefix = self.prefixes.get(handle.prompt_ids[:split])
-            if prefix is None:
-                prefix = PrefillKV()
-                self.forward(ids[:, :split], positions[:, :split], prefix, None)
-                self.prefixes.put(handle.prompt_ids[:split], prefix)
-            prefill = PrefillKV(prefix.keys, prefix.values)
-        logits = self.forward(ids[:, split:], positions[:, split:], prefill, None)
+        with self._adapters([handle.adapter]):
+            if split:
+                key = (handle.adapter, *handle.prompt_ids[:split])  # an adapter on k/v changes the prefix's cache
+                prefix = self.prefixes.get(key)
+                if prefix is None:
+                    prefix = PrefillKV()
+                    self.forward(ids[:, :split], positions[:, :split], prefix, None)
+                    self.prefixes.put(key, prefix)
+                prefill = PrefillKV(prefix.keys, prefix.values)
+            logits = self.forward(ids[:, split:], positions[:, split:], prefill, None)
         # n choices share the prompt: its cache is copied n times
         prefill.keys = [k.expand(handle.n, -1, -1, -1) for k in prefill.keys]
         prefill.values = [v.expand(handle.n, -1, -1, -1) for v in prefill.values]
         self._kv.add_rows(prefill, torch.ones((handle.n, ids.shape[1]), dtype=torch.long, device=self.device))
         logits = logits.expand(handle.n, -1)
         new_rows = [
-            _Row(handle, handle.first_index + i, RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),
+            _Row(handle, handle.first_index + i, handle.adapter,
+                 RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),
                  TextAssembler(self.decoder, handle.params.stop))
             for i in range(handle.n)
         ]
@@ -190,9 +219,16 @@ class BatchScheduler:
     def _decode_step(self) -> None:
         mask, positions = self._kv.step_inputs()
         ids = torch.tensor([[row.next_token] for row in self._rows], dtype=torch.long, device=self.device)
-        logits = self.forward(ids, positions, self._kv, mask)
+        with self._adapters([row.adapter for row in self._rows]):
+            logits = self.forward(ids, positions, self._kv, mask)
         self._kv.commit_step()
         self._accept(self._rows, sample_next(logits, [r.sampler for r in self._rows]))
+
+    def _adapters(self, rows: list[str | None]):
+        """Row i of the next forward passes uses LoRA adapter ``rows[i]`` (None: the base model alone)."""
+        if self.lora is None or not any(rows):
+            return contextlib.nullcontext()
+        return self.lora.rows(rows)
 
     # 4. stream and retire
     def _accept(self, rows: list[_Row], tokens: list[int]) -> None:
