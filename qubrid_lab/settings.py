@@ -1,7 +1,8 @@
 """Runtime settings, read from ``QUBRID_LAB_*`` environment variables and CLI flags.
 
 One home directory (``QUBRID_LAB_HOME``, default ``~/.qubrid_lab``) holds everything the tool writes:
-the converted-model cache, the SQLite database, uploaded files and the API key file.
+the converted-model cache, the SQLite database, uploaded files, fine-tuning job directories (checkpoints,
+adapters, worker logs) and the API key file.
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ class Settings(BaseSettings):
     )
     api_key_file: Path | None = Field(None, description="File with one accepted key per line ('#' comments).")
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest JSON body accepted.")
+    max_dataset_bytes: int = Field(
+        100 * 1024 * 1024, ge=1, description="Largest CSV accepted by POST /fine-tuning/datasets (streamed to disk)."
+    )
+    training_device: str = Field(
+        "auto",
+        description="Where fine-tuning jobs train: 'auto' (every CUDA GPU when present, through torchrun when "
+        "there are several; else the CPU), 'cpu', 'cuda' or 'cuda:N'.",
+    )
+    max_running_jobs: int = Field(
+        1, ge=0, le=64, description="Fine-tuning jobs that train at once; the rest wait queued (0 pauses the queue)."
+    )
     log_level: str = Field("info", description="Uvicorn and qubrid_lab log level.")
 
     @field_validator("models", "api_keys", mode="before")
@@ -64,6 +76,10 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.home / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.home / "jobs"
 
     def default_key_file(self) -> Path:
         return self.home / "api_keys.txt"

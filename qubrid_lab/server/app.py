@@ -1,4 +1,8 @@
-"""``create_app``: the FastAPI application over an already loaded :class:`ModelRegistry`."""
+"""``create_app``: the FastAPI application over an already loaded :class:`ModelRegistry`.
+
+Inference lives under ``/v1``; the fine-tuning API under both ``/api/v1`` (the platform spec's server) and
+``/v1``, so one ``base_url`` reaches everything.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +13,79 @@ from fastapi import Depends, FastAPI
 from qubrid_lab import __version__
 from qubrid_lab.engine.registry import ModelRegistry
 from qubrid_lab.errors import PayloadTooLargeError
+from qubrid_lab.models.catalogue import Catalogue, default_catalogue
 from qubrid_lab.server.auth import BearerAuth
 from qubrid_lab.server.errors import error_response, install_error_handlers
-from qubrid_lab.server.routes import chat, completions, embeddings, models
+from qubrid_lab.server.routes import (
+    chat,
+    completions,
+    embeddings,
+    fine_tuning_datasets,
+    fine_tuning_jobs,
+    fine_tuning_models,
+    models,
+)
 from qubrid_lab.settings import Settings
+from qubrid_lab.storage.datasets import DatasetStore
+from qubrid_lab.storage.db import Database
+from qubrid_lab.storage.jobs import JobStore
+from qubrid_lab.training.jobs import JobManager
+
+FINE_TUNING_PREFIXES = ("/api/v1", "/v1")
 
 
-def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: bool = True) -> FastAPI:
-    """The server's app; ``registry`` holds the loaded models and is closed when the app shuts down."""
+def _catalogue_of(registry: ModelRegistry) -> Catalogue:
+    """The default catalogue plus the registry's loaded models, for apps built without a catalogue."""
+    catalogue = default_catalogue()
+    for backend in registry.all().values():
+        entry = getattr(backend, "entry", None)
+        if entry is not None and entry.id not in catalogue.entries:
+            catalogue.register(entry)
+    return catalogue
+
+
+def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: bool = True,
+               catalogue: Catalogue | None = None) -> FastAPI:
+    """The server's app; ``registry`` holds the loaded models and is closed when the app shuts down.
+
+    ``catalogue`` lists the models jobs may fine-tune (its chat models); by default the bundled ones and
+    those in ``registry``. Fine-tuned models reach the registry through its ``add_adapter`` and
+    ``remove_adapter`` methods, called by the job manager when a job completes (and at start for every
+    stored one) and when a fine-tuned model is deleted.
+    """
+    database = Database(settings.database_path)
+    datasets = DatasetStore(database, settings.files_dir)
+    job_manager = JobManager(
+        settings, catalogue or _catalogue_of(registry), datasets, JobStore(database),
+        on_model_ready=registry.add_adapter, on_model_removed=registry.remove_adapter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
-        if close_registry:
-            registry.close()
+        job_manager.start()
+        try:
+            yield
+        finally:
+            job_manager.stop()
+            if close_registry:
+                registry.close()
 
     app = FastAPI(title="qubrid_lab", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
+    app.state.datasets = datasets
+    app.state.job_manager = job_manager
     auth = BearerAuth(settings.load_api_keys())
     app.state.auth = auth
     install_error_handlers(app)
 
-    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes,
+                       streamed_paths={prefix + fine_tuning_datasets.UPLOAD_PATH for prefix in FINE_TUNING_PREFIXES})
 
     for router in (chat.router, completions.router, embeddings.router, models.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(auth)])
+    for prefix in FINE_TUNING_PREFIXES:
+        for router in (fine_tuning_datasets.router, fine_tuning_jobs.router, fine_tuning_models.router):
+            app.include_router(router, prefix=prefix, dependencies=[Depends(auth)])
 
     @app.get("/health")
     async def health() -> dict:
@@ -52,11 +103,13 @@ class BodySizeLimit:
     """Answers 413 for a body over the limit, whether its length is declared or it arrives chunked.
 
     Pure ASGI (no BaseHTTPMiddleware), so streaming responses and disconnects pass through untouched.
+    ``streamed_paths`` (dataset uploads) are left alone: their handlers stream to disk under a limit of their own.
     """
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, streamed_paths: set[str] = frozenset()):
         self.app = app
         self.limit = limit
+        self.streamed_paths = streamed_paths
 
     def _too_large(self, size: int):
         return error_response(PayloadTooLargeError(
@@ -64,7 +117,7 @@ class BodySizeLimit:
             "(QUBRID_LAB_MAX_REQUEST_BYTES)."))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in self.streamed_paths:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit():

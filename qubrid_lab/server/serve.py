@@ -46,7 +46,7 @@ def serve(settings: Settings, *, allow_open: bool = False) -> None:
         catalogue.load_file(settings.catalogue_file)
     registry = load_registry(settings, catalogue)
     port = settings.port or _free_port(settings.host)
-    app = create_app(settings, registry)
+    app = create_app(settings, registry, catalogue=catalogue)
     base = f"http://{settings.host}:{port}/v1"
     if keys:
         log.info("serving %s at %s; %d API key(s) accepted", ", ".join(registry.all()), base, len(keys))

@@ -48,7 +48,8 @@ def start_server(tmp_path: Path, *extra: str, env: dict | None = None) -> Runnin
     home.mkdir(parents=True, exist_ok=True)
     cache = model_cache_home() / "models"
     cache.mkdir(parents=True, exist_ok=True)
-    (home / "models").symlink_to(cache, target_is_directory=True)
+    if not (home / "models").exists():  # a restart on the same home keeps its link
+        (home / "models").symlink_to(cache, target_is_directory=True)
     log_path = tmp_path / "server.log"
     environment = {k: v for k, v in os.environ.items() if k != "QUBRID_LAB_API_KEYS"}
     environment.update({"QUBRID_LAB_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})})

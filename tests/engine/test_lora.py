@@ -16,8 +16,8 @@ from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.registry import ModelRegistry
 from qubrid_lab.engine.sampling import SamplingParams
 from qubrid_lab.errors import InvalidRequestError, ModelNotFoundError
-from tests.engine.test_scheduler import collect, generate
 from tests.engine.test_kv import prompt
+from tests.engine.test_scheduler import collect, generate
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

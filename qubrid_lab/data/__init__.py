@@ -1,0 +1,1 @@
+"""Training data: CSV ingest and validation, column resolution, profiling, formatting into examples."""

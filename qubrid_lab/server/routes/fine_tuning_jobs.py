@@ -1,0 +1,51 @@
+"""``/fine-tuning/jobs``: create, list, retrieve and cancel jobs, and read a job's events (extension)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+
+from qubrid_lab.server.protocol.fine_tuning import (
+    CreateFineTuningJobRequest,
+    FineTuningJob,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
+)
+
+router = APIRouter(prefix="/fine-tuning/jobs", tags=["Fine-Tuning Jobs"])
+
+
+@router.post("", status_code=201)
+def create_fine_tuning_job(body: CreateFineTuningJobRequest, request: Request) -> FineTuningJob:
+    """Queue a job; every problem with the request is listed in one 400."""
+    job = request.app.state.job_manager.create(
+        base_model=body.base_model, dataset_id=body.dataset_id, task_type=body.task_type,
+        hyperparameters=body.hyperparameters, suffix=body.suffix, column_mapping=body.column_mapping)
+    return FineTuningJob.of(job)
+
+
+@router.get("")
+def list_fine_tuning_jobs(request: Request, limit: int = Query(20, ge=1, le=100),
+                          offset: int = Query(0, ge=0)) -> FineTuningJobList:
+    """Jobs newest first, a page at a time; ``total`` counts them all."""
+    jobs, total = request.app.state.job_manager.jobs.page(limit, offset)
+    return FineTuningJobList(data=[FineTuningJob.of(job) for job in jobs], total=total)
+
+
+@router.get("/{job_id}")
+def get_fine_tuning_job(job_id: str, request: Request) -> FineTuningJob:
+    return FineTuningJob.of(request.app.state.job_manager.jobs.get(job_id))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_fine_tuning_job(job_id: str, request: Request) -> FineTuningJob:
+    """Cancel a queued or running job; 409 once it has finished."""
+    return FineTuningJob.of(request.app.state.job_manager.cancel(job_id))
+
+
+@router.get("/{job_id}/events")
+def list_fine_tuning_events(job_id: str, request: Request, after: str | None = Query(None),
+                            limit: int = Query(100, ge=1, le=1000)) -> FineTuningJobEventList:
+    """Extension: the job's events oldest first; pass the last id seen as ``after`` to get only newer ones."""
+    events, has_more = request.app.state.job_manager.jobs.events(job_id, after, limit)
+    return FineTuningJobEventList(data=[FineTuningJobEvent.of(event) for event in events], has_more=has_more)

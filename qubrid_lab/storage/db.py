@@ -1,0 +1,129 @@
+"""The SQLite database under the home directory: one file, WAL journal, numbered migrations.
+
+Each use opens its own connection (``connect()`` to read, ``transaction()`` to write), so the server's
+threads and the training worker processes never share one. WAL lets readers run while a writer commits;
+``BEGIN IMMEDIATE`` makes writers queue on the busy timeout instead of failing half-way.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qubrid_lab.errors import InternalError
+
+BUSY_TIMEOUT_SECONDS = 30
+
+# Migration N is MIGRATIONS[N - 1]; PRAGMA user_version records the last one applied.
+# Append new migrations; never edit one that has shipped.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE datasets (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            filename TEXT NOT NULL,
+            stored_as TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            row_count INTEGER NOT NULL,
+            columns TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            base_model TEXT NOT NULL,
+            dataset_id TEXT NOT NULL,
+            task_type TEXT NOT NULL,
+            hyperparameters TEXT NOT NULL,
+            column_mapping TEXT,
+            suffix TEXT,
+            fine_tuned_model TEXT,
+            training_loss REAL,
+            validation_loss REAL,
+            steps_completed INTEGER NOT NULL DEFAULT 0,
+            epochs_completed REAL NOT NULL DEFAULT 0,
+            total_steps INTEGER,
+            error TEXT,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            completed_at REAL
+        )""",
+        "CREATE INDEX jobs_by_status ON jobs (status)",
+        "CREATE INDEX jobs_by_dataset ON jobs (dataset_id)",
+        """CREATE TABLE job_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            created_at REAL NOT NULL,
+            level TEXT NOT NULL,
+            type TEXT NOT NULL,
+            message TEXT NOT NULL,
+            data TEXT NOT NULL
+        )""",
+        "CREATE INDEX job_events_by_job ON job_events (job_id, seq)",
+        """CREATE TABLE fine_tuned_models (
+            id TEXT PRIMARY KEY,
+            base_model TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            adapter_dir TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+    ),
+)
+
+
+def new_id(prefix: str) -> str:
+    """A fresh random id such as ``ds-3f2a...`` (24 hex digits after the prefix)."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Database:
+    """The database file at ``path``; call ``migrate()`` once before use (the server does at start)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A fresh connection in autocommit mode (each statement is its own transaction), closed after use."""
+        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        try:
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA foreign_keys = ON")
+            connection.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode; a crash loses no commit
+            yield connection
+        finally:
+            connection.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A connection inside one write transaction: committed on success, rolled back on any error."""
+        with self.connect() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield connection
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    def migrate(self) -> int:
+        """Create the file if needed and apply the migrations it lacks; returns the schema version."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as connection:
+            connection.execute("PRAGMA journal_mode = WAL")  # recorded in the file: set once, kept for good
+        with self.transaction() as connection:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise InternalError(
+                    f"The database {self.path} has schema version {version}, newer than this qubrid_lab knows "
+                    f"({len(MIGRATIONS)}); upgrade qubrid_lab or point QUBRID_LAB_HOME elsewhere.")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+        return len(MIGRATIONS)

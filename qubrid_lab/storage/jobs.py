@@ -1,0 +1,239 @@
+"""Fine-tuning jobs, their event log and the fine-tuned models they produce, in SQLite.
+
+Status changes are compare-and-set (``UPDATE ... WHERE status IN (...)``), so a cancel racing a completion,
+or a server thread racing a worker process, can never move a job out of a final status.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qubrid_lab.errors import InvalidRequestError, NotFoundError
+from qubrid_lab.storage.db import Database, new_id
+
+ACTIVE_STATUSES = ("queued", "running")
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One row of ``jobs``; JSON columns decoded, times in seconds since the epoch."""
+
+    id: str
+    status: str
+    base_model: str
+    dataset_id: str
+    task_type: str
+    hyperparameters: dict
+    column_mapping: dict[str, str] | None
+    suffix: str | None
+    fine_tuned_model: str | None
+    training_loss: float | None
+    validation_loss: float | None
+    steps_completed: int
+    epochs_completed: float
+    total_steps: int | None
+    error: str | None
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JobRecord:
+        fields = dict(row)
+        fields["hyperparameters"] = json.loads(fields["hyperparameters"])
+        fields["column_mapping"] = json.loads(fields["column_mapping"]) if fields["column_mapping"] else None
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One line of a job's log: a status message or a metrics record (``data`` holds the numbers)."""
+
+    id: str
+    job_id: str
+    created_at: float
+    level: str
+    type: str
+    message: str
+    data: dict
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> EventRecord:
+        fields = dict(row)
+        del fields["seq"]
+        return cls(**{**fields, "data": json.loads(fields["data"])})
+
+
+@dataclass(frozen=True)
+class FineTunedModelRecord:
+    """A fine-tuned model: the LoRA adapter a completed job wrote, servable on its base model."""
+
+    id: str
+    base_model: str
+    job_id: str
+    status: str
+    adapter_dir: Path
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> FineTunedModelRecord:
+        return cls(**{**dict(row), "adapter_dir": Path(row["adapter_dir"])})
+
+
+def _insert_event(connection: sqlite3.Connection, job_id: str, type_: str, message: str,
+                  data: dict | None = None, level: str = "info") -> None:
+    connection.execute(
+        "INSERT INTO job_events (id, job_id, created_at, level, type, message, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (new_id("ftevent"), job_id, time.time(), level, type_, message, json.dumps(data or {})))
+
+
+class JobStore:
+    """Reads and writes jobs, events and fine-tuned models; every method uses its own connection."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    # --- jobs ---------------------------------------------------------------------------------------
+
+    def create(self, *, base_model: str, dataset_id: str, task_type: str, hyperparameters: dict,
+               column_mapping: dict[str, str] | None, suffix: str | None) -> JobRecord:
+        """A new queued job; fails if the dataset was deleted since the request was validated."""
+        job_id = new_id("ftjob")
+        with self.db.transaction() as connection:
+            if not connection.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone():
+                raise InvalidRequestError(f"dataset_id: no dataset '{dataset_id}'.", param="dataset_id")
+            connection.execute(
+                "INSERT INTO jobs (id, status, base_model, dataset_id, task_type, hyperparameters, column_mapping,"
+                " suffix, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, base_model, dataset_id, task_type, json.dumps(hyperparameters),
+                 json.dumps(column_mapping) if column_mapping else None, suffix, time.time()))
+            _insert_event(connection, job_id, "message", f"Created fine-tuning job {job_id}; it is queued.")
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self.db.connect() as connection:
+            row = connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"No fine-tuning job '{job_id}'.", param="job_id")
+        return JobRecord.from_row(row)
+
+    def page(self, limit: int, offset: int) -> tuple[list[JobRecord], int]:
+        """Jobs newest first, ``limit`` of them after skipping ``offset``, and how many there are in all."""
+        with self.db.connect() as connection:
+            connection.execute("BEGIN")
+            total = connection.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+            rows = connection.execute("SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                                      (limit, offset)).fetchall()
+            connection.execute("COMMIT")
+        return [JobRecord.from_row(row) for row in rows], total
+
+    def with_status(self, status: str) -> list[JobRecord]:
+        """Jobs in ``status``, oldest first (the order the queue serves them)."""
+        with self.db.connect() as connection:
+            rows = connection.execute("SELECT * FROM jobs WHERE status = ? ORDER BY created_at, rowid",
+                                      (status,)).fetchall()
+        return [JobRecord.from_row(row) for row in rows]
+
+    def transition(self, job_id: str, expected: tuple[str, ...], status: str, *, message: str | None = None,
+                   level: str = "info", **fields) -> bool:
+        """Move the job to ``status`` (setting ``fields``) only if it is in one of ``expected``; log ``message``."""
+        assignments = ", ".join(["status = ?", *(f"{name} = ?" for name in fields)])
+        marks = ", ".join("?" * len(expected))
+        with self.db.transaction() as connection:
+            moved = connection.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ({marks})",
+                (status, *fields.values(), job_id, *expected)).rowcount == 1
+            if moved and message:
+                _insert_event(connection, job_id, "message", message, level=level)
+        return moved
+
+    def record(self, job_id: str, type_: str, message: str, data: dict | None = None, *, level: str = "info",
+               while_running: bool = False, **metrics) -> None:
+        """Log an event and, in the same transaction, update the job's metric columns given in ``metrics``.
+
+        With ``while_running`` (a worker's reports) nothing is written once the job has left ``running``: a
+        cancelled job's record stays as it was when it was cancelled, though its worker may finish a step.
+        """
+        with self.db.transaction() as connection:
+            if while_running:
+                row = connection.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None or row["status"] != "running":
+                    return
+            if metrics:
+                assignments = ", ".join(f"{name} = ?" for name in metrics)
+                connection.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*metrics.values(), job_id))
+            _insert_event(connection, job_id, type_, message, data, level)
+
+    def set_error(self, job_id: str, error: str) -> None:
+        """Record why the job failed, unless a reason is already recorded (the first one is the cause)."""
+        with self.db.transaction() as connection:
+            connection.execute("UPDATE jobs SET error = ? WHERE id = ? AND error IS NULL", (error, job_id))
+
+    def counts(self) -> dict[str, int]:
+        with self.db.connect() as connection:
+            rows = connection.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {status: count for status, count in rows}
+
+    # --- events -------------------------------------------------------------------------------------
+
+    def events(self, job_id: str, after: str | None, limit: int) -> tuple[list[EventRecord], bool]:
+        """The job's events in the order they happened, those after the event ``after`` when given."""
+        self.get(job_id)
+        with self.db.connect() as connection:
+            since = 0
+            if after:
+                row = connection.execute("SELECT seq FROM job_events WHERE id = ? AND job_id = ?",
+                                         (after, job_id)).fetchone()
+                if row is None:
+                    raise InvalidRequestError(f"after: job {job_id} has no event '{after}'.", param="after")
+                since = row["seq"]
+            rows = connection.execute(
+                "SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (job_id, since, limit + 1)).fetchall()
+        return [EventRecord.from_row(row) for row in rows[:limit]], len(rows) > limit
+
+    # --- fine-tuned models --------------------------------------------------------------------------
+
+    def complete(self, job_id: str, model: FineTunedModelRecord, message: str, **metrics) -> bool:
+        """Mark a running job completed and register its model, atomically; False if it was no longer running."""
+        with self.db.transaction() as connection:
+            assignments = ", ".join(f"{name} = ?" for name in metrics)
+            moved = connection.execute(
+                f"UPDATE jobs SET status = 'completed', fine_tuned_model = ?, completed_at = ?"
+                f"{', ' + assignments if assignments else ''} WHERE id = ? AND status = 'running'",
+                (model.id, model.created_at, *metrics.values(), job_id)).rowcount == 1
+            if moved:
+                connection.execute(
+                    "INSERT INTO fine_tuned_models (id, base_model, job_id, status, adapter_dir, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (model.id, model.base_model, model.job_id, model.status, str(model.adapter_dir), model.created_at))
+                _insert_event(connection, job_id, "message", message)
+        return moved
+
+    def models(self) -> list[FineTunedModelRecord]:
+        """Fine-tuned models, newest first."""
+        with self.db.connect() as connection:
+            rows = connection.execute("SELECT * FROM fine_tuned_models ORDER BY created_at DESC, rowid DESC").fetchall()
+        return [FineTunedModelRecord.from_row(row) for row in rows]
+
+    def get_model(self, model_id: str) -> FineTunedModelRecord:
+        with self.db.connect() as connection:
+            row = connection.execute("SELECT * FROM fine_tuned_models WHERE id = ?", (model_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"No fine-tuned model '{model_id}'.", param="model_id")
+        return FineTunedModelRecord.from_row(row)
+
+    def delete_model(self, model_id: str) -> FineTunedModelRecord:
+        """Remove the model's row and return it (its files are the caller's to delete)."""
+        with self.db.transaction() as connection:
+            row = connection.execute("SELECT * FROM fine_tuned_models WHERE id = ?", (model_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"No fine-tuned model '{model_id}'.", param="model_id")
+            connection.execute("DELETE FROM fine_tuned_models WHERE id = ?", (model_id,))
+            _insert_event(connection, row["job_id"], "message", f"Fine-tuned model {model_id} was deleted.")
+        return FineTunedModelRecord.from_row(row)

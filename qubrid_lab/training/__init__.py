@@ -1,0 +1,1 @@
+"""LoRA fine-tuning: hyperparameters, the training loop and the job worker process."""

@@ -1,0 +1,57 @@
+"""A fine-tuning job's hyperparameters: the spec's four fields plus LoRA and batching extensions.
+
+Every field has a default, so ``{}`` is a valid, sensible configuration for a small chat model. Validation
+reports every bad field at once (pydantic collects them), each naming its allowed range.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class Hyperparameters(BaseModel):
+    """How a LoRA fine-tuning job trains. Fields after ``validation_split`` are qubrid_lab extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(3, ge=1, le=100, description="Full passes over the training rows.")
+    max_steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="Stop after this many optimizer steps if the epochs have not ended first."
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate of the AdamW optimizer.")
+    validation_split: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of rows held out to measure validation loss (0 = none)."
+    )
+    # Extensions
+    lora_rank: int = Field(16, ge=1, le=512, description="Rank r of the LoRA update matrices.")
+    lora_alpha: float = Field(32, gt=0, le=4096, description="LoRA scaling numerator: the update is scaled by alpha/r.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        description="Linear layers that get LoRA adapters: a list of module names, or 'all-linear'.",
+    )
+    batch_size: int = Field(8, ge=1, le=1024, description="Training rows per optimizer step (per device).")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches summed per optimizer step.")
+    max_seq_length: int = Field(512, ge=16, le=131072, description="Rows longer than this many tokens are cut.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with a linearly rising learning rate.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate the validation split every this many steps (default: about 10 times per run)."
+    )
+    save_steps: int | None = Field(
+        None, ge=1, description="Save a resumable checkpoint every this many steps (default: about 5 times per run)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save GPU memory.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for the split, shuffling, LoRA init and dropout.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_targets(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            if value != "all-linear":
+                raise ValueError("must be a list of module names or the string 'all-linear'")
+            return value
+        if not value or any(not name.strip() for name in value):
+            raise ValueError("must name at least one module, with no empty names")
+        return value

@@ -1,0 +1,302 @@
+"""One LoRA fine-tuning run: CSV rows to examples, peft adapters on the base model, transformers' Trainer.
+
+``train()`` is the function the job worker, the CLI, notebooks and the tests all call. It resumes from the
+newest complete checkpoint under ``output_dir/checkpoints``, reports progress to a ``ProgressSink`` (the job
+worker's sink writes job events), stops early when the sink asks, and saves only the adapter at the end.
+Under torchrun / accelerate launch every rank calls ``train()``; the Trainer runs DDP and only rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from qubrid_lab.data.columns import ColumnPlan
+from qubrid_lab.errors import QubridError
+from qubrid_lab.training.batches import (
+    ExampleDataset,
+    PaddingCollator,
+    Split,
+    has_target,
+    split_examples,
+    steps_per_epoch,
+)
+from qubrid_lab.training.callbacks import SinkCallback
+from qubrid_lab.training.errors import TrainingError
+from qubrid_lab.training.hyperparameters import Hyperparameters
+from qubrid_lab.training.lora import (
+    Placement,
+    is_main_process,
+    load_tokenizer,
+    lora_model,
+    resolve_placement,
+    world_size,
+)
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "ProgressSink",
+    "TrainingError",
+    "TrainingResult",
+    "TrainingSpec",
+    "checkpoint_step",
+    "latest_checkpoint",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last, so its presence marks a complete checkpoint
+
+
+@dataclass
+class TrainingSpec:
+    """Everything one run needs: what to train, on which data, how, and where to write."""
+
+    model_dir: str  # from_pretrained location of the float base model and its tokenizer
+    dataset_path: Path  # the stored CSV
+    plan: ColumnPlan  # which columns are question / answer / context / text
+    hyperparameters: Hyperparameters
+    output_dir: Path  # the job's directory: checkpoints/ and adapter/ are written inside
+    device: str = "auto"  # auto | cpu | cuda[:N]
+
+
+class ProgressSink(Protocol):
+    """Receives a run's progress; ``should_stop`` is polled after every step. Called on rank 0 only."""
+
+    def on_start(self, total_steps: int, train_rows: int, validation_rows: int) -> None: ...
+    def on_train_step(self, step: int, epoch: float, loss: float, learning_rate: float, tokens: int) -> None: ...
+    def on_evaluation(self, step: int, epoch: float, validation_loss: float) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def should_stop(self) -> bool: ...
+
+
+@dataclass
+class TrainingResult:
+    """How a run ended. ``adapter_dir`` holds the adapter unless the run was stopped early (``stopped``)."""
+
+    adapter_dir: Path
+    steps: int  # optimizer steps completed, counting those before a resume
+    epochs: float
+    training_loss: float | None  # loss of the last step
+    validation_loss: float | None  # loss of the last evaluation (None without a validation split)
+    train_tokens: int  # non-padding tokens trained on, counting those before a resume
+    seconds: float  # wall time of this call
+    stopped: bool
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step counts the Trainer is configured with; ``total_steps`` is exactly what it will run."""
+
+    total_steps: int
+    eval_steps: int
+    save_steps: int
+
+
+def plan_schedule(hyperparameters: Hyperparameters, train_rows: int) -> Schedule:
+    """Total optimizer steps (``epochs`` passes, cut short at ``max_steps``), and evaluation / save intervals
+    (about 10 evaluations and 5 checkpoints per run unless the hyperparameters set them)."""
+    per_epoch = steps_per_epoch(
+        train_rows, hyperparameters.batch_size, hyperparameters.gradient_accumulation_steps, world_size()
+    )
+    total = min(hyperparameters.epochs * per_epoch, hyperparameters.max_steps or math.inf)
+    return Schedule(
+        total_steps=total,
+        eval_steps=hyperparameters.eval_steps or max(1, math.ceil(total / 10)),
+        save_steps=hyperparameters.save_steps or max(1, math.ceil(total / 5)),
+    )
+
+
+def load_split(spec: TrainingSpec, tokenizer) -> Split:
+    """Read the CSV, format its rows into token examples and split them; an unusable dataset is an error."""
+    from qubrid_lab.data.csv_ingest import read_rows
+    from qubrid_lab.data.formatting import build_examples
+
+    hyperparameters = spec.hyperparameters
+    try:
+        rows = read_rows(spec.dataset_path)
+        example_set = build_examples(rows, spec.plan, tokenizer, hyperparameters.max_seq_length)
+    except FileNotFoundError as error:
+        raise TrainingError(f"the dataset file {spec.dataset_path} is missing.") from error
+    except QubridError as error:
+        raise TrainingError(error.message) from error
+    except ValueError as error:  # e.g. qa on a base model without a chat template
+        raise TrainingError(str(error)) from error
+    examples = [example for example in example_set.examples if has_target(example)]
+    if not examples:
+        required = "question or answer" if spec.plan.task_type == "qa" else "text"
+        raise TrainingError(
+            f"no usable rows: of {len(rows)} rows, {example_set.skipped_empty} have an empty {required} and "
+            f"{len(rows) - example_set.skipped_empty} leave no answer token within max_seq_length "
+            f"{hyperparameters.max_seq_length}."
+        )
+    return split_examples(examples, hyperparameters.validation_split, hyperparameters.seed)
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The newest complete checkpoint; one cut short while being written (no trainer state) is passed over."""
+    if not checkpoints_dir.is_dir():
+        return None
+    numbered = sorted(
+        ((int(match.group(1)), path) for path in checkpoints_dir.iterdir()
+         if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))),
+        reverse=True,
+    )
+    for _, path in numbered:
+        if (path / TRAINER_STATE_FILE).is_file():
+            return path
+        log.warning("skipping incomplete checkpoint %s", path)
+    return None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint was saved at, read from its trainer state; unreadable state is an error."""
+    try:
+        return int(json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise TrainingError(f"cannot resume: checkpoint {checkpoint} is unusable ({error}).") from error
+
+
+def training_arguments(spec: TrainingSpec, schedule: Schedule, placement: Placement, has_validation: bool):
+    """The Trainer's configuration: the hyperparameters plus fixed choices (no hub, no trackers, log every step)."""
+    from transformers import TrainingArguments
+
+    hyperparameters = spec.hyperparameters
+    return TrainingArguments(
+        output_dir=str(spec.output_dir / CHECKPOINTS_DIR),
+        max_steps=schedule.total_steps,
+        learning_rate=hyperparameters.learning_rate,
+        per_device_train_batch_size=hyperparameters.batch_size,
+        per_device_eval_batch_size=hyperparameters.batch_size,
+        gradient_accumulation_steps=hyperparameters.gradient_accumulation_steps,
+        warmup_steps=hyperparameters.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        # The Trainer turns it on, and makes the embeddings' output require grad so LoRA gradients flow.
+        activation_checkpointing=hyperparameters.gradient_checkpointing,
+        bf16=placement.bf16,
+        use_cpu=placement.device == "cpu",
+        seed=hyperparameters.seed,
+        data_seed=hyperparameters.seed,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=schedule.eval_steps,
+        prediction_loss_only=True,  # evaluation keeps only the loss, not every logit
+        save_strategy="steps",
+        save_steps=schedule.save_steps,
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=1,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=placement.device == "cuda",
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every LoRA matrix takes part in every step; searching costs time
+        push_to_hub=False,
+    )
+
+
+def is_memory_error(error: BaseException) -> bool:
+    """True for the ways torch and Python report memory running out."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@contextmanager
+def memory_errors_explained(placement: Placement, hyperparameters: Hyperparameters) -> Iterator[None]:
+    """Turn running out of memory into a ``TrainingError`` that names what ran out and what to lower."""
+    try:
+        yield
+    except Exception as error:
+        if not is_memory_error(error):
+            raise
+        where = "GPU memory" if placement.device == "cuda" and not isinstance(error, MemoryError) else "host memory"
+        hints = [f"batch_size (now {hyperparameters.batch_size})",
+                 f"max_seq_length (now {hyperparameters.max_seq_length})"]
+        if placement.device == "cuda" and not hyperparameters.gradient_checkpointing:
+            hints.append("or turn on gradient_checkpointing")
+        raise TrainingError(
+            f"out of {where} while training on {placement.label}; lower " + ", ".join(hints) + "."
+        ) from error
+
+
+def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
+    """Fine-tune LoRA adapters on ``spec`` and save them to ``output_dir/adapter``.
+
+    Resumes from the newest checkpoint under ``output_dir/checkpoints`` if there is one (steps continue from
+    it). Returns with ``stopped=True`` and no adapter when ``sink.should_stop()`` turned true. Raises
+    ``TrainingError`` for a reason a user can act on: no usable rows, an unusable checkpoint, out of memory.
+    """
+    from transformers import PrinterCallback, Trainer
+
+    started = time.perf_counter()
+    hyperparameters = spec.hyperparameters
+    adapter_dir = spec.output_dir / ADAPTER_DIR
+
+    # 1. Data: the tokenizer formats the rows; the split is fixed by the seed.
+    placement = resolve_placement(spec.device)
+    tokenizer = load_tokenizer(spec.model_dir)
+    split = load_split(spec, tokenizer)
+    schedule = plan_schedule(hyperparameters, len(split.train))
+    checkpoint = latest_checkpoint(spec.output_dir / CHECKPOINTS_DIR)
+    resumed_step = checkpoint_step(checkpoint) if checkpoint else 0
+    if is_main_process():
+        sink.on_start(schedule.total_steps, len(split.train), len(split.validation))
+    if world_size() == 1 and sink.should_stop():  # under DDP the other ranks could not be told to stop here
+        return TrainingResult(adapter_dir=adapter_dir, steps=resumed_step, epochs=0.0, training_loss=None,
+                              validation_loss=None, train_tokens=0, seconds=time.perf_counter() - started,
+                              stopped=True)
+
+    with memory_errors_explained(placement, hyperparameters):
+        # 2. Model: frozen base weights, trainable LoRA matrices.
+        model = lora_model(spec.model_dir, placement, hyperparameters)
+        callback = SinkCallback(sink)
+        trainer = Trainer(
+            model=model,
+            args=training_arguments(spec, schedule, placement, bool(split.validation)),
+            data_collator=PaddingCollator(tokenizer.pad_token_id),
+            train_dataset=ExampleDataset(split.train),
+            eval_dataset=ExampleDataset(split.validation) if split.validation else None,
+            callbacks=[callback],
+        )
+        trainer.remove_callback(PrinterCallback)  # progress goes to the sink, not stdout
+
+        # 3. Train, from the checkpoint if there is one.
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except Exception as error:
+            if checkpoint is not None and not callback.started and not is_memory_error(error):
+                raise TrainingError(f"cannot resume: checkpoint {checkpoint} is unusable ({error}).") from error
+            raise
+
+    # 4. Keep the adapter alone (a few MB); the checkpoints were only there to resume.
+    state = trainer.state
+    if not callback.stopped and trainer.args.should_save:
+        model.save_pretrained(adapter_dir)
+        shutil.rmtree(spec.output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    return TrainingResult(
+        adapter_dir=adapter_dir,
+        steps=state.global_step,
+        epochs=float(state.epoch or 0.0),
+        training_loss=callback.last_training_loss,
+        validation_loss=callback.last_validation_loss,
+        train_tokens=state.num_input_tokens_seen,
+        seconds=time.perf_counter() - started,
+        stopped=callback.stopped,
+    )

@@ -1,0 +1,197 @@
+"""The training worker: one fine-tuning job in its own process, reporting into the database.
+
+    python -m qubrid_lab.training.worker --database DB --job-id ID --model-dir DIR --job-dir DIR [--device D]
+
+The server's job manager starts it (under ``torchrun`` when several GPUs train together) and owns the job's
+status; the worker only records progress (events and ``training_metrics``), a readable ``error`` when it
+fails, and ``result.json`` in the job directory when training returns. A crash or an OOM kill of this
+process therefore cannot take the server down: the manager sees the exit and fails the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+
+from qubrid_lab.errors import QubridError
+from qubrid_lab.storage.datasets import DatasetStore
+from qubrid_lab.storage.db import Database
+from qubrid_lab.storage.jobs import JobStore
+from qubrid_lab.training.errors import TrainingError
+
+log = logging.getLogger("qubrid_lab.worker")
+
+RESULT_FILE = "result.json"
+LOG_FILE = "worker.log"
+ORPHAN_CHECK_SECONDS = 1.0
+
+
+def resume_step(job_dir: Path) -> int | None:
+    """The step the runner will resume the job from: that of its newest complete checkpoint, if any."""
+    from qubrid_lab.training.runner import CHECKPOINTS_DIR, checkpoint_step, latest_checkpoint
+
+    checkpoint = latest_checkpoint(Path(job_dir) / CHECKPOINTS_DIR)
+    try:
+        return checkpoint_step(checkpoint) if checkpoint else None
+    except TrainingError:
+        return None
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT, or by itself once the server that launched this worker is gone.
+
+    An orphaned worker must not keep a GPU busy for a job nobody watches: the server that restarts next
+    resumes the job from its checkpoint.
+    """
+
+    def __init__(self, server_pid: int | None):
+        self.reason: str | None = None
+        self.parent = os.getppid()
+        self.server_pid = server_pid
+        self.checked_at = 0.0
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.reason = self.reason or f"signal {signal.Signals(signum).name}"
+
+    def _server_gone(self) -> bool:
+        if os.getppid() != self.parent:
+            return True
+        if self.server_pid is None:
+            return False
+        try:
+            return psutil.Process(self.server_pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    def is_set(self) -> bool:
+        now = time.monotonic()
+        if self.reason is None and now - self.checked_at >= ORPHAN_CHECK_SECONDS:
+            self.checked_at = now
+            if self._server_gone():
+                self.reason = "the server process is gone"
+        return self.reason is not None
+
+
+class DatabaseProgress:
+    """The runner's ``ProgressSink``: each report becomes an event, and the job's metrics follow it."""
+
+    def __init__(self, jobs: JobStore, job_id: str, stop: StopFlag):
+        self.jobs = jobs
+        self.job_id = job_id
+        self.stop = stop
+        self.total_steps: int | None = None
+
+    def on_start(self, total_steps: int, train_rows: int, validation_rows: int) -> None:
+        self.total_steps = total_steps
+        held_out = f", {validation_rows} held out for validation" if validation_rows else ""
+        self.jobs.record(
+            self.job_id, "message", f"Training started: {total_steps} steps on {train_rows} rows{held_out}.",
+            {"total_steps": total_steps, "train_rows": train_rows, "validation_rows": validation_rows},
+            total_steps=total_steps, while_running=True)
+
+    def on_train_step(self, step: int, epoch: float, loss: float, learning_rate: float, tokens: int) -> None:
+        self.jobs.record(
+            self.job_id, "metrics", f"Step {step}/{self.total_steps or '?'}: training loss {loss:.4f}",
+            {"step": step, "epoch": epoch, "training_loss": loss, "learning_rate": learning_rate, "tokens": tokens},
+            training_loss=loss, steps_completed=step, epochs_completed=epoch, while_running=True)
+
+    def on_evaluation(self, step: int, epoch: float, validation_loss: float) -> None:
+        self.jobs.record(
+            self.job_id, "metrics", f"Step {step}/{self.total_steps or '?'}: validation loss {validation_loss:.4f}",
+            {"step": step, "epoch": epoch, "validation_loss": validation_loss}, validation_loss=validation_loss,
+            while_running=True)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.jobs.record(self.job_id, "message", f"Checkpoint saved at step {step}.", {"step": step},
+                         while_running=True)
+
+    def should_stop(self) -> bool:
+        return self.stop.is_set()
+
+
+def run_job(database: Path, files_dir: Path, job_id: str, model_dir: str, job_dir: Path, device: str,
+            stop: StopFlag) -> None:
+    """Train job ``job_id`` as recorded in ``database`` and write ``result.json`` into ``job_dir``."""
+    from qubrid_lab.data.columns import plan_columns
+    from qubrid_lab.training.hyperparameters import Hyperparameters
+    from qubrid_lab.training.lora import is_main_process
+    from qubrid_lab.training.runner import TrainingSpec, train
+
+    job_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(database)
+    jobs = JobStore(db)
+    job = jobs.get(job_id)
+    dataset = DatasetStore(db, files_dir).get(job.dataset_id)
+    spec = TrainingSpec(
+        model_dir=model_dir,
+        dataset_path=dataset.path,
+        plan=plan_columns(dataset.columns, job.task_type, job.column_mapping),
+        hyperparameters=Hyperparameters(**job.hyperparameters),
+        output_dir=job_dir,
+        device=device,
+    )
+    step = resume_step(job_dir)
+    if step is not None and is_main_process():
+        jobs.record(job_id, "message", f"Resumed from step {step}.", {"step": step}, while_running=True)
+    result = train(spec, DatabaseProgress(jobs, job_id, stop))
+    if is_main_process():
+        summary = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(result).items()}
+        (job_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def failure_message(exc: BaseException) -> str:
+    """What the job's ``error`` says: the typed errors' own words, or the exception's type and text."""
+    if isinstance(exc, (QubridError, TrainingError)):
+        return exc.message
+    if isinstance(exc, MemoryError):
+        return "the training process ran out of memory"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m qubrid_lab.training.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--database", type=Path, required=True, help="the server's SQLite file")
+    parser.add_argument("--job-id", required=True, help="the job to train (ftjob-...)")
+    parser.add_argument("--model-dir", required=True, help="from_pretrained location of the base model")
+    parser.add_argument("--job-dir", type=Path, required=True, help="where checkpoints/ and adapter/ are written")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--files-dir", type=Path, help="where datasets are stored (default: <database dir>/files)")
+    parser.add_argument("--server-pid", type=int, help="stop training if this process goes away (default: parent)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = StopFlag(args.server_pid)
+    stop.install()
+    files_dir = args.files_dir or args.database.parent / "files"
+    try:
+        run_job(args.database, files_dir, args.job_id, args.model_dir, args.job_dir, args.device, stop)
+        if stop.reason:
+            log.info("job %s: training stopped early (%s)", args.job_id, stop.reason)
+    except Exception as exc:  # any failure ends the job; the manager reads the reason written here
+        traceback.print_exc()
+        message = failure_message(exc)
+        log.error("job %s failed: %s", args.job_id, message)
+        JobStore(Database(args.database)).set_error(args.job_id, message)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
