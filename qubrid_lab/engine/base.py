@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
+import numpy as np
+
 from qubrid_lab.engine.sampling import SamplingParams
 
 
@@ -143,6 +145,6 @@ class EmbeddingBackend(Protocol):
 
     model_id: str
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]: ...
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]: ...
 
     def close(self) -> None: ...

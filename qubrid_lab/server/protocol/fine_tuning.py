@@ -17,10 +17,10 @@ from qubrid_lab.storage.jobs import EventRecord, FineTunedModelRecord, JobRecord
 from qubrid_lab.training.hyperparameters import Hyperparameters
 
 
-def iso_utc(timestamp: float | None) -> str | None:
+def iso_utc(timestamp: float | None, timespec: str = "seconds") -> str | None:
     if timestamp is None:
         return None
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 # --- datasets -------------------------------------------------------------------------------------------
@@ -116,7 +116,8 @@ class FineTuningJobEvent(WireModel):
 
     @classmethod
     def of(cls, event: EventRecord) -> FineTuningJobEvent:
-        return cls(id=event.id, created_at=iso_utc(event.created_at), level=event.level, type=event.type,
+        # milliseconds: a live plot or a benchmark times steps a fraction of a second apart
+        return cls(id=event.id, created_at=iso_utc(event.created_at, "milliseconds"), level=event.level, type=event.type,
                    message=event.message, data=event.data)
 
 
