@@ -1,3 +1,34 @@
-"""qubrid_lab: the hosted inference and fine-tuning platform's API, on your own machine."""
+"""qubrid_lab: the hosted inference and fine-tuning platform's API, on your own machine.
+
+The notebook helpers are imported on first use, so ``import qubrid_lab`` stays light (no torch):
+
+    from qubrid_lab import profile_csv, start_server
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY_EXPORTS = {
+    "profile_csv": "qubrid_lab.data.profile",
+    "DatasetProfile": "qubrid_lab.data.profile",
+    "start_server": "qubrid_lab.workbench",
+    "LabServer": "qubrid_lab.workbench",
+}
+
+__all__ = ["DatasetProfile", "LabServer", "__version__", "profile_csv", "start_server"]
+
+
+def __getattr__(name: str):
+    module = _LAZY_EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qubrid_lab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_EXPORTS})

@@ -29,6 +29,8 @@ from typing import IO
 from pydantic import ValidationError
 
 from qubrid_lab.data.columns import TASK_TYPES, plan_columns
+from qubrid_lab.data.csv_ingest import read_rows
+from qubrid_lab.data.profile import unusable_dataset_reason
 from qubrid_lab.errors import ConflictError, InvalidRequestError, describe_validation_errors
 from qubrid_lab.models.catalogue import Catalogue
 from qubrid_lab.settings import Settings
@@ -174,11 +176,12 @@ class JobManager:
         dataset = self.datasets.find(dataset_id)
         if dataset is None:
             problems.append(("dataset_id", f"no dataset '{dataset_id}'; upload one with POST /fine-tuning/datasets"))
+        plan = resolved = None
         if task_type not in TASK_TYPES:
             problems.append(("task_type", f"must be 'qa' or 'not_qa' (got {task_type!r})"))
         elif dataset is not None:
             try:
-                plan_columns(dataset.columns, task_type, column_mapping)
+                plan = plan_columns(dataset.columns, task_type, column_mapping)
             except InvalidRequestError as exc:
                 problems.append((exc.param or "task_type", exc.message.rstrip(".")))
         try:
@@ -187,6 +190,11 @@ class JobManager:
             located = [{**error, "loc": ("hyperparameters", *error["loc"])} for error in exc.errors()]
             message, param = describe_validation_errors(located)
             problems.append((param, message.removeprefix("Invalid request: ").rstrip(".")))
+        if plan is not None:  # the dataset profile's check: rows the worker would find nothing to train on
+            validation_split = resolved.validation_split if resolved else 0.0
+            reason = unusable_dataset_reason(read_rows(dataset.path), plan, validation_split)
+            if reason:
+                problems.append(("dataset_id", f"dataset '{dataset_id}' cannot train a {task_type} job: {reason}"))
         suffix = suffix or None
         if suffix is not None and not SUFFIX_PATTERN.fullmatch(suffix):
             rule = "use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"

@@ -8,7 +8,7 @@ import pytest
 
 from qubrid_lab.cli import main
 from qubrid_lab.errors import InvalidRequestError, ModelNotFoundError
-from qubrid_lab.models.catalogue import ModelEntry, default_catalogue
+from qubrid_lab.models.catalogue import default_catalogue
 from qubrid_lab.settings import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL, Settings
 
 

@@ -23,6 +23,7 @@ DATA = Path(__file__).parent.parent / "data"
 QA_CSV = DATA / "qa_facts.csv"
 TEXT_CSV = DATA / "text_notes.csv"
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+ISO_UTC_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")  # events: milliseconds, for live plots
 PREFIXES = ("/api/v1", "/v1")
 
 
@@ -296,7 +297,7 @@ def test_events_are_read_forward_from_a_cursor(client):
     for event in events:
         assert event["object"] == "fine_tuning.job.event" and event["id"].startswith("ftevent-")
         assert (event["level"], event["type"], event["data"]) == ("info", "message", {})
-        assert ISO_UTC.match(event["created_at"])
+        assert ISO_UTC_MS.match(event["created_at"])
     first = client.get(url, params={"limit": 1}).json()
     assert first["data"] == events[:1] and first["has_more"] is True
     assert client.get(url, params={"after": events[0]["id"]}).json()["data"] == events[1:]

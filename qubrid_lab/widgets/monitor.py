@@ -1,0 +1,270 @@
+"""``TrainingMonitor``: follow a fine-tuning job live, from this notebook or started anywhere else.
+
+A background thread polls ``GET /v1/fine-tuning/jobs/{id}`` and then
+``GET /v1/fine-tuning/jobs/{id}/events?after=<last event id>``, so each poll reads only what is new and the
+kernel stays free for other cells; it stops when the job ends or the widget is closed.
+
+The loss plot is a plotly ``FigureWidget``. It updates in place in JupyterLab 4 (since plotly 6 it is an
+anywidget, so no lab extension has to be built or enabled), new points are sent as one message per poll
+(``batch_update``), and the reader gets hover values per step, zoom and a PNG download for free. ipympl was
+not chosen because every update re-renders the whole matplotlib figure in the kernel and ships an image,
+and it adds matplotlib and a widget extension to the install; bqplot also updates in place, but it is
+another extension to install and its figures have no values on hover or image export out of the box.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+
+from qubrid_lab.widgets._client import FINISHED_STATUSES, ServerError, connect
+from qubrid_lab.widgets._fields import status_html
+
+UNREACHABLE_SECONDS = 60.0  # how long the monitor keeps retrying a server that does not answer
+TRAINING, VALIDATION = 0, 1  # trace indexes in the figure
+
+
+def _timestamp(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def loss_figure() -> go.FigureWidget:
+    """An empty training/validation loss plot: step on x, loss on y, both named in the legend."""
+    figure = go.FigureWidget(
+        data=[go.Scatter(x=[], y=[], name="training loss", mode="lines+markers", line={"color": "#1f77b4"}),
+              go.Scatter(x=[], y=[], name="validation loss", mode="lines+markers",
+                         line={"color": "#ff7f0e", "dash": "dash"}, marker={"symbol": "diamond", "size": 8})],
+        layout=go.Layout(
+            title={"text": "Loss", "x": 0.02}, height=340, margin={"l": 60, "r": 20, "t": 50, "b": 50},
+            template="plotly_white", hovermode="x unified",
+            xaxis={"title": {"text": "step"}, "rangemode": "tozero"},
+            yaxis={"title": {"text": "loss"}, "rangemode": "tozero"},
+            legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1}))
+    return figure
+
+
+class TrainingMonitor(widgets.VBox):
+    """Launch a job (``job=`` a ``POST /v1/fine-tuning/jobs`` body) or attach to one (``job_id=``) and watch it.
+
+    Shows a live loss plot (``figure``), a progress bar with the time left, the latest event, a Cancel button
+    and, once the job ends, its final metrics. ``wait()`` blocks until the job ends and returns it; ``job`` is
+    the latest copy read from the server; ``points`` holds ``{"training": {step: loss}, "validation": {...}}``.
+    """
+
+    def __init__(self, server: Any = None, job_id: str | None = None, job: dict | None = None, *,
+                 poll_seconds: float = 1.0, base_url: str | None = None, api_key: str | None = None):
+        self._stop = threading.Event()  # first: close() (also run when a half-built widget is collected) sets it
+        if (job_id is None) == (job is None):
+            raise ValueError("pass job_id= to follow an existing job, or job= (a job request body) to launch one")
+        self.api = connect(server, base_url, api_key)
+        self.poll_seconds = poll_seconds
+        self.job: dict | None = None
+        self.error: str | None = None
+        self.points: dict[str, dict[int, float]] = {"training": {}, "validation": {}}
+        self._cursor: str | None = None
+        self._total_steps: int | None = None
+        self._pace: tuple[int, float] | None = None  # (step, time) where the current run of steps began
+        self._last_step: tuple[int, float] | None = None
+        self._ended = threading.Event()
+        self._lock = threading.Lock()
+
+        self.figure = loss_figure()
+        self.title = widgets.HTML()
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="steps",
+                                            layout=widgets.Layout(width="420px"))
+        self.eta = widgets.Label()
+        self.status = widgets.HTML()
+        self.cancel_button = widgets.Button(description="Cancel", icon="stop", button_style="danger")
+        self.metrics = widgets.HTML()
+        self.cancel_button.on_click(lambda _: self._on_cancel())
+        super().__init__([self.title, self.figure, widgets.HBox([self.progress, self.eta]),
+                          widgets.HBox([self.cancel_button, self.status]), self.metrics])
+
+        try:
+            self.job = self.api.post("/v1/fine-tuning/jobs", json=job) if job is not None \
+                else self.api.get(f"/v1/fine-tuning/jobs/{job_id}")
+        except ServerError as exc:
+            self._end(exc.message)
+            return
+        self._show_job(self.job)
+        self._thread = threading.Thread(target=self._follow, name=f"TrainingMonitor:{self.job['id']}", daemon=True)
+        self._thread.start()
+
+    # --- public -------------------------------------------------------------------------------------------
+
+    @property
+    def polling(self) -> bool:
+        """Whether the monitor still follows the job."""
+        return not self._ended.is_set()
+
+    def wait(self, timeout: float | None = None) -> dict:
+        """Block until the job ends; return it. ``TimeoutError`` after ``timeout`` seconds; ``RuntimeError`` when
+        the monitor stopped without seeing the end (job missing, server gone, widget closed)."""
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"job {self.job['id']} is still {self.job['status']} after {timeout} s")
+        if self.error:
+            raise RuntimeError(self.error)
+        return self.job
+
+    def cancel(self) -> dict:
+        """Ask the server to cancel the job; returns the job as the server sends it back."""
+        job = self.api.post(f"/v1/fine-tuning/jobs/{self.job['id']}/cancel")
+        with self._lock:
+            self.status.value = status_html("Cancelling…")
+        return job
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
+
+    # --- the polling thread -------------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        failing_since: float | None = None
+        while not self._stop.is_set():
+            try:
+                job = self.api.get(f"/v1/fine-tuning/jobs/{self.job['id']}")  # first: a finished job's events
+                events = self._new_events()                                   # are all written by then
+            except ServerError as exc:
+                failing_since = failing_since or time.monotonic()
+                if exc.status == 404 or time.monotonic() - failing_since > UNREACHABLE_SECONDS:
+                    self._end(exc.message)
+                    return
+                with self._lock:
+                    self.status.value = status_html(f"{exc.message} (retrying)", "error")
+                self._stop.wait(self.poll_seconds)
+                continue
+            failing_since = None
+            self._apply(job, events)
+            if job["status"] in FINISHED_STATUSES:
+                self._end()
+                return
+            self._stop.wait(self.poll_seconds)
+        self._end(f"the monitor was closed while job {self.job['id']} was {self.job['status']}")
+
+    def _new_events(self) -> list[dict]:
+        events: list[dict] = []
+        while True:
+            params = {"limit": 1000, **({"after": self._cursor} if self._cursor else {})}
+            page = self.api.get(f"/v1/fine-tuning/jobs/{self.job['id']}/events", **params)
+            events += page["data"]
+            if page["data"]:
+                self._cursor = page["data"][-1]["id"]
+            if not page["has_more"]:
+                return events
+
+    def _apply(self, job: dict, events: list[dict]) -> None:
+        """Take in one poll's news: record each event's numbers, then redraw everything that changed."""
+        for event in events:
+            data = event["data"]
+            if "total_steps" in data:
+                self._total_steps = data["total_steps"]
+            if event["type"] != "metrics":
+                continue
+            step = data["step"]
+            if "training_loss" in data:
+                self.points["training"][step] = data["training_loss"]
+                self._time_step(step, _timestamp(event["created_at"]))
+            if "validation_loss" in data:
+                self.points["validation"][step] = data["validation_loss"]
+        last_message = events[-1]["message"] if events else None
+        with self._lock:
+            self.job = job
+            if events:
+                self._redraw()
+            self._show_job(job, last_message)
+
+    def _time_step(self, step: int, at: float) -> None:
+        """Keep the pace of the current run of steps (a job resumed from a checkpoint starts a new run)."""
+        if self._last_step is None or step <= self._last_step[0]:
+            self._pace = (step, at)
+        self._last_step = (step, at)
+
+    def _redraw(self) -> None:
+        with self.figure.batch_update():
+            for index, key in ((TRAINING, "training"), (VALIDATION, "validation")):
+                steps = sorted(self.points[key])
+                self.figure.data[index].x = steps
+                self.figure.data[index].y = [self.points[key][step] for step in steps]
+            if self._total_steps:
+                self.figure.layout.xaxis.range = [0, self._total_steps + 0.5]
+                # plotly ticks a short run at 0.5 steps; there are no half steps
+                self.figure.layout.xaxis.dtick = 1 if self._total_steps <= 10 else None
+
+    # --- what the widgets show ----------------------------------------------------------------------------
+
+    def _show_job(self, job: dict, message: str | None = None) -> None:
+        total = job.get("total_steps") or self._total_steps
+        done = job["training_metrics"]["steps_completed"]
+        self.title.value = (f"<b>{html.escape(job['id'])}</b> · {html.escape(job['base_model'])} · "
+                            f"dataset {html.escape(job['dataset_id'])}")
+        if total:
+            self.progress.max = total
+            self.progress.value = min(done, total)
+        self.progress.bar_style = {"completed": "success", "failed": "danger", "cancelled": "warning"}.get(
+            job["status"], "info")
+        self.eta.value = self._eta_text(job, done, total)
+        if job["status"] == "failed":
+            self.status.value = status_html(f"failed: {job.get('error') or message or 'no reason given'}", "error")
+        elif message or job["status"] in FINISHED_STATUSES:
+            self.status.value = f"<b>{job['status']}</b> · " + status_html(message or "")
+        else:
+            self.status.value = f"<b>{job['status']}</b>"
+        self.cancel_button.disabled = job["status"] in FINISHED_STATUSES
+        if job["status"] in FINISHED_STATUSES:
+            self.metrics.value = self._final_metrics(job)
+
+    def _eta_text(self, job: dict, done: int, total: int | None) -> str:
+        if job["status"] in FINISHED_STATUSES and job.get("started_at") and job.get("completed_at"):
+            took = _timestamp(job["completed_at"]) - _timestamp(job["started_at"])
+            return f"{done}/{total or done} steps in {_duration(took)}"
+        if not total:
+            return "waiting for training to start" if job["status"] in {"queued", "running"} else ""
+        if self._pace is None or self._last_step is None or self._last_step[0] <= self._pace[0]:
+            return f"{done}/{total} steps"
+        seconds_per_step = (self._last_step[1] - self._pace[1]) / (self._last_step[0] - self._pace[0])
+        left = max(total - done, 0) * seconds_per_step
+        return f"{done}/{total} steps · {seconds_per_step:.2f} s/step · about {_duration(left)} left"
+
+    @staticmethod
+    def _final_metrics(job: dict) -> str:
+        metrics = job["training_metrics"]
+        rows = [("status", job["status"]),
+                ("training loss", metrics["training_loss"]), ("validation loss", metrics["validation_loss"]),
+                ("steps", metrics["steps_completed"]), ("epochs", metrics["epochs_completed"]),
+                ("fine-tuned model", job.get("fine_tuned_model")), ("error", job.get("error"))]
+        cells = "".join(
+            f"<tr><th style='text-align:left;padding-right:1em'>{name}</th>"
+            f"<td>{html.escape(f'{value:.4f}' if isinstance(value, float) else str(value))}</td></tr>"
+            for name, value in rows if value is not None)
+        return f"<table>{cells}</table>"
+
+    def _end(self, error: str | None = None) -> None:
+        """Stop following; ``error`` says why when the job's end was not seen."""
+        if self._ended.is_set():
+            return
+        self.error = error
+        if error:
+            with self._lock:
+                self.status.value = status_html(error, "error")
+                self.cancel_button.disabled = True
+        self._ended.set()
+
+    def _on_cancel(self) -> None:
+        try:
+            self.cancel()
+        except ServerError as exc:  # e.g. 409: the job ended meanwhile
+            with self._lock:
+                self.status.value = status_html(exc.message, "error")

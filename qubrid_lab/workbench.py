@@ -1,0 +1,272 @@
+"""The server from a notebook: ``start_server()`` runs ``qubrid-lab serve`` in the background and returns a handle.
+
+The server is a child process in its own process group, logging to ``<home>/logs/server-<port>.log``. It stops
+with ``LabServer.stop()``, when the interpreter that started it exits, and by itself when that interpreter dies
+without cleaning up (a killed notebook kernel): the child watches its parent and shuts down when it is gone.
+Calling ``start_server()`` again (a notebook cell run twice) returns the server already running.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from html import escape
+from pathlib import Path
+
+import httpx
+
+HOST = "127.0.0.1"
+POLL_SECONDS = 0.25
+STOP_SECONDS = 30.0  # a server still running this long after SIGTERM is killed
+LOG_TAIL_LINES = 40
+PARENT_CHECK_SECONDS = 1.0
+
+_started: dict[int, LabServer] = {}  # port -> server started by this interpreter
+_lock = threading.RLock()  # stop() takes it too, also while a start holds it
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not answer in time; the message ends with the last lines of its log."""
+
+
+@dataclass(eq=False)
+class LabServer:
+    """A running qubrid_lab server: its address, key, clients, and (when this interpreter started it) its process.
+
+    ``client`` is an ``openai.OpenAI`` client for ``base_url``; ``http`` an ``httpx.Client`` on ``url`` with the
+    API key set, for the routes the SDK has no method for (``/health``, the fine-tuning events).
+    """
+
+    url: str  # http://127.0.0.1:PORT
+    api_key: str | None
+    home: Path | None  # None for a server attached to rather than started here
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    log_path: Path | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI API root: ``url + "/v1"``."""
+        return f"{self.url}/v1"
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    @cached_property
+    def client(self):
+        """An ``openai.OpenAI`` client for this server (created on first use)."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.base_url, api_key=self.api_key or "no-key")
+
+    @cached_property
+    def http(self) -> httpx.Client:
+        """An ``httpx.Client`` with ``base_url=url`` and the API key's Authorization header."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=600)
+
+    def health(self) -> dict:
+        """The server's ``/health`` answer: status, loaded model ids, whether keys are required."""
+        response = httpx.get(f"{self.url}/health", timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    @property
+    def models(self) -> list[str]:
+        """Ids of the models the server serves now (fine-tuned ones included); [] when it does not answer."""
+        try:
+            return self.health()["models"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return []
+
+    def is_running(self) -> bool:
+        """True while the server answers ``/health`` (and, if started here, its process is alive)."""
+        if self.process is not None and self.process.poll() is not None:
+            return False
+        return _healthy(self.url)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last ``lines`` lines of the server's log ("" for an attached server)."""
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Stop the server (gracefully: running fine-tuning jobs resume at its next start) and close the clients.
+
+        Stopping twice is harmless; a server attached to, not started here, is left running.
+        """
+        for name in ("client", "http"):
+            client = self.__dict__.pop(name, None)
+            if client is not None:
+                client.close()
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            _signal_group(self.process, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.process, signal.SIGKILL)
+                self.process.wait()
+        with _lock:
+            if _started.get(self.port) is self:
+                del _started[self.port]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"<LabServer {self.base_url} {state}, models {self.models}>"
+
+    def _repr_html_(self) -> str:
+        running = self.is_running()
+        dot = "#16a34a" if running else "#9ca3af"
+        models = "".join(f'<li><code>{escape(model)}</code></li>' for model in self.models) or "<li>none</li>"
+        rows = [("OpenAI base_url", f"<code>{escape(self.base_url)}</code>"),
+                ("API key", "set" if self.api_key else "none (open on loopback)"),
+                ("Home", f"<code>{escape(str(self.home))}</code>" if self.home else "attached"),
+                ("Log", f"<code>{escape(str(self.log_path))}</code>" if self.log_path else "attached")]
+        table = "".join(f'<tr><td style="padding:1px 12px 1px 0;color:#6b7280">{name}</td><td>{value}</td></tr>'
+                        for name, value in rows)
+        return (f'<div style="font-family:system-ui,sans-serif;font-size:13px">'
+                f'<b><span style="color:{dot}">●</span> qubrid_lab server {"running" if running else "stopped"}'
+                f'</b><table style="border-collapse:collapse;margin:4px 0">{table}</table>'
+                f'Models:<ul style="margin:2px 0 0 18px;padding:0">{models}</ul></div>')
+
+
+def start_server(*, port: int | None = None, home: str | Path | None = None, models: list[str] | None = None,
+                 api_key: str | None = None, device: str | None = None, dtype: str | None = None,
+                 timeout: float = 600, reuse: bool = True) -> LabServer:
+    """Start ``qubrid-lab serve`` in the background on 127.0.0.1 and wait until it answers.
+
+    ``home`` is the data directory (default ``QUBRID_LAB_HOME`` or ``~/.qubrid_lab``); ``models`` the catalogue
+    ids or model directories to load (default: the bundled chat and embedding models); ``api_key`` the key the
+    server requires (default: none, or the first key configured in the environment / the home's key file);
+    ``device`` and ``dtype`` as ``qubrid-lab serve`` takes them; ``port`` None picks a free port. The first start
+    converts the bundled model once, which ``timeout`` (seconds) allows for.
+
+    With ``reuse`` a server already running is returned instead: the one this interpreter started last (on
+    ``port``, when given) if it serves ``models``, else a healthy server found listening on ``port``. A server
+    that exits or does not answer in time raises ``ServerStartError`` with the end of its log.
+    """
+    from qubrid_lab.settings import Settings
+
+    with _lock:
+        if reuse:
+            running = _running(port, models, api_key, home)
+            if running is not None:
+                return running
+        if port and _healthy(f"http://{HOST}:{port}"):  # its answers would pass for those of the new server
+            raise ServerStartError(f"A server already answers on port {port}: pass reuse=True to use it, or "
+                                   "another port (None picks a free one).")
+        settings = Settings(**({"home": Path(home).expanduser()} if home else {}))
+        home_dir = settings.home.resolve()
+        api_key = api_key or next(iter(settings.api_keys or sorted(settings.load_api_keys())), None)
+        port = port or _free_port()
+        log_path = home_dir / "logs" / f"server-{port}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "qubrid_lab.workbench", "serve", "--port", str(port)]
+        for model in models or []:
+            command += ["--model", str(model)]
+        for flag, value in (("--device", device), ("--dtype", dtype)):
+            if value:
+                command += [flag, str(value)]
+        environment = {**os.environ, "QUBRID_LAB_HOME": str(home_dir), "PYTHONUNBUFFERED": "1"}
+        if api_key:
+            environment["QUBRID_LAB_API_KEYS"] = api_key
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       env=environment, start_new_session=True)
+        server = LabServer(f"http://{HOST}:{port}", api_key, home_dir, process, log_path)
+        _wait_until_healthy(server, timeout)
+        _started[port] = server
+        return server
+
+
+def _running(port: int | None, models: list[str] | None, api_key: str | None,
+             home: str | Path | None) -> LabServer | None:
+    """The server a ``reuse`` start returns, or None to start a new one."""
+    home_dir = Path(home).expanduser().resolve() if home else None
+    for started_port, server in reversed(list(_started.items())):
+        if port not in (None, started_port) or home_dir not in (None, server.home):
+            continue
+        if server.is_running() and set(map(str, models or [])) <= set(server.models):
+            return server
+    if port is not None and _healthy(f"http://{HOST}:{port}"):
+        return LabServer(f"http://{HOST}:{port}", api_key, home_dir)
+    return None
+
+
+def _wait_until_healthy(server: LabServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ServerStartError(
+                f"The qubrid_lab server exited with status {server.process.returncode} before it was ready. "
+                f"The end of its log ({server.log_path}):\n{server.log_tail()}")
+        if _healthy(server.url):
+            return
+        time.sleep(POLL_SECONDS)
+    server.stop()
+    raise ServerStartError(
+        f"The qubrid_lab server did not answer on {server.url} within {timeout:g} s and was stopped; pass a "
+        f"larger timeout if it was still loading models. The end of its log ({server.log_path}):\n"
+        f"{server.log_tail()}")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@atexit.register
+def _stop_started() -> None:
+    for server in list(_started.values()):
+        server.stop()
+
+
+def _serve_while_parent_lives(argv: list[str]) -> int:
+    """Run the CLI with ``argv``; if the process that started this one goes away, stop as on Ctrl-C."""
+    from qubrid_lab.cli import main
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="qubrid-lab:parent-watch", daemon=True).start()
+    return main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_serve_while_parent_lives(sys.argv[1:]))
