@@ -43,6 +43,7 @@ class LoraSet:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.device = next(iter(model.parameters())).device
         self._layers = {name: module for name, module in model.named_modules() if _is_linear(module)}
         self._adapters: dict[str, dict[str, LowRank]] = {}
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
@@ -68,13 +69,12 @@ class LoraSet:
     @contextmanager
     def rows(self, adapters: list[str | None]):
         """Within the block, row ``i`` of every forward pass uses adapter ``adapters[i]`` (None: the base)."""
-        device = next(iter(self.model.parameters())).device
         names = set(adapters) - {None}
         if len(names) == 1 and None not in adapters:
             self._groups = [(names.pop(), None)]
         else:
             self._groups = [
-                (name, torch.tensor([i for i, a in enumerate(adapters) if a == name], device=device))
+                (name, torch.tensor([i for i, a in enumerate(adapters) if a == name], device=self.device))
                 for name in sorted(names)
             ]
         try:
@@ -166,8 +166,7 @@ class LoraSet:
             raise InvalidRequestError(f"The adapter's update of '{layer}' has shape {tuple(update.b.shape)} x "
                                       f"{tuple(update.a.shape)}, which does not fit the base model's layer.")
         dtype = _activation_dtype(self.model)
-        device = next(iter(self.model.parameters())).device
-        return LowRank(update.a.to(device, dtype).contiguous(), update.b.to(device, dtype).contiguous())
+        return LowRank(update.a.to(self.device, dtype).contiguous(), update.b.to(self.device, dtype).contiguous())
 
 
 def _is_linear(module: nn.Module) -> bool:
