@@ -66,6 +66,7 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
             yield
         finally:
             job_manager.stop()
+            database.close()
             if close_registry:
                 registry.close()
 

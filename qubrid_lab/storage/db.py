@@ -1,13 +1,20 @@
 """The SQLite database under the home directory: one file, WAL journal, numbered migrations.
 
-Each use opens its own connection (``connect()`` to read, ``transaction()`` to write), so the server's
-threads and the training worker processes never share one. WAL lets readers run while a writer commits;
-``BEGIN IMMEDIATE`` makes writers queue on the busy timeout instead of failing half-way.
+Each use borrows a connection (``connect()`` to read, ``transaction()`` to write) from a small pool of open
+ones, so no two threads ever use one at once and each process has its own. WAL lets readers run while a
+writer commits; ``BEGIN IMMEDIATE`` makes writers queue on the busy timeout instead of failing half-way.
+
+Keeping connections open is what makes a poll cheap: opening one costs more than the query it serves, and
+closing the last one open on the file checkpoints the WAL into the database, syncs it and deletes it, which
+the next connection has to set up again. A training worker writing a step, or a server answering a poll,
+paid that on nearly every use while no other connection happened to be open.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +23,7 @@ from pathlib import Path
 from qubrid_lab.errors import InternalError
 
 BUSY_TIMEOUT_SECONDS = 30
+IDLE_CONNECTIONS = 4  # kept open per process; more are opened when more threads need one at once, then closed
 
 # Migration N is MIGRATIONS[N - 1]; PRAGMA user_version records the last one applied.
 # Append new migrations; never edit one that has shipped.
@@ -82,22 +90,36 @@ def new_id(prefix: str) -> str:
 
 
 class Database:
-    """The database file at ``path``; call ``migrate()`` once before use (the server does at start)."""
+    """The database file at ``path``; call ``migrate()`` once before use (the server does at start).
+
+    ``close()`` when done (the server does at shutdown): it closes the idle connections, so the last one
+    checkpoints the WAL into the file. The database stays usable; the next use opens a connection again.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._idle: list[sqlite3.Connection] = []
+        self._inherited: list[sqlite3.Connection] = []  # a forked child's copies of its parent's: never touched
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
-        """A fresh connection in autocommit mode (each statement is its own transaction), closed after use."""
-        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        """A connection in autocommit mode (each statement is its own transaction), for this use only.
+
+        Fetch what the block needs inside it: a cursor kept past the block would hold its statement's read
+        snapshot open on a connection that the next use then gets.
+        """
+        connection = self._borrow()
         try:
-            connection.row_factory = sqlite3.Row
-            connection.execute("PRAGMA foreign_keys = ON")
-            connection.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode; a crash loses no commit
             yield connection
-        finally:
+        except sqlite3.Error:  # whatever state the error left it in, a fresh connection is cheap
             connection.close()
+            raise
+        except BaseException:
+            self._give_back(connection)
+            raise
+        self._give_back(connection)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -107,9 +129,41 @@ class Database:
             try:
                 yield connection
             except BaseException:
-                connection.execute("ROLLBACK")
+                if connection.in_transaction:  # some errors (a full disk, say) have rolled it back already
+                    connection.execute("ROLLBACK")
                 raise
             connection.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the idle connections; one in use now is kept when it comes back, for the next use."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+    def _borrow(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._pid != os.getpid():
+                # A forked child: SQLite forbids using the parent's connections here, and closing one could write
+                # its stale view of the WAL into the file; so they are kept, unused, and the child opens its own.
+                self._inherited += self._idle
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop()
+        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
+                                     check_same_thread=False)  # the pool hands it to one thread at a time
+        connection.row_factory = sqlite3.Row
+        connection.execute("PRAGMA foreign_keys = ON")
+        connection.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode; a crash loses no commit
+        return connection
+
+    def _give_back(self, connection: sqlite3.Connection) -> None:
+        """Keep the connection for the next use, unless enough are idle or a transaction was left open."""
+        with self._lock:
+            if not connection.in_transaction and len(self._idle) < IDLE_CONNECTIONS:
+                self._idle.append(connection)
+                return
+        connection.close()
 
     def migrate(self) -> int:
         """Create the file if needed and apply the migrations it lacks; returns the schema version."""

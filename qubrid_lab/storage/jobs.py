@@ -85,6 +85,10 @@ class FineTunedModelRecord:
         return cls(**{**dict(row), "adapter_dir": Path(row["adapter_dir"])})
 
 
+def _no_job(job_id: str) -> NotFoundError:
+    return NotFoundError(f"No fine-tuning job '{job_id}'.", param="job_id")
+
+
 def _insert_event(connection: sqlite3.Connection, job_id: str, type_: str, message: str,
                   data: dict | None = None, level: str = "info") -> None:
     connection.execute(
@@ -93,7 +97,7 @@ def _insert_event(connection: sqlite3.Connection, job_id: str, type_: str, messa
 
 
 class JobStore:
-    """Reads and writes jobs, events and fine-tuned models; every method uses its own connection."""
+    """Reads and writes jobs, events and fine-tuned models; each method borrows one connection for its work."""
 
     def __init__(self, db: Database):
         self.db = db
@@ -119,7 +123,7 @@ class JobStore:
         with self.db.connect() as connection:
             row = connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise NotFoundError(f"No fine-tuning job '{job_id}'.", param="job_id")
+            raise _no_job(job_id)
         return JobRecord.from_row(row)
 
     def page(self, limit: int, offset: int) -> tuple[list[JobRecord], int]:
@@ -183,8 +187,9 @@ class JobStore:
 
     def events(self, job_id: str, after: str | None, limit: int) -> tuple[list[EventRecord], bool]:
         """The job's events in the order they happened, those after the event ``after`` when given."""
-        self.get(job_id)
         with self.db.connect() as connection:
+            if not connection.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+                raise _no_job(job_id)
             since = 0
             if after:
                 row = connection.execute("SELECT seq FROM job_events WHERE id = ? AND job_id = ?",

@@ -290,7 +290,9 @@ def test_events_are_read_forward_from_a_cursor(client):
     job = create_job(client, dataset_id=dataset_id(client)).json()
     client.post(f"/v1/fine-tuning/jobs/{job['id']}/cancel")
     url = f"/v1/fine-tuning/jobs/{job['id']}/events"
-    listing = client.get(url).json()
+    response = client.get(url)
+    assert response.headers["content-type"] == "application/json"
+    listing = response.json()
     assert listing["object"] == "list" and listing["has_more"] is False
     events = listing["data"]
     assert [e["message"] for e in events] == [f"Created fine-tuning job {job['id']}; it is queued.", "Job cancelled."]
@@ -322,9 +324,12 @@ def test_a_restart_loses_nothing(app_for):
     first = app_for()
     dataset = dataset_id(first)
     job = create_job(first, dataset_id=dataset).json()
+    database = first.app.state.settings.database_path
     first.__exit__(None, None, None)
+    assert not database.with_name(database.name + "-wal").exists()  # a stopped server's file holds every commit
 
     again = app_for()
     assert again.get(f"/v1/fine-tuning/datasets/{dataset}").json()["row_count"] == 15
-    assert again.get(f"/v1/fine-tuning/jobs/{job['id']}").json() == job
+    retrieved = again.get(f"/v1/fine-tuning/jobs/{job['id']}")
+    assert retrieved.headers["content-type"] == "application/json" and retrieved.json() == job
     assert again.get("/v1/fine-tuning/models").json() == {"data": []}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
+from qubrid_lab.server.protocol.common import WireModel
 from qubrid_lab.server.protocol.fine_tuning import (
     CreateFineTuningJobRequest,
     FineTuningJob,
@@ -13,6 +14,15 @@ from qubrid_lab.server.protocol.fine_tuning import (
 )
 
 router = APIRouter(prefix="/fine-tuning/jobs", tags=["Fine-Tuning Jobs"])
+
+
+def _polled(body: WireModel) -> Response:
+    """``body`` as the JSON response of a route that clients poll while a job trains.
+
+    A sync route that returns a model makes FastAPI check it again in a second hop to the thread pool; these
+    routes build their model themselves, so they hand FastAPI the finished JSON.
+    """
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 @router.post("", status_code=201)
@@ -32,9 +42,9 @@ def list_fine_tuning_jobs(request: Request, limit: int = Query(20, ge=1, le=100)
     return FineTuningJobList(data=[FineTuningJob.of(job) for job in jobs], total=total)
 
 
-@router.get("/{job_id}")
-def get_fine_tuning_job(job_id: str, request: Request) -> FineTuningJob:
-    return FineTuningJob.of(request.app.state.job_manager.jobs.get(job_id))
+@router.get("/{job_id}", response_model=FineTuningJob)
+def get_fine_tuning_job(job_id: str, request: Request) -> Response:
+    return _polled(FineTuningJob.of(request.app.state.job_manager.jobs.get(job_id)))
 
 
 @router.post("/{job_id}/cancel")
@@ -43,9 +53,10 @@ def cancel_fine_tuning_job(job_id: str, request: Request) -> FineTuningJob:
     return FineTuningJob.of(request.app.state.job_manager.cancel(job_id))
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", response_model=FineTuningJobEventList)
 def list_fine_tuning_events(job_id: str, request: Request, after: str | None = Query(None),
-                            limit: int = Query(100, ge=1, le=1000)) -> FineTuningJobEventList:
+                            limit: int = Query(100, ge=1, le=1000)) -> Response:
     """Extension: the job's events oldest first; pass the last id seen as ``after`` to get only newer ones."""
     events, has_more = request.app.state.job_manager.jobs.events(job_id, after, limit)
-    return FineTuningJobEventList(data=[FineTuningJobEvent.of(event) for event in events], has_more=has_more)
+    page = FineTuningJobEventList(data=[FineTuningJobEvent.of(event) for event in events], has_more=has_more)
+    return _polled(page)
