@@ -19,7 +19,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from qubrid_lab.server.serve import serve
 
-    serve(_settings(args), allow_open=args.allow_open)
+    serve(_settings(args), allow_open=args.allow_open, owner_pid=args.owner_pid)
     return 0
 
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-running-jobs", type=int, help="fine-tuning jobs trained at once (default 1)")
     serve.add_argument("--allow-open", action="store_true", help="serve a non-loopback address without keys")
     serve.add_argument("--log-level", help="debug, info, warning")
+    serve.add_argument("--owner-pid", type=int, help="stop when this process exits (set by start_server())")
     serve.set_defaults(run=cmd_serve)
 
     keys = commands.add_parser("keys", help="manage API keys")

@@ -2,8 +2,9 @@
 
 The server is a child process in its own process group, logging to ``<home>/logs/server-<port>.log``. It stops
 with ``LabServer.stop()``, when the interpreter that started it exits, and by itself when that interpreter dies
-without cleaning up (a killed notebook kernel): the child watches its parent and shuts down when it is gone.
-Calling ``start_server()`` again (a notebook cell run twice) returns the server already running.
+without cleaning up (a killed notebook kernel): it is started with ``--owner-pid`` and watches that process.
+Calling ``start_server()`` again (a notebook cell run twice) returns the server already running, and a second
+notebook on the same home attaches to it: one server runs per home (``qubrid_lab.server.home``).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from pathlib import Path
 
 import httpx
 
+from qubrid_lab.server.home import STOPPING_WAIT_SECONDS, HomeServer, home_server, wait_until_gone
+
 HOST = "127.0.0.1"
 POLL_SECONDS = 0.25
 STOP_SECONDS = 30.0  # a server still running this long after SIGTERM is killed
 LOG_TAIL_LINES = 40
-PARENT_CHECK_SECONDS = 1.0
 
 _started: dict[int, LabServer] = {}  # port -> server started by this interpreter
 _lock = threading.RLock()  # stop() takes it too, also while a start holds it
@@ -47,7 +49,7 @@ class LabServer:
 
     url: str  # http://127.0.0.1:PORT
     api_key: str | None
-    home: Path | None  # None for a server attached to rather than started here
+    home: Path | None  # None for a server found by its port rather than by its home
     process: subprocess.Popen | None = field(default=None, repr=False)
     log_path: Path | None = None
 
@@ -94,7 +96,7 @@ class LabServer:
         return _healthy(self.url)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        """The last ``lines`` lines of the server's log ("" for an attached server)."""
+        """The last ``lines`` lines of the server's log ("" when it is not known)."""
         if self.log_path is None or not self.log_path.is_file():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -137,8 +139,9 @@ class LabServer:
         models = "".join(f'<li><code>{escape(model)}</code></li>' for model in self.models) or "<li>none</li>"
         rows = [("OpenAI base_url", f"<code>{escape(self.base_url)}</code>"),
                 ("API key", "set" if self.api_key else "none (open on loopback)"),
-                ("Home", f"<code>{escape(str(self.home))}</code>" if self.home else "attached"),
-                ("Log", f"<code>{escape(str(self.log_path))}</code>" if self.log_path else "attached")]
+                ("Started", "here" if self.process is not None else "elsewhere; attached to it"),
+                ("Home", f"<code>{escape(str(self.home))}</code>" if self.home else "unknown"),
+                ("Log", f"<code>{escape(str(self.log_path))}</code>" if self.log_path else "unknown")]
         table = "".join(f'<tr><td style="padding:1px 12px 1px 0;color:#6b7280">{name}</td><td>{value}</td></tr>'
                         for name, value in rows)
         return (f'<div style="font-family:system-ui,sans-serif;font-size:13px">'
@@ -158,9 +161,10 @@ def start_server(*, port: int | None = None, home: str | Path | None = None, mod
     ``device`` and ``dtype`` as ``qubrid-lab serve`` takes them; ``port`` None picks a free port. The first start
     converts the bundled model once, which ``timeout`` (seconds) allows for.
 
-    With ``reuse`` a server already running is returned instead: the one this interpreter started last (on
-    ``port``, when given) if it serves ``models``, else a healthy server found listening on ``port``. A server
-    that exits or does not answer in time raises ``ServerStartError`` with the end of its log.
+    One server runs per home. With ``reuse`` a running one is returned instead of starting another: the one
+    this interpreter started last (on ``port``, when given) if it serves ``models``, else the server that holds
+    ``home`` (started by another notebook or a shell), else a healthy server found listening on ``port``.
+    A server that exits or does not answer in time raises ``ServerStartError`` with the end of its log.
     """
     from qubrid_lab.settings import Settings
 
@@ -169,16 +173,19 @@ def start_server(*, port: int | None = None, home: str | Path | None = None, mod
             running = _running(port, models, api_key, home)
             if running is not None:
                 return running
-        if port and _healthy(f"http://{HOST}:{port}"):  # its answers would pass for those of the new server
-            raise ServerStartError(f"A server already answers on port {port}: pass reuse=True to use it, or "
-                                   "another port (None picks a free one).")
         settings = Settings(**({"home": Path(home).expanduser()} if home else {}))
         home_dir = settings.home.resolve()
         api_key = api_key or next(iter(settings.api_keys or sorted(settings.load_api_keys())), None)
+        holder = _home_holder(home_dir)
+        if holder is not None:
+            return _attach(holder, home_dir, port, models, api_key, reuse, timeout)
+        if port and _healthy(f"http://{HOST}:{port}"):  # its answers would pass for those of the new server
+            raise ServerStartError(f"A server already answers on port {port}: pass reuse=True to use it, or "
+                                   "another port (None picks a free one).")
         port = port or _free_port()
         log_path = home_dir / "logs" / f"server-{port}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "qubrid_lab.workbench", "serve", "--port", str(port)]
+        command = [sys.executable, "-m", "qubrid_lab", "serve", "--port", str(port), "--owner-pid", str(os.getpid())]
         for model in models or []:
             command += ["--model", str(model)]
         for flag, value in (("--device", device), ("--dtype", dtype)):
@@ -196,6 +203,37 @@ def start_server(*, port: int | None = None, home: str | Path | None = None, mod
         return server
 
 
+def _home_holder(home_dir: Path) -> HomeServer | None:
+    """The live server holding ``home_dir``, after waiting for one that is shutting down; None if free."""
+    holder = home_server(home_dir)
+    if holder is not None and holder.stopping():
+        if not wait_until_gone(holder, STOPPING_WAIT_SECONDS):
+            raise ServerStartError(f"The server that held {home_dir} (pid {holder.pid}) was expected to stop "
+                                   f"when the process that started it exited, but it is still running after "
+                                   f"{STOPPING_WAIT_SECONDS:g} s. Stop it, or pass another home=.")
+        return None
+    return holder
+
+
+def _attach(holder: HomeServer, home_dir: Path, port: int | None, models: list[str] | None, api_key: str | None,
+            reuse: bool, timeout: float) -> LabServer:
+    """Use the server that already holds the home (a second one there would train its jobs twice)."""
+    if not reuse or (port and not holder.url.endswith(f":{port}")):
+        raise ServerStartError(
+            f"The server at {holder.url} (pid {holder.pid}) already uses the home directory {home_dir}, and only one "
+            "server can run per home. Use it (reuse=True, no port or its port), stop it, or pass another home=.")
+    log_path = home_dir / "logs" / f"server-{holder.url.rsplit(':', 1)[1]}.log"
+    server = LabServer(holder.url, api_key, home_dir, log_path=log_path if log_path.is_file() else None)
+    _wait_until_healthy(server, timeout, holder)
+    missing = sorted(set(map(str, models or [])) - set(server.models))
+    if missing:
+        raise ServerStartError(
+            f"The server at {holder.url} (pid {holder.pid}), which holds the home directory {home_dir}, does not "
+            f"serve {', '.join(missing)} (it serves {', '.join(server.models)}). Stop it and start again with "
+            "these models, or pass another home=.")
+    return server
+
+
 def _running(port: int | None, models: list[str] | None, api_key: str | None,
              home: str | Path | None) -> LabServer | None:
     """The server a ``reuse`` start returns, or None to start a new one."""
@@ -210,13 +248,17 @@ def _running(port: int | None, models: list[str] | None, api_key: str | None,
     return None
 
 
-def _wait_until_healthy(server: LabServer, timeout: float) -> None:
+def _wait_until_healthy(server: LabServer, timeout: float, holder: HomeServer | None = None) -> None:
+    """Wait for ``server`` (started here, or ``holder``'s when attaching) to answer; stop it on a timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.process.poll() is not None:
+        if server.process is not None and server.process.poll() is not None:
             raise ServerStartError(
                 f"The qubrid_lab server exited with status {server.process.returncode} before it was ready. "
                 f"The end of its log ({server.log_path}):\n{server.log_tail()}")
+        if holder is not None and not holder.alive():
+            raise ServerStartError(f"The qubrid_lab server at {server.url} (pid {holder.pid}) exited before it was "
+                                   f"ready. The end of its log ({server.log_path}):\n{server.log_tail()}")
         if _healthy(server.url):
             return
         time.sleep(POLL_SECONDS)
@@ -251,22 +293,3 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 def _stop_started() -> None:
     for server in list(_started.values()):
         server.stop()
-
-
-def _serve_while_parent_lives(argv: list[str]) -> int:
-    """Run the CLI with ``argv``; if the process that started this one goes away, stop as on Ctrl-C."""
-    from qubrid_lab.cli import main
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="qubrid-lab:parent-watch", daemon=True).start()
-    return main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(_serve_while_parent_lives(sys.argv[1:]))

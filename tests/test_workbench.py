@@ -71,22 +71,29 @@ def test_stop_ends_the_process_and_can_be_repeated(tmp_path, tiny_model_dir):
     assert "stopped" in repr(server)
 
 
-def test_a_server_is_attached_to_by_port_and_stops_when_its_interpreter_dies(tmp_path, tiny_model_dir):
+def start_kernel(home, tiny_model_dir) -> tuple[subprocess.Popen, int, int]:
+    """Another interpreter (a notebook kernel) that starts a server on ``home``: (process, port, server pid)."""
     script = (
         "import sys\n"
         "from qubrid_lab import start_server\n"
-        f"server = start_server(home={str(tmp_path / 'home')!r}, models=[{str(tiny_model_dir)!r}], device='cpu',"
+        f"server = start_server(home={str(home)!r}, models=[{str(tiny_model_dir)!r}], device='cpu',"
         f" dtype='float32', timeout={STARTUP_SECONDS})\n"
         "print(server.port, server.process.pid, flush=True)\n"
         "sys.stdin.read()\n"
     )
     kernel = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
-    try:
-        started = kernel.stdout.readline().split()
-        assert started, kernel.stderr.read()
-        port, pid = map(int, started)
+    started = kernel.stdout.readline().split()
+    if not started:
+        kernel.kill()
+        pytest.fail(kernel.stderr.read())
+    port, pid = map(int, started)
+    return kernel, port, pid
 
+
+def test_a_server_is_attached_to_by_port_and_stops_when_its_interpreter_dies(tmp_path, tiny_model_dir):
+    kernel, port, pid = start_kernel(tmp_path / "home", tiny_model_dir)
+    try:
         attached = start_server(port=port)
         assert attached.process is None and attached.url == f"http://127.0.0.1:{port}"
         assert [model.id for model in attached.client.models.list()] == [str(tiny_model_dir)]
@@ -96,6 +103,33 @@ def test_a_server_is_attached_to_by_port_and_stops_when_its_interpreter_dies(tmp
         kernel.kill()  # like a killed kernel: no atexit handler runs
         kernel.wait()
     assert wait_until(lambda: gone(pid), GONE_SECONDS), "the orphaned server kept running"
+
+
+def test_one_server_per_home_a_second_notebook_attaches_to_it(tmp_path, tiny_model_dir):
+    home = (tmp_path / "home").resolve()
+    kernel, port, pid = start_kernel(home, tiny_model_dir)
+    try:
+        attached = start_server(home=home)
+        assert attached.process is None and attached.port == port and attached.home == home
+        assert attached.models == [str(tiny_model_dir)] and "attached" in attached._repr_html_()
+        with pytest.raises(ServerStartError, match="only one server can run per home"):
+            start_server(home=home, reuse=False)
+        with pytest.raises(ServerStartError, match="does not serve no-such-model"):
+            start_server(home=home, models=["no-such-model"])
+        second = subprocess.run([sys.executable, "-m", "qubrid_lab", "--home", str(home), "serve", "--port", "0",
+                                 "--model", str(tiny_model_dir)], capture_output=True, text=True, timeout=120, check=False)
+        assert second.returncode == 2, second.stderr
+        assert f"already uses the home directory {home}: two servers on one home would train the same jobs " \
+               "twice" in second.stderr
+        assert attached.is_running()  # the refused server changed nothing
+    finally:
+        kernel.kill()
+        kernel.wait()
+    # The home's server is going away with its kernel: a new start waits for it, then runs its own.
+    with start_server(home=home, models=[str(tiny_model_dir)], device="cpu", dtype="float32",
+                      timeout=STARTUP_SECONDS) as fresh:
+        assert gone(pid) and fresh.process is not None and fresh.process.pid != pid
+        assert fresh.client.models.list().data[0].id == str(tiny_model_dir)
 
 
 def test_a_model_that_cannot_load_fails_with_the_end_of_the_servers_log(tmp_path):

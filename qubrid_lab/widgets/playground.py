@@ -8,6 +8,7 @@ Requests go through the server's OpenAI-compatible ``/v1/chat/completions`` with
 from __future__ import annotations
 
 import html
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +22,37 @@ from qubrid_lab.widgets._fields import slider_range, status_html
 
 LABEL_STYLE = {"description_width": "130px"}
 SAMPLING_NAMES = ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty", "frequency_penalty")
+# What a stream carries, for _build_sdk_types: a chunk with text, then a chunk with the usage.
+_CANNED_STREAM = (
+    b'data: {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [{"index": 0, '
+    b'"delta": {"role": "assistant", "content": "a"}, "finish_reason": "stop"}]}\n\n'
+    b'data: {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [], '
+    b'"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}\n\n'
+    b"data: [DONE]\n\n")
+_sdk_types_lock = threading.Lock()
+_sdk_types_built = False
+
+
+def _build_sdk_types() -> None:
+    """Have the ``openai`` SDK parse a canned stream once, in this thread, before streams run in parallel.
+
+    The SDK's response types are pydantic models built on first use, and pydantic's lazy build is not
+    thread-safe: two answers streaming side by side in a fresh kernel can both build ``ChatCompletionChunk`` at
+    once and one fails with "has no attribute '__pydantic_core_schema__'". Parsing a stream served from memory
+    (no request leaves the process) builds every type a real stream's parsing builds.
+    """
+    global _sdk_types_built
+    with _sdk_types_lock:
+        if _sdk_types_built:
+            return
+        transport = httpx.MockTransport(lambda request: httpx.Response(
+            200, content=_CANNED_STREAM, headers={"content-type": "text/event-stream"}))
+        with openai.OpenAI(base_url="http://canned.invalid/v1", api_key="-", max_retries=0,
+                           http_client=httpx.Client(transport=transport)) as client:
+            for _ in client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}],
+                                                    stream=True):
+                pass
+        _sdk_types_built = True
 
 
 class AnswerPane(widgets.VBox):
@@ -162,6 +194,8 @@ class ChatPlayground(widgets.VBox):
         messages = ([{"role": "system", "content": self.system.value}] if self.system.value.strip() else []) \
             + [{"role": "user", "content": self.prompt.value}]
         models, params = self.models, self.sampling
+        if len(models) > 1:
+            _build_sdk_types()
         with ThreadPoolExecutor(max_workers=len(models)) as pool:
             return list(pool.map(lambda pane, model: self._stream(pane, model, messages, params), self.panes, models))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import html
+import subprocess
+import sys
 
 import openai
 import pytest
@@ -66,3 +68,25 @@ def test_a_refused_request_is_shown_in_its_pane(server, chat_model):
     assert "at most 4 stop sequences" in playground.panes[0].footer.value and playground.panes[0].text == ""
     with pytest.raises(TypeError, match="no sampling field"):
         playground.ask("Hi", temprature=0)
+
+
+def test_side_by_side_first_in_a_fresh_kernel_builds_the_sdk_types_before_streaming(server, chat_model):
+    # Two panes parsing their first chunks at once used to race on pydantic's lazy build of the SDK's types
+    # ("type object 'ChatCompletionChunk' has no attribute '__pydantic_core_schema__'"), seen in a notebook.
+    script = (
+        "from openai.types.chat.chat_completion_chunk import ChatCompletionChunk, Choice, ChoiceDelta\n"
+        "from qubrid_lab.widgets import ChatPlayground\n"
+        "types = (ChatCompletionChunk, Choice, ChoiceDelta)  # built lazily: their first parse builds them\n"
+        "built_when_streams_start = []\n"
+        "stream = ChatPlayground._stream\n"
+        "def recording(self, *args):\n"
+        "    built_when_streams_start.append(all(t.__pydantic_complete__ for t in types))\n"
+        "    return stream(self, *args)\n"
+        "ChatPlayground._stream = recording\n"
+        f"playground = ChatPlayground(base_url={server.url!r}, api_key={server.api_key!r}, models=[{chat_model!r}] * 2)\n"
+        "playground.side_by_side.value = True\n"
+        "answers = playground.ask('Hello', temperature=0, max_tokens=4)\n"
+        "print(built_when_streams_start, len(answers), answers[0] == answers[1] != '')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert result.stdout.split() == ["[True,", "True]", "2", "True"], result.stderr
