@@ -183,7 +183,7 @@ def start_server(*, port: int | None = None, home: str | Path | None = None, mod
             raise ServerStartError(f"A server already answers on port {port}: pass reuse=True to use it, or "
                                    "another port (None picks a free one).")
         port = port or _free_port()
-        log_path = home_dir / "logs" / f"server-{port}.log"
+        log_path = _log_path(home_dir, port)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "qubrid_lab", "serve", "--port", str(port), "--owner-pid", str(os.getpid())]
         for model in models or []:
@@ -201,6 +201,11 @@ def start_server(*, port: int | None = None, home: str | Path | None = None, mod
         _wait_until_healthy(server, timeout)
         _started[port] = server
         return server
+
+
+def _log_path(home_dir: Path, port: int) -> Path:
+    """Where the server that ``start_server`` runs on ``port`` writes its log."""
+    return home_dir / "logs" / f"server-{port}.log"
 
 
 def _home_holder(home_dir: Path) -> HomeServer | None:
@@ -222,7 +227,7 @@ def _attach(holder: HomeServer, home_dir: Path, port: int | None, models: list[s
         raise ServerStartError(
             f"The server at {holder.url} (pid {holder.pid}) already uses the home directory {home_dir}, and only one "
             "server can run per home. Use it (reuse=True, no port or its port), stop it, or pass another home=.")
-    log_path = home_dir / "logs" / f"server-{holder.url.rsplit(':', 1)[1]}.log"
+    log_path = _log_path(home_dir, int(holder.url.rsplit(":", 1)[1]))
     server = LabServer(holder.url, api_key, home_dir, log_path=log_path if log_path.is_file() else None)
     _wait_until_healthy(server, timeout, holder)
     missing = sorted(set(map(str, models or [])) - set(server.models))
