@@ -118,7 +118,7 @@ def test_the_fine_tuning_notebook_runs_in_jupyterlab_and_its_widgets_render(jupy
             for widget in ("Upload to server", "Create job", "Cancel", "Send"):  # profiler, form, monitor, playground
                 assert page.get_by_role("button", name=widget).first.is_visible(), f"no '{widget}' button shown"
             plot = page.locator(".js-plotly-plot").first
-            assert "step" in plot.locator(".xtitle").inner_text() and "loss" in plot.locator(".ytitle").inner_text()
+            assert "step" in plot.locator(".xtitle").text_content() and "loss" in plot.locator(".ytitle").text_content()
             training_points = plot.locator(".scatterlayer .trace").nth(0).locator("path.point")
             validation_points = plot.locator(".scatterlayer .trace").nth(1).locator("path.point")
             assert training_points.count() == 14 and validation_points.count() >= 2  # 14 steps, every 2 evaluated
