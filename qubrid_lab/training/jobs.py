@@ -346,8 +346,14 @@ class JobManager:
                        "epochs_completed": result.get("epochs", job.epochs_completed),
                        "training_loss": result.get("training_loss", job.training_loss),
                        "validation_loss": result.get("validation_loss", job.validation_loss)}
-            if self.jobs.complete(job.id, model, f"Job completed; fine-tuned model {model.id} is ready.", **metrics):
-                self._announce(model, report=True)
+            # Served first, so that a client that sees the job completed can use its model at once.
+            self._announce(model, report=True)
+            if not self.jobs.complete(job.id, model, f"Job completed; fine-tuned model {model.id} is ready.",
+                                      **metrics) and self.on_model_removed:  # cancelled meanwhile
+                try:
+                    self.on_model_removed(model.id)
+                except Exception:
+                    log.warning("could not stop serving %s of cancelled job %s", model.id, job.id, exc_info=True)
             return
         if result and result.get("stopped"):
             reason = "training stopped before it finished"
