@@ -1,17 +1,19 @@
 """Fine-tuning throughput: one LoRA run through a qubrid_lab job and through a plain peft + Trainer script.
 
 Both train the same model on the same rows with the same LoRA rank, batch size, sequence limit, steps and
-seed (so their losses should agree), one after the other, never at once. Reported side by side: training
+seed (so their losses should agree), one after the other, never at once, ``--rounds`` times in turn (on a
+shared machine a single pair of runs carries several percent of noise). Reported side by side: training
 tokens/s (non-padding tokens of steps 2..N over the time from the end of step 1 to the end of step N), peak
 resident memory (the job's worker process tree; the script's process), peak GPU memory when there is a GPU
 (nvidia-smi, per process), the seconds from ``POST /jobs`` to the first loss value, and the ratios against
-the targets (job tokens/s >= 0.95x plain, peak memory <= 1.05x).
+the targets (job tokens/s >= 0.95x plain, peak memory <= 1.05x), taken from each side's median tokens/s
+and highest peak memory.
 
 The job's step times are its events' timestamps (milliseconds, written by the worker as each step ends);
 ``epochs`` is set high so that ``--steps`` alone ends both runs.
 
     python benchmarks/finetune_throughput.py                        # starts its own server on a free port
-    python benchmarks/finetune_throughput.py --steps 300 --json finetune.json
+    python benchmarks/finetune_throughput.py --steps 300 --rounds 1 --json finetune.json
     python benchmarks/finetune_throughput.py --base-url http://127.0.0.1:8000 --home ~/.qubrid_lab
 """
 
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +70,7 @@ class RunResult:
     peak_gpu_gib: float | None = None
     losses: dict[int, float] = field(default_factory=dict)  # the steps whose loss was logged
     wall_s: float | None = None
+    stolen_cores: float | None = None  # CPU taken by the hypervisor for other guests during the run, in cores
     error: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -240,11 +244,15 @@ def base_model_dir(home: Path, model: str) -> str:
 def attempt(name: str, measure) -> RunResult:
     """Run one side; a failure is recorded in its result so that the other side's numbers still print."""
     print(f"running {name} ...", flush=True)
+    before, started = psutil.cpu_times(), time.perf_counter()
     try:
         result = measure()
     except Exception as error:  # noqa: BLE001  (reported; the other side still runs)
         result = RunResult(name, error=f"{type(error).__name__}: {error}")
         print(f"  {name} failed: {result.error}", flush=True)
+    # CPU time the hypervisor gave to other guests meanwhile: a noisy neighbour shows here, not in our counters
+    stolen = getattr(psutil.cpu_times(), "steal", 0.0) - getattr(before, "steal", 0.0)
+    result.stolen_cores = stolen / (time.perf_counter() - started)
     return result
 
 
@@ -263,27 +271,42 @@ def ratio_rows(job: RunResult, plain: RunResult) -> list[dict]:
     return rows
 
 
-def print_report(machine: str, args: argparse.Namespace, job: RunResult, plain: RunResult, rows: list[dict]) -> None:
+def print_report(machine: str, args: argparse.Namespace, rounds: list[tuple[RunResult, RunResult]], job: RunResult,
+                 plain: RunResult, rows: list[dict]) -> None:
     def show(value, unit="", digits=2):
         return "-" if value is None else f"{value:.{digits}f}{unit}"
 
+    def line(label: str, run: RunResult) -> None:
+        if run.error:
+            print(f"{label:<15}{run.error.splitlines()[0]}")
+            return
+        print(f"{label:<15}{run.steps:>6}{run.tokens:>9}{show(run.tokens_per_s, digits=1):>9}"
+              f"{show(run.peak_rss_gib, ' G'):>10}{show(run.peak_gpu_gib, ' G'):>10}"
+              f"{show(run.first_loss_s, ' s', 1):>10}{show(run.wall_s, ' s', 1):>8}{show(run.stolen_cores):>8}")
+
     print(f"\n{machine}")
     print(f"{args.model} on {args.data.name}: LoRA r={args.lora_rank}, batch {args.batch_size}, "
-          f"max_seq_length {args.max_seq_length}, {args.steps} steps, seed {args.seed}\n")
-    print(f"{'run':<7}{'steps':>6}{'tokens':>9}{'tok/s':>9}{'peak RSS':>10}{'peak GPU':>10}"
-          f"{'1st loss':>10}{'wall':>8}")
-    for run in (job, plain):
-        if run.error:
-            print(f"{run.name:<7}failed: {run.error.splitlines()[0]}")
-            continue
-        print(f"{run.name:<7}{run.steps:>6}{run.tokens:>9}{show(run.tokens_per_s, digits=1):>9}"
-              f"{show(run.peak_rss_gib, ' G'):>10}{show(run.peak_gpu_gib, ' G'):>10}"
-              f"{show(run.first_loss_s, ' s', 1):>10}{show(run.wall_s, ' s', 1):>8}")
+          f"max_seq_length {args.max_seq_length}, {args.steps} steps, seed {args.seed}, "
+          f"job polled every {args.poll_interval} s\n")
+    print(f"{'run':<15}{'steps':>6}{'tokens':>9}{'tok/s':>9}{'peak RSS':>10}{'peak GPU':>10}"
+          f"{'1st loss':>10}{'wall':>8}{'stolen':>8}")
+    if len(rounds) > 1:
+        for number, (job_run, plain_run) in enumerate(rounds, 1):
+            line(f"job #{number}", job_run)
+            line(f"plain #{number}", plain_run)
+        print(f"{'':-<85}")
+    suffix = " (median)" if len(rounds) > 1 else ""
+    line("job" + suffix, job)
+    line("plain" + suffix, plain)
     print("\n1st loss: seconds to the first loss value, the job's from POST /jobs, the script's from its start.")
+    print("stolen: CPU the hypervisor gave other guests during the run, in cores (a noisy neighbour; repeat the run).")
+    if len(rounds) > 1:
+        print("Medians of tokens/s, 1st loss and wall time; the highest peak memory of each side's runs.")
     shared = sorted(set(job.losses) & set(plain.losses))
     if shared:
-        step = shared[-1]
-        print(f"Same training? loss at step {step}: job {job.losses[step]:.4f}, plain {plain.losses[step]:.4f}")
+        step, gap = shared[-1], max(abs(job.losses[step] - plain.losses[step]) for step in shared)
+        print(f"Same training? losses at the {len(shared)} steps both logged differ by at most {gap:.4f} "
+              f"(step {step}: job {job.losses[step]:.4f}, plain {plain.losses[step]:.4f})")
     print("\nRatios (job / plain):")
     for row in rows:
         print(f"  {row['metric']:<14}{row['ratio']:>7.3f}x  {row['target']:<8} {row['verdict']}")
@@ -304,11 +327,62 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--poll-interval", type=float, default=0.25, help="seconds between polls of the job")
+    parser.add_argument("--poll-interval", type=float, default=1.0,
+                        help="seconds between polls of the job (1 s is how often the TrainingMonitor widget polls)")
     parser.add_argument("--job-timeout", type=float, default=1800, help="seconds one run may take")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="run job and plain script this many times, alternately; medians are compared")
     parser.add_argument("--skip", choices=("job", "plain"), help="run one side only")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     return parser.parse_args()
+
+
+def one_round(args: argparse.Namespace, number: int) -> tuple[RunResult, RunResult]:
+    """The job, then the plain script; the server (if this script starts one) is stopped before the script runs."""
+    label = f" (round {number} of {args.rounds})" if args.rounds > 1 else ""
+    if args.base_url:
+        server, base_url = nullcontext(), args.base_url.rstrip("/")
+    else:
+        port = free_port()
+        spec = ServerSpec("ours", [console_script("qubrid-lab"), "serve", "--port", str(port)], args.model,
+                          startup_timeout_s=300, env={"QUBRID_LAB_HOME": str(args.home)})
+        # Only the job's worker is measured; a second sampler on the server's tree would cost the job alone.
+        server = running_server(spec, port, ServerResult("ours", spec.command), sample_rss=False)
+        base_url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.skip == "job":
+        job = RunResult("job", error=SKIPPED)
+    else:
+        with server, httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
+            job = attempt("job" + label, lambda: run_job(client, args))
+    # The plain run starts after the server is gone, so the two never share the machine.
+    plain = RunResult("plain", error=SKIPPED) if args.skip == "plain" else attempt(
+        "plain" + label, lambda: run_plain(base_model_dir(args.home, args.model), args))
+    return job, plain
+
+
+def combine(name: str, runs: list[RunResult]) -> RunResult:
+    """One side over all rounds: median tokens/s and time to first loss, the highest peak memory."""
+    done = [run for run in runs if run.error is None]
+    if not done:
+        return runs[0]
+
+    def median(values):
+        values = [value for value in values if value is not None]
+        return statistics.median(values) if values else None
+
+    def highest(values):
+        values = [value for value in values if value is not None]
+        return max(values) if values else None
+
+    return RunResult(
+        name, steps=done[0].steps, tokens=done[0].tokens,
+        tokens_per_s=median(run.tokens_per_s for run in done), first_loss_s=median(run.first_loss_s for run in done),
+        peak_rss_gib=highest(run.peak_rss_gib for run in done), peak_gpu_gib=highest(run.peak_gpu_gib for run in done),
+        losses=done[0].losses, wall_s=median(run.wall_s for run in done),
+        stolen_cores=median(run.stolen_cores for run in done),
+        error=None if len(done) == len(runs) else f"{len(runs) - len(done)} of {len(runs)} runs failed",
+    )
 
 
 def main() -> int:
@@ -316,30 +390,20 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stop a started server too
     machine = machine_description()
     print(machine, flush=True)
-    if args.base_url:
-        server = nullcontext()
-        base_url = args.base_url.rstrip("/")
-    else:
-        port = free_port()
-        spec = ServerSpec("ours", [console_script("qubrid-lab"), "serve", "--port", str(port)], args.model,
-                          startup_timeout_s=300, env={"QUBRID_LAB_HOME": str(args.home)})
-        server = running_server(spec, port, ServerResult("ours", spec.command))
-        base_url = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    with server, httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
-        job = RunResult("job", error=SKIPPED) if args.skip == "job" else attempt("job", lambda: run_job(client, args))
-    # The plain run starts after the server is gone, so the two never share the machine.
-    plain = RunResult("plain", error=SKIPPED) if args.skip == "plain" else attempt(
-        "plain", lambda: run_plain(base_model_dir(args.home, args.model), args))
+    rounds = [one_round(args, number) for number in range(1, args.rounds + 1)]
+    jobs, plains = [job for job, _ in rounds], [plain for _, plain in rounds]
+    job, plain = combine("job", jobs), combine("plain", plains)
     rows = ratio_rows(job, plain)
-    print_report(machine, args, job, plain, rows)
+    print_report(machine, args, rounds, job, plain, rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "machine": machine, "settings": {key: str(value) for key, value in vars(args).items()},
+            "rounds": [{"job": asdict(j), "plain": asdict(p)} for j, p in rounds],
             "job": asdict(job), "plain": asdict(plain), "ratios": rows,
         }, indent=2))
-    return 1 if any(run.error not in (None, SKIPPED) for run in (job, plain)) else 0
+    failed = [run for run in jobs + plains if run.error not in (None, SKIPPED)]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -236,8 +236,13 @@ class BackgroundLoad:
 
 
 @contextmanager
-def running_server(spec: ServerSpec, port: int, result: ServerResult) -> Iterator[RssSampler]:
-    """Start the server in its own process group, wait until ``/health`` answers, and always stop it."""
+def running_server(spec: ServerSpec, port: int, result: ServerResult,
+                   sample_rss: bool = True) -> Iterator[RssSampler | None]:
+    """Start the server in its own process group, wait until ``/health`` answers, and always stop it.
+
+    With ``sample_rss`` the yielded sampler follows the server's process tree (five reads of /proc a second);
+    without it nothing watches the server, for callers that measure a part of the tree themselves.
+    """
     with tempfile.NamedTemporaryFile(prefix=f"{spec.name}-", suffix=".log") as log:
         started = time.perf_counter()
         process = subprocess.Popen(
@@ -247,14 +252,16 @@ def running_server(spec: ServerSpec, port: int, result: ServerResult) -> Iterato
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        sampler = RssSampler(process.pid)
+        sampler = RssSampler(process.pid) if sample_rss else None
         try:
             wait_until_healthy(process, port, spec.startup_timeout_s, Path(log.name))
             result.startup_s = time.perf_counter() - started
-            result.peak_rss_startup_gib = sampler.take_peak_gib()
+            if sampler:
+                result.peak_rss_startup_gib = sampler.take_peak_gib()
             yield sampler
         finally:
-            sampler.stop()
+            if sampler:
+                sampler.stop()
             stop_process_group(process)
 
 
