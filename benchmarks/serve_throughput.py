@@ -421,11 +421,11 @@ def chat_model_dir(home: Path) -> str:
     return weights_location(default_catalogue().get(CHAT_MODEL), home / "models")
 
 
-def server_spec(name: str, port: int, home: Path) -> ServerSpec:
+def server_spec(name: str, port: int, home: Path, dtype: str = "auto") -> ServerSpec:
     if name == "ours":
         return ServerSpec(
             name,
-            [console_script("qubrid-lab"), "serve", "--port", str(port)],
+            [console_script("qubrid-lab"), "serve", "--port", str(port), "--dtype", dtype],
             CHAT_MODEL,
             startup_timeout_s=300,
             env={"QUBRID_LAB_HOME": str(home)},
@@ -506,7 +506,7 @@ def benchmark_server(name: str, args: argparse.Namespace, batches: list[list[str
     port = free_port()
     result = ServerResult(name=name, command=[])
     try:
-        spec = server_spec(name, port, args.home)
+        spec = server_spec(name, port, args.home, args.dtype)
         result.command = spec.command
         print(f"starting {name}: {' '.join(spec.command)}", flush=True)
         with running_server(spec, port, result) as sampler:
@@ -625,6 +625,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", help="our server's --dtype (auto: its measured pick)")
     parser.add_argument(
         "--home",
         type=Path,

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="catalogue id, model directory, .gguf file or Hub id to load (repeatable)")
     serve.add_argument("--catalogue-file", type=Path, help="JSON list of extra catalogue entries")
     serve.add_argument("--device", help="auto, cpu or cuda[:N]")
-    serve.add_argument("--dtype", help="auto, int8 (CPU), float32, bfloat16 or float16")
+    serve.add_argument("--dtype", help="auto (measured: fastest accurate), int8 (CPU), float32, bfloat16 or float16")
     serve.add_argument("--max-batch-size", type=int, help="most sequences decoded together per model")
     serve.add_argument("--max-tokens-cap", type=int, help="cap on generated tokens when a request sets none")
     serve.add_argument("--api-key-file", type=Path, help="file of accepted keys, one per line")

@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when present, else CPU), 'cpu' or 'cuda[:N]'.")
     dtype: str = Field(
         "auto",
-        description="'auto' (bf16 on CUDA or bf16-capable CPUs, else fp32 with int8 weights), "
-        "'float32', 'bfloat16', 'float16' or 'int8' (CPU only: dynamic int8 linear layers).",
+        description="'auto' (the fastest precision that passes the accuracy bar, measured once per machine and "
+        "model), 'float32', 'bfloat16', 'float16' or 'int8' (CPU only: dynamic int8 linear layers).",
     )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most sequences decoded together on one model.")
     max_tokens_cap: int | None = Field(

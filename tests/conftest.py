@@ -159,6 +159,7 @@ def engine_factory(tiny_model_dir, tmp_path_factory):
         engines.append(engine)
         return engine
 
+    build.cache_dir = cache_dir
     yield build
     for engine in engines:
         engine.close()
@@ -168,3 +169,71 @@ def engine_factory(tiny_model_dir, tmp_path_factory):
 def chat_engine(engine_factory):
     """One float32 engine shared by the tests that only read from it."""
     return engine_factory()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The bundled SmolLM2-135M-Instruct as a transformers directory (converted once, cached across runs)."""
+    from tests.smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_served(smollm2_dir):
+    """``served(label)``: SmolLM2 loaded as the engine serves it in that precision (float32, bfloat16,
+    float16, int8), as ``(model, forward)``; each is loaded once per session."""
+    from qubrid_lab.engine.forward import load_causal_lm
+    from qubrid_lab.models.device import Precision
+
+    loaded = {}
+
+    def served(label: str):
+        if label not in loaded:
+            loaded[label] = load_causal_lm(str(smollm2_dir), Precision.from_label(label), torch.device("cpu"))
+        return loaded[label]
+
+    return served
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_dir):
+    """``plain(dtype)``: SmolLM2 as plain transformers loads it (its own forward, nothing fused), once each."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = {}
+
+    def plain(dtype: torch.dtype):
+        if dtype not in loaded:
+            loaded[dtype] = AutoModelForCausalLM.from_pretrained(
+                smollm2_dir, dtype=dtype, attn_implementation="sdpa").eval()
+        return loaded[dtype]
+
+    return plain
+
+
+@pytest.fixture(scope="session")
+def checked_answers(smollm2_served, smollm2_tokenizer):
+    """The prompts whose answers the end-to-end tests check, once each is confirmed to win by a clear margin.
+
+    Served through the engine's forward in every precision listed for it, the greedy answer must contain the
+    expected word, and every token on the way must lead its runner-up by ``MIN_ANSWER_MARGIN`` nats, so no
+    precision, batch or machine can flip it.
+    """
+    from tests.smollm2 import ANSWERS_BY_PRECISION, CAPITAL_CHAT, CAPITAL_TEXT, MIN_ANSWER_MARGIN, greedy_answer
+
+    for label, answers in ANSWERS_BY_PRECISION.items():
+        _, forward = smollm2_served(label)
+        for answer in answers:
+            text, margin = greedy_answer(forward, smollm2_tokenizer, answer.ids(smollm2_tokenizer), answer.expected)
+            assert answer.expected in text and margin >= MIN_ANSWER_MARGIN, (
+                f"{label}: {answer} answered {text!r} with a smallest lead of {margin:.2f} nats; "
+                f"pick a prompt whose answer wins by {MIN_ANSWER_MARGIN} or more")
+    return {"chat": CAPITAL_CHAT, "text": CAPITAL_TEXT}

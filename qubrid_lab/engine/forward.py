@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qubrid_lab.engine.kv import KVWriter, as_transformers_cache
+from qubrid_lab.models.device import Precision, quantize_linear_int8, release_freed_memory
 
 Forward = Callable[[torch.Tensor, torch.Tensor, KVWriter, "torch.Tensor | None"], torch.Tensor]
 
@@ -113,3 +114,16 @@ def prepare_forward(model, fused: bool) -> Forward:
         FusedLlama.fuse(model)
         return FusedLlama(model)
     return transformers_forward(model)
+
+
+def load_causal_lm(location: str, precision: Precision, device: torch.device, fused: bool = True):
+    """Load a causal LM for serving in ``precision`` on ``device``: ``(model, forward)``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=precision.dtype, attn_implementation="sdpa")
+    model.to(device).eval()
+    forward = prepare_forward(model, fused)
+    if precision.int8:
+        model = quantize_linear_int8(model)
+    release_freed_memory(model)
+    return model, forward

@@ -16,20 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qubrid_lab.engine.auto_precision import PrecisionChoice, choose_precision
 from qubrid_lab.engine.base import GenerationHandle
-from qubrid_lab.engine.forward import prepare_forward
+from qubrid_lab.engine.forward import load_causal_lm
 from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.scheduler import BatchScheduler
 from qubrid_lab.engine.thread import ModelThread
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.models.catalogue import ModelEntry
-from qubrid_lab.models.device import (
-    Precision,
-    pick_device,
-    pick_precision,
-    quantize_linear_int8,
-    release_freed_memory,
-)
+from qubrid_lab.models.device import Precision, pick_device, pick_precision
 from qubrid_lab.models.loading import registered_at, weights_location
 
 log = logging.getLogger(__name__)
@@ -55,14 +50,16 @@ class LocalChatEngine:
         self.model_id = entry.id
         self.entry = entry
         self.device = pick_device(device)
-        self.precision: Precision = pick_precision(dtype, self.device)
+        explicit = None if dtype == "auto" else pick_precision(dtype, self.device)  # a bad name fails before loading
         self.max_tokens_cap = max_tokens_cap
         self._own_thread = thread is None
         self._thread = thread or ModelThread(f"model:{entry.id}")
         self._encode_lock = threading.Lock()
         self._template_prefixes: collections.OrderedDict[str | None, tuple[int, ...]] = collections.OrderedDict()
         started = time.perf_counter()
-        self.tokenizer, self.model, forward, self.created = self._thread.submit(self._load, cache_dir, fused).result()
+        self.tokenizer, self.model, forward, self.created, self.precision_choice = self._thread.submit(
+            self._load, cache_dir, explicit, fused).result()
+        self.precision: Precision = self.precision_choice.precision
         self.lora = LoraSet(self.model)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         generation_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
@@ -71,23 +68,23 @@ class LocalChatEngine:
         eos_ids.discard(None)
         self.scheduler = BatchScheduler(forward, self.tokenizer, self.device, eos_ids, max_batch_size, self._thread,
                                         self.lora)
-        log.info("loaded %s on %s (%s) in %.1fs", entry.id, self.device, self.precision.label,
+        log.info("loaded %s on %s in %s, in %.1fs", entry.id, self.device, self.precision_choice.summary(),
                  time.perf_counter() - started)
 
-    def _load(self, cache_dir: Path, fused: bool):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def _load(self, cache_dir: Path, explicit: Precision | None, fused: bool):
+        from transformers import AutoTokenizer
 
         location = weights_location(self.entry, cache_dir)
+        config_dir = _config_dir(location)
         tokenizer = AutoTokenizer.from_pretrained(location)
         if tokenizer.chat_template is None:
             raise InvalidRequestError(f"Model '{self.model_id}' has no chat template; it cannot serve chat.")
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=self.precision.dtype, attn_implementation="sdpa")
-        model.to(self.device).eval()
-        forward = prepare_forward(model, fused)
-        if self.precision.int8:
-            model = quantize_linear_int8(model)
-        release_freed_memory(model)
-        return tokenizer, model, forward, registered_at(_config_dir(location))
+        if explicit is None:  # measured here, on the model thread, where the model will run
+            choice = choose_precision(location, Path(config_dir), tokenizer, self.device, cache_dir, fused)
+        else:
+            choice = PrecisionChoice(explicit, "set")
+        model, forward = load_causal_lm(location, choice.precision, self.device, fused)
+        return tokenizer, model, forward, registered_at(config_dir), choice
 
     def _render(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,

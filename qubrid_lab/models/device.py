@@ -1,8 +1,8 @@
-"""Choosing where a model runs and in which precision.
+"""Choosing where a model runs and in which precisions it may be served.
 
-``auto`` means: CUDA when present, in bf16 where the GPU supports it (fp16 otherwise); on a CPU, bf16 when
-the CPU computes it natively (AMX or AVX512-BF16), else fp32 activations with dynamic int8 linear layers,
-which on a CPU without bf16 units is the fastest exact-enough option (see ``benchmarks/README.md``).
+The device: CUDA when present, else the CPU. The precision for ``--dtype auto`` is not chosen by a rule
+here: :func:`precision_candidates` lists what the device can run, and
+:mod:`qubrid_lab.engine.auto_precision` measures them on the model being loaded (speed and accuracy).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ class Precision:
     def label(self) -> str:
         return "int8" if self.int8 else str(self.dtype).removeprefix("torch.")
 
+    @classmethod
+    def from_label(cls, label: str) -> "Precision":
+        return cls(torch.float32, int8=True) if label == "int8" else cls(DTYPES[label])
+
 
 def pick_device(setting: str = "auto") -> torch.device:
     if setting == "auto":
@@ -45,19 +49,21 @@ def pick_device(setting: str = "auto") -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix units, where bf16 beats fp32; elsewhere bf16 is emulated and slow."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:
-        return False
+def precision_candidates(device: torch.device) -> list[Precision]:
+    """What ``--dtype auto`` may serve on ``device``, the default first.
+
+    The default is the most exact of the fast-enough options: fp32 on a CPU, bf16 (fp16 where unsupported)
+    on a GPU. The others are taken only when measured faster and accurate enough on the model at hand.
+    """
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return [Precision(torch.bfloat16), Precision(torch.float16)]
+        return [Precision(torch.float16)]
+    return [Precision(torch.float32), Precision(torch.bfloat16), Precision(torch.float32, int8=True)]
 
 
 def pick_precision(setting: str, device: torch.device) -> Precision:
-    if setting == "auto":
-        if device.type == "cuda":
-            return Precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        return Precision(torch.bfloat16) if cpu_has_native_bf16() else Precision(torch.float32, int8=True)
+    """The precision an explicit ``--dtype`` names (``auto`` is measured: see :func:`precision_candidates`)."""
     if setting == "int8":
         if device.type != "cpu":
             raise InvalidRequestError("dtype 'int8' (dynamic int8 linear layers) is for CPUs; on a GPU use auto.")

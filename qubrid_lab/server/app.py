@@ -95,6 +95,9 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
             "models": sorted(registry.all()),
             "auth": auth.enabled,
             "active_sequences": {model_id: backend.active_sequences for model_id, backend in registry.chat.items()},
+            # what each embedded chat model is served in, and for --dtype auto what was measured to choose it
+            "precision": {model_id: backend.precision_choice.as_dict() for model_id, backend in registry.chat.items()
+                          if hasattr(backend, "precision_choice")},
         }
 
     return app

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from tests.smollm2 import CHAT_MODEL, model_cache_home
+
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 API_KEY = "qbt_e2e-test-key"
 STARTUP_SECONDS = 600  # the first start on a fresh machine converts the bundled GGUF
@@ -35,11 +36,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def model_cache_home() -> Path:
-    """Where converted models are cached across test runs (the conversion takes ~40 s on 2 cores)."""
-    return Path(os.environ.get("QUBRID_LAB_TEST_MODEL_HOME", Path.home() / ".cache" / "qubrid_lab_tests"))
 
 
 def start_server(tmp_path: Path, *extra: str, env: dict | None = None) -> RunningServer:
@@ -84,8 +80,13 @@ def stop_server(server: RunningServer) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> RunningServer:
-    """One server for the session, with an API key configured through the environment."""
-    running = start_server(tmp_path_factory.mktemp("e2e"), env={"QUBRID_LAB_API_KEYS": API_KEY})
+    """One server for the session, with an API key configured through the environment.
+
+    Its precision is pinned (``--dtype auto`` measures, and a noisy measurement must not change what the
+    tests see): float32, whose answers do not depend on what else is in the batch.
+    """
+    running = start_server(tmp_path_factory.mktemp("e2e"), "--dtype", "float32",
+                           env={"QUBRID_LAB_API_KEYS": API_KEY})
     yield running
     stop_server(running)
 

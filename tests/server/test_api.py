@@ -231,6 +231,7 @@ def test_without_keys_the_server_is_open(client):
         "models": [MODEL],
         "auth": False,
         "active_sequences": {MODEL: 0},
+        "precision": {MODEL: {"dtype": "float32", "how": "set", "candidates": {}}},
     }
 
 
