@@ -38,11 +38,17 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models(args: argparse.Namespace) -> int:
+def cmd_models_list(args: argparse.Namespace) -> int:
     from qubrid_lab.models.catalogue import default_catalogue
+    from qubrid_lab.models.loading import source_status
 
-    for entry in default_catalogue().entries.values():
-        print(f"{entry.id}\t{entry.kind}\t{entry.source}")
+    settings = _settings(args)
+    catalogue = default_catalogue()
+    if settings.catalogue_file:
+        catalogue.load_file(settings.catalogue_file)
+    print("id\tkind\tbackend\tsource\tstatus")
+    for entry in catalogue.entries.values():
+        print(f"{entry.id}\t{entry.kind}\tlocal\t{entry.source}\t{source_status(entry, settings.model_cache_dir)}")
     return 0
 
 
@@ -76,8 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--api-key-file", type=Path, help="key file (default <home>/api_keys.txt)")
     create.set_defaults(run=cmd_keys_create)
 
-    models = commands.add_parser("models", help="list the model catalogue")
-    models.set_defaults(run=cmd_models)
+    models = commands.add_parser("models", help="the model catalogue (`models` alone is `models list`)")
+    models.add_argument("--catalogue-file", type=Path, help="JSON list of extra catalogue entries")
+    models.set_defaults(run=cmd_models_list)
+    model_commands = models.add_subparsers(dest="models_command")
+    listing = model_commands.add_parser("list", help="every catalogue entry: kind, backend, source, status")
+    listing.add_argument("--catalogue-file", type=Path, default=argparse.SUPPRESS,
+                         help="JSON list of extra catalogue entries")
+    listing.set_defaults(run=cmd_models_list)
     return parser
 
 

@@ -80,6 +80,26 @@ def weights_location(entry: ModelEntry, cache_dir: Path) -> str:
     return entry.location
 
 
+def source_status(entry: ModelEntry, cache_dir: Path) -> str:
+    """Whether an entry's weights can be loaded here, without loading them: "ready", or what is missing."""
+    if entry.scheme == "bundled":
+        try:
+            path = bundled_path(entry.location)
+        except InvalidRequestError as exc:
+            return f"missing: {exc.message}"
+        if path.suffix == ".gguf" and not any(cache_dir.glob(f"{path.stem}-*/config.json")):
+            return "ready (converted on its first load)"
+        return "ready"
+    if entry.scheme in ("dir", "gguf"):
+        path = Path(entry.location)
+        found = (path / "config.json").is_file() if entry.scheme == "dir" else path.is_file()
+        return "ready" if found else f"missing: {path} does not exist"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(entry.location, "config.json")
+    return "ready (in the Hugging Face cache)" if isinstance(cached, str) else "downloaded from the Hub on its first load"
+
+
 def registered_at(location: str) -> int:
     """When the weights arrived on this machine (their config's mtime), for the models list's ``created``."""
     config = Path(location) / "config.json"

@@ -12,9 +12,6 @@ import httpx
 
 FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
-# (server url, model id) -> whether /v1/embeddings accepts the model; a model's kind never changes.
-_EMBEDDING_MODELS: dict[tuple[str, str], bool] = {}
-
 
 class ServerError(Exception):
     """A request the server refused (``status`` and ``param`` as it sent them) or could not be reached."""
@@ -79,32 +76,10 @@ class LabClient:
         return self.get("/v1/fine-tuning/datasets")["data"]
 
     def chat_models(self, *, fine_tuned: bool = True) -> list[str]:
-        """Ids from ``/v1/models`` that generate text, fine-tuned ones (``ft:...``) unless ``fine_tuned=False``.
-
-        ``/v1/models`` does not say a model's kind, so each other id is asked once at ``/v1/embeddings``: the
-        server answers a text model with a 404 at once (no work done), and an embedding model embeds one word.
-        """
-        chat = []
-        for model in self.get("/v1/models")["data"]:
-            model_id = model["id"]
-            if model_id.startswith("ft:"):
-                if fine_tuned:
-                    chat.append(model_id)
-            elif not self._is_embedding_model(model_id):
-                chat.append(model_id)
-        return chat
-
-    def _is_embedding_model(self, model_id: str) -> bool:
-        key = (self.url, model_id)
-        if key not in _EMBEDDING_MODELS:
-            try:
-                self.post("/v1/embeddings", json={"model": model_id, "input": "kind"})
-                _EMBEDDING_MODELS[key] = True
-            except ServerError as exc:
-                if exc.status is None:
-                    raise
-                _EMBEDDING_MODELS[key] = False
-        return _EMBEDDING_MODELS[key]
+        """Ids from ``/v1/models`` that generate text (its ``kind`` extension), fine-tuned ones (``ft:...``)
+        unless ``fine_tuned=False``."""
+        return [model["id"] for model in self.get("/v1/models")["data"]
+                if model["kind"] == "chat" and (fine_tuned or not model["id"].startswith("ft:"))]
 
 
 def connect(server: Any = None, base_url: str | None = None, api_key: str | None = None) -> LabClient:

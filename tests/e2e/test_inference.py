@@ -190,6 +190,8 @@ def test_models_list_and_get_with_slashes(client):
     model = client.models.retrieve(CHAT_MODEL)
     assert model.owned_by == "HuggingFaceTB" and model.created > 1_600_000_000
     assert client.models.retrieve(EMBEDDING_MODEL).owned_by == "sentence-transformers"
+    kinds = {m.id: (m.model_extra["kind"], m.model_extra["vision"]) for m in listed.values()}
+    assert kinds == {CHAT_MODEL: ("chat", False), EMBEDDING_MODEL: ("embedding", False)}
 
 
 def test_auth_rejects_missing_and_wrong_keys(server):

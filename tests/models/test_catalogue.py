@@ -76,3 +76,22 @@ def test_keys_create_appends_a_qbt_key(tmp_path, capsys):
 def test_serve_refuses_an_open_network_address(capsys):
     assert main(["serve", "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "no API keys" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", [[], ["list"]])
+def test_models_list_shows_each_entry_with_its_backend_and_status(tmp_path, capsys, verb, tiny_model_dir):
+    extra = tmp_path / "catalogue.json"
+    extra.write_text(json.dumps([
+        {"id": "mine", "kind": "chat", "source": f"dir:{tiny_model_dir}", "owned_by": "me"},
+        {"id": "gone", "kind": "chat", "source": "dir:/no/such/model", "owned_by": "me"},
+        {"id": "hub", "kind": "embedding", "source": "hf:someorg/never-downloaded", "owned_by": "someorg"},
+    ]))
+    assert main(["--home", str(tmp_path), "models", *verb, "--catalogue-file", str(extra)]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["id", "kind", "backend", "source", "status"]
+    status = {row[0]: (row[1], row[2], row[4]) for row in rows[1:]}
+    assert status[DEFAULT_CHAT_MODEL] == ("chat", "local", "ready (converted on its first load)")  # empty home
+    assert status[DEFAULT_EMBEDDING_MODEL] == ("embedding", "local", "ready")
+    assert status["mine"] == ("chat", "local", "ready")
+    assert status["gone"] == ("chat", "local", "missing: /no/such/model does not exist")
+    assert status["hub"] == ("embedding", "local", "downloaded from the Hub on its first load")

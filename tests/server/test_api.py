@@ -263,6 +263,7 @@ def test_models_are_listed_and_described(client):
     model = client.get(f"/v1/models/{MODEL}").json()
     assert model == listing["data"][0]
     assert model["object"] == "model" and model["owned_by"] == "tests" and model["created"] > 0
+    assert (model["kind"], model["vision"]) == ("chat", False)  # extensions, so clients need not probe
 
 
 def test_an_unknown_model_id_is_404(client):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from qubrid_lab.server.protocol.common import WireModel
 
 
@@ -12,6 +14,9 @@ class Model(WireModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # extensions: what the model does, so clients need not probe it
+    kind: Literal["chat", "embedding"] = Field(description="Extension: 'chat' (text generation) or 'embedding'.")
+    vision: bool = Field(False, description="Extension: whether chat messages may carry image_url parts.")
 
 
 class ModelList(WireModel):

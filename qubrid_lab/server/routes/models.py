@@ -10,7 +10,9 @@ router = APIRouter()
 
 
 def _describe(backend) -> Model:
-    return Model(id=backend.model_id, created=backend.created, owned_by=backend.entry.owned_by)
+    entry = backend.entry
+    return Model(id=backend.model_id, created=backend.created, owned_by=entry.owned_by, kind=entry.kind,
+                 vision=entry.vision)
 
 
 @router.get("/models")
