@@ -39,6 +39,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
+    from qubrid_lab.engine.openai_upstream import upstream_status
     from qubrid_lab.models.catalogue import default_catalogue
     from qubrid_lab.models.loading import source_status
 
@@ -48,7 +49,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         catalogue.load_file(settings.catalogue_file)
     print("id\tkind\tbackend\tsource\tstatus")
     for entry in catalogue.entries.values():
-        print(f"{entry.id}\t{entry.kind}\tlocal\t{entry.source}\t{source_status(entry, settings.model_cache_dir)}")
+        if entry.backend == "openai":
+            source, status = f"{entry.base_url} ({entry.upstream_model})", upstream_status(entry)
+        else:
+            source, status = entry.source, source_status(entry, settings.model_cache_dir)
+        print(f"{entry.id}\t{entry.kind}\t{entry.backend}\t{source}\t{status}")
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import AsyncIterator, Protocol
 import numpy as np
 
 from qubrid_lab.engine.sampling import SamplingParams
+from qubrid_lab.errors import QubridError
 
 
 @dataclass
@@ -37,9 +38,10 @@ class Finish:
 
 @dataclass
 class Failure:
-    """The backend could not finish the request."""
+    """The backend could not finish the request; ``error`` says how the client sees it (else a 500)."""
 
     message: str
+    error: QubridError | None = None
 
 
 Event = Delta | Finish | Failure
@@ -113,31 +115,62 @@ class GenerationRun:
             handle.cancelled = True
 
     def metrics(self, completion_tokens: int) -> dict:
-        """The ``x_metrics`` block: time to first token, output tokens per second, total seconds."""
-        end = max((h.finished_at for h in self.handles if h.finished_at), default=time.perf_counter())
-        first = min((h.first_token_at for h in self.handles if h.first_token_at), default=end)
-        total = end - self.submitted_at
-        return {
-            "ttft_seconds": round(first - self.submitted_at, 4),
-            "tps": round(completion_tokens / total, 2) if total > 0 else 0.0,
-            "total_time_seconds": round(total, 4),
-        }
+        first = min((h.first_token_at for h in self.handles if h.first_token_at), default=None)
+        end = max((h.finished_at for h in self.handles if h.finished_at), default=None)
+        return run_metrics(self.submitted_at, first, end, completion_tokens)
+
+
+def run_metrics(submitted_at: float, first_token_at: float | None, finished_at: float | None,
+                completion_tokens: int) -> dict:
+    """The ``x_metrics`` block: time to first token, output tokens per second, total seconds."""
+    end = finished_at or time.perf_counter()
+    first = first_token_at or end
+    total = end - submitted_at
+    return {
+        "ttft_seconds": round(first - submitted_at, 4),
+        "tps": round(completion_tokens / total, 2) if total > 0 else 0.0,
+        "total_time_seconds": round(total, 4),
+    }
+
+
+@dataclass
+class GenerationRequest:
+    """One validated chat or text-completion request, whole, as every chat backend receives it.
+
+    Chat requests carry ``messages`` (the backend applies the chat template, or its upstream does); text
+    completions carry ``prompts``, one or more, each answered with ``n`` choices numbered prompt by prompt.
+    """
+
+    params: SamplingParams
+    n: int = 1
+    messages: list[dict] | None = None
+    prompts: list[str] | None = None
+
+    @property
+    def prompt_field(self) -> str:
+        return "messages" if self.messages is not None else "prompt"
 
 
 class ChatBackend(Protocol):
     """A loaded text-generation model, local or remote."""
 
     model_id: str
-    context_length: int
     active_sequences: int
 
-    def encode_chat(self, messages: list[dict]) -> list[int]: ...
-
-    def encode_text(self, prompt: str) -> list[int]: ...
-
-    def submit(self, handle: GenerationHandle) -> None: ...
+    async def start(self, request: GenerationRequest) -> GenerationRun:
+        """Start generating; errors the client should see before any output (a bad field) are raised here."""
+        ...
 
     def close(self) -> None: ...
+
+
+def start_local(backend, request: GenerationRequest) -> GenerationRun:
+    """A run on an engine that takes token ids: the request's prompts tokenized by ``backend``."""
+    if request.messages is not None:
+        prompts = [backend.encode_chat(request.messages)]
+    else:
+        prompts = [backend.encode_text(prompt) for prompt in request.prompts]
+    return GenerationRun(backend, prompts, request.params, request.n, prompt_field=request.prompt_field)
 
 
 class EmbeddingBackend(Protocol):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from qubrid_lab.engine.auto_precision import PrecisionChoice, choose_precision
-from qubrid_lab.engine.base import GenerationHandle
+from qubrid_lab.engine.base import GenerationHandle, GenerationRequest, GenerationRun, start_local
 from qubrid_lab.engine.forward import load_causal_lm
 from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.scheduler import BatchScheduler
@@ -132,6 +132,9 @@ class LocalChatEngine:
         with self._encode_lock:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
 
+    async def start(self, request: GenerationRequest) -> GenerationRun:
+        return start_local(self, request)
+
     def submit(self, handle: GenerationHandle) -> None:
         """Queue a request; ``handle.max_new_tokens`` is set from its params, the context and the server cap."""
         if not handle.prompt_ids:
@@ -191,6 +194,9 @@ class FineTunedChat:
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.base.encode_text(prompt)
+
+    async def start(self, request: GenerationRequest) -> GenerationRun:
+        return start_local(self, request)
 
     def submit(self, handle: GenerationHandle) -> None:
         handle.adapter = self.model_id

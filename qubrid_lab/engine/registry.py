@@ -79,9 +79,19 @@ def load_registry(settings: Settings, catalogue: Catalogue) -> ModelRegistry:
     """Load every model named in ``settings.models`` with the embedded transformers backend."""
     from qubrid_lab.engine.local import LocalChatEngine, LocalEmbeddingEngine
 
+    from qubrid_lab.engine.openai_upstream import OpenAIUpstreamChat, OpenAIUpstreamEmbedding
+
     registry = ModelRegistry(thread=ModelThread("qubrid-lab:models"))
     for spec in settings.models:
         entry: ModelEntry = catalogue.resolve(spec)
+        if entry.backend == "openai":
+            log.info("serving %s (%s) from the OpenAI-compatible upstream %s as '%s'", entry.id, entry.kind,
+                     entry.base_url, entry.upstream_model)
+            if entry.kind == "embedding":
+                registry.embedding[entry.id] = OpenAIUpstreamEmbedding(entry)
+            else:
+                registry.chat[entry.id] = OpenAIUpstreamChat(entry)
+            continue
         log.info("loading %s (%s, %s)", entry.id, entry.kind, entry.source)
         if entry.kind == "embedding":
             registry.embedding[entry.id] = LocalEmbeddingEngine(entry, settings.model_cache_dir, settings.device,

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from qubrid_lab.errors import InvalidRequestError, ModelNotFoundError
 from qubrid_lab.settings import DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL
@@ -21,16 +22,29 @@ ModelKind = Literal["chat", "embedding"]
 SOURCE_SCHEMES = ("bundled", "hf", "dir", "gguf")
 
 
+BACKENDS = ("local", "openai")
+BACKEND_KEYS = {"local": (), "openai": ("base_url", "upstream_model", "api_key_env")}
+
+
 @dataclass(frozen=True)
 class ModelEntry:
-    """One catalogue id: its weights' source, its kind and who publishes it."""
+    """One catalogue id: its kind, who publishes it, and what serves it.
+
+    ``backend`` ``local`` (the embedded engine) loads the weights named by ``source``; ``openai`` forwards to
+    an OpenAI-compatible server at ``base_url`` (model ``upstream_model``, key in the environment variable
+    ``api_key_env``) and needs no ``source`` of its own.
+    """
 
     id: str
     kind: ModelKind
-    source: str
-    owned_by: str
+    source: str = ""
+    owned_by: str = ""
     description: str = ""
     vision: bool = False
+    backend: str = "local"
+    base_url: str = ""
+    upstream_model: str = ""
+    api_key_env: str = ""
 
     @property
     def scheme(self) -> str:
@@ -48,6 +62,17 @@ class Catalogue:
     entries: dict[str, ModelEntry] = field(default_factory=dict)
 
     def register(self, entry: ModelEntry) -> None:
+        if entry.backend not in BACKENDS:
+            raise InvalidRequestError(f"Model '{entry.id}' has backend '{entry.backend}'; this version serves "
+                                      "backend " + " or ".join(f"'{b}'" for b in BACKENDS) + ".")
+        if entry.kind not in ("chat", "embedding"):
+            raise InvalidRequestError(f"Model '{entry.id}' has kind '{entry.kind}'; use 'chat' or 'embedding'.")
+        if entry.backend == "openai":
+            if not entry.base_url.startswith(("http://", "https://")):
+                raise InvalidRequestError(f"Model '{entry.id}' (backend 'openai') needs base_url, the upstream's "
+                                          f"http(s) address ending in /v1; got '{entry.base_url}'.")
+            self.entries[entry.id] = entry
+            return
         if entry.scheme not in SOURCE_SCHEMES:
             raise InvalidRequestError(
                 f"Model '{entry.id}' has source '{entry.source}'; sources start with one of "
@@ -80,13 +105,44 @@ class Catalogue:
         return entry
 
     def load_file(self, path: Path) -> None:
-        """Register the entries of a JSON list of ``{id, kind, source, owned_by, description?, vision?}``."""
+        """Register the entries of a JSON list of objects: ``id``, ``kind``, ``source`` and ``owned_by`` (local
+        entries), ``description``, ``vision``, ``backend`` and that backend's keys. A bad entry is refused
+        naming the entry and the key at fault."""
         try:
             items = json.loads(Path(path).read_text())
-            for item in items:
-                self.register(ModelEntry(**item))
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             raise InvalidRequestError(f"Catalogue file {path} is not a JSON list of model entries: {exc}") from exc
+        if not isinstance(items, list):
+            raise InvalidRequestError(f"Catalogue file {path} is not a JSON list of model entries.")
+        for position, item in enumerate(items):
+            where = f"{path}, entry {position}"
+            entry = _entry_from(item, where)
+            try:
+                self.register(entry)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(f"{where}: {exc.message}") from None
+
+
+def _entry_from(item: object, where: str) -> ModelEntry:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "kind" not in item:
+        raise InvalidRequestError(f"{where}: each entry is an object with at least 'id' and 'kind'.")
+    where = f"{where} ('{item['id']}')"
+    backend = item.get("backend", "local")
+    common = {"id", "kind", "owned_by", "description", "vision", "backend"}
+    allowed = common | set(BACKEND_KEYS.get(backend, ())) | ({"source"} if backend == "local" else set())
+    for key in item:
+        if key not in allowed:
+            raise InvalidRequestError(f"{where}: unknown key '{key}' for backend '{backend}'; its keys are "
+                                      + ", ".join(sorted(allowed)) + ".")
+    if backend == "local":
+        for key in ("source", "owned_by"):
+            if not item.get(key):
+                raise InvalidRequestError(f"{where}: key '{key}' is required for a local model.")
+    fields = dict(item)
+    if backend == "openai":
+        fields.setdefault("upstream_model", item["id"])
+        fields.setdefault("owned_by", urlsplit(str(item.get("base_url", ""))).hostname or "upstream")
+    return ModelEntry(**fields)
 
 
 def default_catalogue() -> Catalogue:

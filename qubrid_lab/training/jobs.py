@@ -173,6 +173,10 @@ class JobManager:
             what = "is not in the model catalogue" if entry is None else "is an embedding model"
             problems.append(("base_model", f"'{base_model}' {what}; fine-tune one of the chat models: "
                                            + (", ".join(chat_models) or "(none registered)")))
+        elif entry.backend != "local":
+            problems.append(("base_model", f"'{base_model}' is served by the '{entry.backend}' backend from "
+                                           f"{entry.base_url}: its weights are not on this machine, so it cannot "
+                                           "be fine-tuned here. Fine-tune a local model."))
         dataset = self.datasets.find(dataset_id)
         if dataset is None:
             problems.append(("dataset_id", f"no dataset '{dataset_id}'; upload one with POST /fine-tuning/datasets"))

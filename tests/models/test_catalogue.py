@@ -95,3 +95,35 @@ def test_models_list_shows_each_entry_with_its_backend_and_status(tmp_path, caps
     assert status["mine"] == ("chat", "local", "ready")
     assert status["gone"] == ("chat", "local", "missing: /no/such/model does not exist")
     assert status["hub"] == ("embedding", "local", "downloaded from the Hub on its first load")
+
+
+@pytest.mark.parametrize(
+    ("item", "words"),
+    [
+        ({"id": "a", "kind": "chat", "backend": "openai", "base_url": "http://h/v1", "source": "hf:x/y"},
+         "unknown key 'source' for backend 'openai'"),
+        ({"id": "a", "kind": "chat", "backend": "openai", "base_url": "h:8000"}, "needs base_url"),
+        ({"id": "a", "kind": "chat", "backend": "tgi", "base_url": "http://h/v1"}, "backend 'tgi'"),
+        ({"id": "a", "kind": "chat", "source": "hf:x/y", "owned_by": "x", "base_url": "http://h/v1"},
+         "unknown key 'base_url' for backend 'local'"),
+        ({"id": "a", "kind": "chat", "owned_by": "x"}, "key 'source' is required"),
+        ({"id": "a", "kind": "image", "backend": "openai", "base_url": "http://h/v1"}, "kind 'image'"),
+        ({"kind": "chat"}, "at least 'id' and 'kind'"),
+    ],
+)
+def test_a_bad_catalogue_entry_is_refused_naming_the_entry_and_the_key(tmp_path, item, words):
+    path = tmp_path / "catalogue.json"
+    path.write_text(json.dumps([item]))
+    with pytest.raises(InvalidRequestError, match=words) as refused:
+        default_catalogue().load_file(path)
+    assert "entry 0" in refused.value.message
+
+
+def test_an_openai_entry_defaults_its_upstream_model_and_owner(tmp_path):
+    path = tmp_path / "catalogue.json"
+    path.write_text(json.dumps([{"id": "team/llama", "kind": "chat", "backend": "openai",
+                                 "base_url": "http://vllm.internal:8000/v1"}]))
+    catalogue = default_catalogue()
+    catalogue.load_file(path)
+    entry = catalogue.get("team/llama")
+    assert (entry.upstream_model, entry.owned_by, entry.api_key_env) == ("team/llama", "vllm.internal", "")

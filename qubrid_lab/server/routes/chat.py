@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from qubrid_lab.engine.base import GenerationRun
+from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.server.protocol.chat import ChatCompletion, ChatCompletionRequest
 from qubrid_lab.server.routes.generation import StreamFormat, collect, completion_id, envelope, stream
@@ -27,8 +27,8 @@ def _reject_images(request: ChatCompletionRequest, vision: bool) -> None:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     backend = request.app.state.registry.chat_model(body.model)
     _reject_images(body, vision=getattr(getattr(backend, "entry", None), "vision", False))
-    prompt = backend.encode_chat(body.template_messages())
-    run = GenerationRun(backend, [prompt], body.sampling_params(body.token_limit), body.choices_per_prompt)
+    run = await backend.start(GenerationRequest(body.sampling_params(body.token_limit), body.choices_per_prompt,
+                                                messages=body.template_messages()))
     request_id = completion_id("chatcmpl")
     if body.stream:
         fmt = StreamFormat(

@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from qubrid_lab.engine.base import GenerationRun
+from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.server.protocol.completions import Completion, CompletionRequest
 from qubrid_lab.server.routes.generation import StreamFormat, collect, completion_id, envelope, stream
 from qubrid_lab.server.sse import sse_response
@@ -19,8 +19,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     backend = request.app.state.registry.chat_model(body.model)
     prompts = body.prompts()
     n = body.choices_per_prompt
-    run = GenerationRun(backend, [backend.encode_text(p) for p in prompts], body.sampling_params(body.max_tokens), n,
-                        prompt_field="prompt")
+    run = await backend.start(GenerationRequest(body.sampling_params(body.max_tokens), n, prompts=prompts))
     request_id = completion_id("cmpl")
 
     def echoed(index: int) -> str:

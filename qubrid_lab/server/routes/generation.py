@@ -37,7 +37,7 @@ async def collect(run: GenerationRun) -> Collected:
     try:
         async for event in run.events():
             if isinstance(event, Failure):
-                raise InternalError(event.message)
+                raise event.error or InternalError(event.message)
             texts[event.index] += event.text
             if isinstance(event, Finish):
                 reasons[event.index] = event.reason
@@ -74,7 +74,7 @@ async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool) -> 
                 yield chunk([fmt.opening(index)])
         async for event in run.events():
             if isinstance(event, Failure):
-                yield sse_event(InternalError(event.message).to_body())
+                yield sse_event((event.error or InternalError(event.message)).to_body())
                 return
             if isinstance(event, Delta):
                 yield chunk([fmt.piece(event.index, event.text, None)])
