@@ -109,6 +109,6 @@ def greedy_continuation(model, prompt: list[int], max_new_tokens: int) -> list[i
     """The model's own greedy continuation of ``prompt`` (transformers' ``generate``), without the prompt."""
     ids = torch.tensor([prompt], device=model.device)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None)
     return out[0, len(prompt):].tolist()

@@ -10,8 +10,8 @@ than another path at batch 1) and says nothing about accuracy, so each candidate
 The default (the first candidate) is left only for a passing candidate that is at least 10% faster (the
 geometric mean of its speed-ups over the two batch sizes) and no slower at either: a path that trades
 single-request latency for batch throughput, or the reverse, is a trade-off for ``--dtype`` to make, not a
-speed-up. The result is cached in the model cache, keyed by
-the CPU or GPU, the model's files and the torch version, so later starts reuse it.
+speed-up. The result is cached in the model cache, keyed by the CPU or GPU, the model's files and the
+torch version, so later starts reuse it.
 """
 
 from __future__ import annotations
@@ -96,19 +96,23 @@ def fastest_passing(candidates: dict[str, dict], default: str) -> str:
     if not passing:
         return default
     if default not in passing:
-        return min(passing, key=lambda label: _mean_step_ms(passing[label]))
+        return min(passing, key=lambda label: _geometric_mean(_step_ms(passing[label])))
 
     def ratios(label: str) -> list[float]:
-        return [passing[default]["decode_ms"][str(b)] / passing[label]["decode_ms"][str(b)] for b in BATCH_SIZES]
+        return [base / own for base, own in zip(_step_ms(passing[default]), _step_ms(passing[label]))]
 
-    faster = {label: math.prod(ratios(label)) ** (1 / len(BATCH_SIZES)) for label in passing
+    faster = {label: _geometric_mean(ratios(label)) for label in passing
               if label != default and min(ratios(label)) >= 1.0}
     best = max(faster, key=faster.get, default=None)
     return best if best is not None and faster[best] >= SWITCH_SPEEDUP else default
 
 
-def _mean_step_ms(figures: dict) -> float:
-    return math.prod(figures["decode_ms"][str(b)] for b in BATCH_SIZES) ** (1 / len(BATCH_SIZES))
+def _step_ms(figures: dict) -> list[float]:
+    return [figures["decode_ms"][str(b)] for b in BATCH_SIZES]
+
+
+def _geometric_mean(values: list[float]) -> float:
+    return math.prod(values) ** (1 / len(values))
 
 
 def choose_precision(location: str, config_dir: Path, tokenizer, device: torch.device, cache_dir: Path,
@@ -155,7 +159,8 @@ def measure_candidates(location: str, tokenizer, device: torch.device, candidate
     continuations = [greedy_continuation(reference, ids, PROBE_TOKENS) or [ids[-1]] for ids in prompts]
     references = [reference_logits(reference, ids, cont) for ids, cont in zip(prompts, continuations)]
     if all(precision.label != "float32" for precision in candidates):  # a GPU: free the fp32 copy first
-        reference = _release(reference)
+        reference = None
+        _free_memory()
     figures, held, held_bytes = {}, {}, 0
     for precision in candidates:
         model = forward = None
@@ -180,13 +185,13 @@ def measure_candidates(location: str, tokenizer, device: torch.device, candidate
             log.warning("dtype auto: %s cannot serve this model here: %s: %s", precision.label,
                         type(exc).__name__, exc)
             figures[precision.label] = {"passes": False, "error": f"{type(exc).__name__}: {exc}"}
-        del model, forward
-        reference = _release(reference)
+        model = forward = reference = None
+        _free_memory()
     timed = _time_rounds({label: forward for label, (_, forward) in held.items()}, device, prompts[0])
     for label, decode_ms in timed.items():
         figures[label]["decode_ms"] = decode_ms
     held.clear()
-    _release(None)
+    _free_memory()
     for label, entry in figures.items():
         log.info("dtype auto: %s: %s", label, entry)
     return figures
@@ -205,9 +210,8 @@ def _time_rounds(forwards: dict, device: torch.device, prompt: list[int]) -> dic
             for label, by_batch in samples.items()}
 
 
-def _release(model) -> None:
-    """Drop a model (the caller sets its name to the None this returns) and hand its memory back."""
-    del model
+def _free_memory() -> None:
+    """Hand back the memory of the models just dropped (quantization leaves reference cycles)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

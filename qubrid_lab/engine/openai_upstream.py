@@ -88,7 +88,7 @@ class _Upstream:
             self._clients[loop] = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=TIMEOUT)
         return self._clients[loop]
 
-    def _failed(self, what: str) -> UpstreamError:
+    def failure(self, what: str) -> UpstreamError:
         return UpstreamError(f"The upstream of model '{self.model_id}' (backend 'openai', {self.base_url}) {what}")
 
     async def open(self, path: str, body: dict, stream: bool) -> httpx.Response:
@@ -100,12 +100,12 @@ class _Upstream:
                 break
             except httpx.ConnectError as exc:
                 if delay is None:
-                    raise self._failed(f"cannot be reached: {exc}") from exc
+                    raise self.failure(f"cannot be reached: {exc}") from exc
                 await asyncio.sleep(delay)
             except httpx.TimeoutException as exc:
-                raise self._failed(f"did not answer in time ({type(exc).__name__})") from exc
+                raise self.failure(f"did not answer in time ({type(exc).__name__})") from exc
             except httpx.HTTPError as exc:
-                raise self._failed(f"failed: {type(exc).__name__}: {exc}") from exc
+                raise self.failure(f"failed: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 400:
             await response.aread()
             await response.aclose()
@@ -126,9 +126,9 @@ class _Upstream:
                 error_type=error.get("type") or "invalid_request_error",
                 code=error.get("code") or ("not_found" if status == 404 else "invalid_request"))
         if status in (401, 403):
-            return self._failed(f"refused this server's key ({status}: {message}); check the key in "
+            return self.failure(f"refused this server's key ({status}: {message}); check the key in "
                                 f"{self.entry.api_key_env or 'api_key_env (none is set)'}")
-        return self._failed(f"answered {status}: {message}")
+        return self.failure(f"answered {status}: {message}")
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -191,7 +191,7 @@ class UpstreamRun:
             yield finish
 
     def _failure(self, what: str) -> Failure:
-        error = self.upstream._failed(what)
+        error = self.upstream.failure(what)
         return Failure(error.message, error)
 
     def cancel(self) -> None:
@@ -251,7 +251,7 @@ class OpenAIUpstreamEmbedding(_Upstream):
             vectors = np.asarray([row["embedding"] for row in rows], dtype=np.float32)
             tokens = int((body.get("usage") or {}).get("prompt_tokens", 0))
         except (ValueError, KeyError, TypeError) as exc:
-            raise self._failed(f"sent an embeddings answer this server cannot read: {exc}") from exc
+            raise self.failure(f"sent an embeddings answer this server cannot read: {exc}") from exc
         return vectors, tokens
 
     def close(self) -> None:

@@ -76,9 +76,9 @@ class ModelRegistry:
 
 
 def load_registry(settings: Settings, catalogue: Catalogue) -> ModelRegistry:
-    """Load every model named in ``settings.models`` with the embedded transformers backend."""
+    """Load every model named in ``settings.models``: local entries with the embedded engine, ``openai`` ones
+    as clients of their upstream."""
     from qubrid_lab.engine.local import LocalChatEngine, LocalEmbeddingEngine
-
     from qubrid_lab.engine.openai_upstream import OpenAIUpstreamChat, OpenAIUpstreamEmbedding
 
     registry = ModelRegistry(thread=ModelThread("qubrid-lab:models"))

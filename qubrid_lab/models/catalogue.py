@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from qubrid_lab.errors import InvalidRequestError, ModelNotFoundError
@@ -22,8 +22,8 @@ ModelKind = Literal["chat", "embedding"]
 SOURCE_SCHEMES = ("bundled", "hf", "dir", "gguf")
 
 
-BACKENDS = ("local", "openai")
-BACKEND_KEYS = {"local": (), "openai": ("base_url", "upstream_model", "api_key_env")}
+BACKEND_KEYS = {"local": ("source",), "openai": ("base_url", "upstream_model", "api_key_env")}  # beyond the common ones
+BACKENDS = tuple(BACKEND_KEYS)
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Catalogue:
         if entry.backend not in BACKENDS:
             raise InvalidRequestError(f"Model '{entry.id}' has backend '{entry.backend}'; this version serves "
                                       "backend " + " or ".join(f"'{b}'" for b in BACKENDS) + ".")
-        if entry.kind not in ("chat", "embedding"):
+        if entry.kind not in get_args(ModelKind):
             raise InvalidRequestError(f"Model '{entry.id}' has kind '{entry.kind}'; use 'chat' or 'embedding'.")
         if entry.backend == "openai":
             if not entry.base_url.startswith(("http://", "https://")):
@@ -129,7 +129,7 @@ def _entry_from(item: object, where: str) -> ModelEntry:
     where = f"{where} ('{item['id']}')"
     backend = item.get("backend", "local")
     common = {"id", "kind", "owned_by", "description", "vision", "backend"}
-    allowed = common | set(BACKEND_KEYS.get(backend, ())) | ({"source"} if backend == "local" else set())
+    allowed = common | set(BACKEND_KEYS.get(backend, ()))
     for key in item:
         if key not in allowed:
             raise InvalidRequestError(f"{where}: unknown key '{key}' for backend '{backend}'; its keys are "

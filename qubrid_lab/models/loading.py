@@ -37,6 +37,12 @@ def bundled_path(name: str) -> Path:
     return path
 
 
+def converted_dir(gguf_file: Path, cache_dir: Path) -> Path:
+    """Where :func:`convert_gguf` keeps the transformers directory made from ``gguf_file``."""
+    digest = hashlib.sha256(f"{gguf_file.resolve()}:{gguf_file.stat().st_size}".encode()).hexdigest()[:12]
+    return cache_dir / f"{gguf_file.stem}-{digest}"
+
+
 def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     """Convert a GGUF file once into a transformers directory under ``cache_dir``; later calls reuse it.
 
@@ -45,8 +51,7 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     """
     from filelock import FileLock
 
-    digest = hashlib.sha256(f"{gguf_file.resolve()}:{gguf_file.stat().st_size}".encode()).hexdigest()[:12]
-    target = cache_dir / f"{gguf_file.stem}-{digest}"
+    target = converted_dir(gguf_file, cache_dir)
     if (target / "config.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -87,7 +92,7 @@ def source_status(entry: ModelEntry, cache_dir: Path) -> str:
             path = bundled_path(entry.location)
         except InvalidRequestError as exc:
             return f"missing: {exc.message}"
-        if path.suffix == ".gguf" and not any(cache_dir.glob(f"{path.stem}-*/config.json")):
+        if path.suffix == ".gguf" and not (converted_dir(path, cache_dir) / "config.json").is_file():
             return "ready (converted on its first load)"
         return "ready"
     if entry.scheme in ("dir", "gguf"):
