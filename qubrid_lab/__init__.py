@@ -12,8 +12,8 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY_EXPORTS = {
-    "profile_csv": "qubrid_lab.data.profile",
-    "DatasetProfile": "qubrid_lab.data.profile",
+    "profile_csv": "qubrid_lab.training.dataset_profile",
+    "DatasetProfile": "qubrid_lab.training.dataset_profile",
     "start_server": "qubrid_lab.workbench",
     "LabServer": "qubrid_lab.workbench",
 }

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from qubrid_lab.data.columns import TASK_TYPES, plan_columns
 from qubrid_lab.data.csv_ingest import read_rows
-from qubrid_lab.data.profile import unusable_dataset_reason
+from qubrid_lab.training.dataset_profile import unusable_dataset_reason
 from qubrid_lab.errors import ConflictError, InvalidRequestError, describe_validation_errors
 from qubrid_lab.models.catalogue import Catalogue
 from qubrid_lab.settings import Settings

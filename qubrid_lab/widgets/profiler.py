@@ -15,7 +15,7 @@ from typing import Any
 import ipywidgets as widgets
 from pydantic import ValidationError
 
-from qubrid_lab.data.profile import DatasetProfile, profile_csv
+from qubrid_lab.training.dataset_profile import DatasetProfile, profile_csv
 from qubrid_lab.errors import QubridError
 from qubrid_lab.settings import DEFAULT_CHAT_MODEL
 from qubrid_lab.training.hyperparameters import Hyperparameters

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from html import escape
 
-from qubrid_lab.data.profile import ROW_NUMBERING, DatasetProfile
+from qubrid_lab.training.dataset_profile import ROW_NUMBERING, DatasetProfile
 
 WITHIN = "#4c78a8"  # bars of lengths a job keeps whole
 OVER = "#e45756"  # bars past max_seq_length

@@ -21,7 +21,7 @@ from qubrid_lab.models.catalogue import Catalogue, ModelEntry
 from qubrid_lab.server.app import create_app
 from qubrid_lab.settings import DEFAULT_EMBEDDING_MODEL, Settings
 
-DATA = Path(__file__).parent
+DATA = Path(__file__).parents[1] / "data"  # the CSV files the data tests use too
 QA_CSV = DATA / "qa_facts.csv"  # 15 rows, question,answer
 TEXT_CSV = DATA / "text_notes.csv"  # 3 rows, text (one spans two lines)
 NO_LIMIT = 10**6

@@ -117,7 +117,7 @@ class DatasetProfile:
                 f"steps_per_epoch={self.steps_per_epoch}, {len(self.warnings)} warning(s)>")
 
     def _repr_html_(self) -> str:
-        from qubrid_lab.data.profile_html import render
+        from qubrid_lab.training.dataset_profile_html import render
 
         return render(self)
 
