@@ -38,22 +38,44 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_list(args: argparse.Namespace) -> int:
-    from qubrid_lab.engine.openai_upstream import upstream_status
+def _catalogue(settings: Settings):
     from qubrid_lab.models.catalogue import default_catalogue
-    from qubrid_lab.models.loading import source_status
 
-    settings = _settings(args)
     catalogue = default_catalogue()
     if settings.catalogue_file:
         catalogue.load_file(settings.catalogue_file)
+    return catalogue
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from qubrid_lab.engine.openai_upstream import upstream_status
+    from qubrid_lab.engine.triton_backend import triton_status
+    from qubrid_lab.models.loading import source_status
+
+    settings = _settings(args)
     print("id\tkind\tbackend\tsource\tstatus")
-    for entry in catalogue.entries.values():
+    for entry in _catalogue(settings).entries.values():
         if entry.backend == "openai":
             source, status = f"{entry.base_url} ({entry.upstream_model})", upstream_status(entry)
-        else:
+        elif entry.backend == "triton":
+            source = f"{entry.protocol}://{entry.url.split('://')[-1]} ({entry.interface}: {entry.triton_model})"
+            status = triton_status(entry)
+        else:  # local, and vllm (weights here; vLLM itself starts with the server)
             source, status = entry.source, source_status(entry, settings.model_cache_dir)
+            if entry.backend == "vllm":
+                status += f"; vLLM from {entry.python or sys.executable}"
         print(f"{entry.id}\t{entry.kind}\t{entry.backend}\t{source}\t{status}")
+    return 0
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from qubrid_lab.export.triton import export_triton
+
+    settings = _settings(args)
+    model_dir = export_triton(settings, _catalogue(settings), args.model, args.out_dir, name=args.name,
+                              decoupled=not args.no_stream, max_batch_size=args.max_batch_size, gpu=args.gpu)
+    print(model_dir)
+    print(f"serve it with: tritonserver --model-repository {args.out_dir}", file=sys.stderr)
     return 0
 
 
@@ -95,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--catalogue-file", type=Path, default=argparse.SUPPRESS,
                          help="JSON list of extra catalogue entries")
     listing.set_defaults(run=cmd_models_list)
+
+    export = commands.add_parser("export", help="write a model in another serving stack's format")
+    export_commands = export.add_subparsers(dest="export_command", required=True)
+    triton = export_commands.add_parser(
+        "triton", help="a Triton model repository (Python backend, TensorRT-LLM ensemble tensors) for a base or "
+                       "fine-tuned chat model")
+    triton.add_argument("model", help="catalogue id or fine-tuned model id (ft:...)")
+    triton.add_argument("out_dir", type=Path, help="the model repository to write into (created)")
+    triton.add_argument("--name", default="ensemble", help="the Triton model's name (default: ensemble)")
+    triton.add_argument("--no-stream", action="store_true",
+                        help="a non-decoupled model: whole answers, usable over HTTP infer (default: decoupled, "
+                             "streamed over gRPC)")
+    triton.add_argument("--max-batch-size", type=int, default=8, help="the model config's max_batch_size")
+    triton.add_argument("--gpu", action="store_true", help="run the model instance on a GPU (KIND_GPU)")
+    triton.add_argument("--catalogue-file", type=Path, help="JSON or TOML list of extra catalogue entries")
+    triton.set_defaults(run=cmd_export_triton)
     return parser
 
 

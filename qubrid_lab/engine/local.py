@@ -168,6 +168,10 @@ class LocalChatEngine:
         """Unload an adapter; requests still using it fail on the next step, saying the model was deleted."""
         self._thread.submit(self.lora.remove, name).result()
 
+    def fine_tuned(self, model_id: str, adapter_dir: Path, created: int) -> FineTunedChat:
+        """The fine-tuned model ``model_id``: this engine decoding with the LoRA adapter in ``adapter_dir``."""
+        return FineTunedChat(model_id, self, adapter_dir, created)
+
     def close(self) -> None:
         self.scheduler.close()
         if self._own_thread:

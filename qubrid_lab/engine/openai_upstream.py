@@ -73,11 +73,11 @@ def upstream_status(entry: ModelEntry, timeout: float = 5.0) -> str:
 class _Upstream:
     """One catalogue entry's upstream: its pooled client (one per event loop) and error mapping."""
 
-    def __init__(self, entry: ModelEntry):
+    def __init__(self, entry: ModelEntry, key: str | None = None):
         self.entry = entry
         self.model_id = entry.id
         self.base_url = entry.base_url.rstrip("/")
-        key = api_key_of(entry)
+        key = key or api_key_of(entry)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
         self.created = int(time.time())
@@ -208,8 +208,8 @@ class UpstreamRun:
 class OpenAIUpstreamChat(_Upstream):
     """A chat model served by an OpenAI-compatible upstream: chat and text completions."""
 
-    def __init__(self, entry: ModelEntry):
-        super().__init__(entry)
+    def __init__(self, entry: ModelEntry, key: str | None = None):
+        super().__init__(entry, key)
         self._runs: set[UpstreamRun] = set()
 
     @property

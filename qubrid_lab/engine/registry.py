@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qubrid_lab.engine.base import ChatBackend, EmbeddingBackend
 from qubrid_lab.engine.thread import ModelThread
-from qubrid_lab.errors import ModelNotFoundError
+from qubrid_lab.errors import InvalidRequestError, ModelNotFoundError
 from qubrid_lab.models.catalogue import Catalogue, ModelEntry
 from qubrid_lab.settings import Settings
 
@@ -49,16 +49,28 @@ class ModelRegistry:
         return wanted[model_id]
 
     def add_adapter(self, model_id: str, base_model: str, adapter_dir: Path, created: int) -> None:
-        """Serve a fine-tuned model: ``base_model`` (loaded here) with the LoRA adapter in ``adapter_dir``."""
-        from qubrid_lab.engine.local import FineTunedChat
+        """Serve a fine-tuned model: ``base_model`` (loaded here) with the LoRA adapter in ``adapter_dir``.
 
+        The base's backend makes the view (``fine_tuned``): the embedded engine decodes with the adapter in its
+        own batch, a managed vLLM loads it at runtime."""
         base = self.chat.get(base_model)
-        if base is None or not hasattr(base, "add_adapter"):
+        if base is None or not hasattr(base, "fine_tuned"):
             raise ModelNotFoundError(base_model, sorted(self.chat), reason=(
                 f"The fine-tuned model '{model_id}' needs its base model '{base_model}' loaded on this server "
-                "by the local engine; add it to QUBRID_LAB_MODELS (or --model) and restart."))
+                "by the local engine or a managed vLLM; add it to QUBRID_LAB_MODELS (or --model) and restart."))
         self.remove_adapter(model_id)
-        self.chat[model_id] = FineTunedChat(model_id, base, Path(adapter_dir), created)
+        self.chat[model_id] = base.fine_tuned(model_id, Path(adapter_dir), created)
+
+    def gpu_reservations(self) -> dict[str, tuple[float, str]]:
+        """GPU memory that managed vLLM children hold: CUDA device -> (fraction of it, model id)."""
+        held: dict[str, tuple[float, str]] = {}
+        for backend in self.chat.values():
+            share = getattr(backend, "gpu_share", None)
+            if share is not None and not hasattr(backend, "base"):
+                for device, fraction in share().items():
+                    previous = held.get(device, (0.0, ""))
+                    held[device] = (previous[0] + fraction, ", ".join(filter(None, (previous[1], backend.model_id))))
+        return held
 
     def remove_adapter(self, model_id: str) -> None:
         """Stop serving a fine-tuned model; requests still running on it fail, saying it was deleted."""
@@ -76,28 +88,45 @@ class ModelRegistry:
 
 
 def load_registry(settings: Settings, catalogue: Catalogue) -> ModelRegistry:
-    """Load every model named in ``settings.models``: local entries with the embedded engine, ``openai`` ones
-    as clients of their upstream."""
-    from qubrid_lab.engine.local import LocalChatEngine, LocalEmbeddingEngine
-    from qubrid_lab.engine.openai_upstream import OpenAIUpstreamChat, OpenAIUpstreamEmbedding
-
+    """Load every model named in ``settings.models`` with its entry's backend. A model that fails to load
+    stops the start, after the ones already loaded (child processes included) are closed."""
     registry = ModelRegistry(thread=ModelThread("qubrid-lab:models"))
-    for spec in settings.models:
-        entry: ModelEntry = catalogue.resolve(spec)
-        if entry.backend == "openai":
-            log.info("serving %s (%s) from the OpenAI-compatible upstream %s as '%s'", entry.id, entry.kind,
-                     entry.base_url, entry.upstream_model)
-            if entry.kind == "embedding":
-                registry.embedding[entry.id] = OpenAIUpstreamEmbedding(entry)
-            else:
-                registry.chat[entry.id] = OpenAIUpstreamChat(entry)
-            continue
-        log.info("loading %s (%s, %s)", entry.id, entry.kind, entry.source)
-        if entry.kind == "embedding":
-            registry.embedding[entry.id] = LocalEmbeddingEngine(entry, settings.model_cache_dir, settings.device,
-                                                                thread=registry.thread)
-        else:
-            registry.chat[entry.id] = LocalChatEngine(
-                entry, settings.model_cache_dir, settings.device, settings.dtype,
-                settings.max_batch_size, settings.max_tokens_cap, thread=registry.thread)
+    try:
+        for spec in settings.models:
+            entry: ModelEntry = catalogue.resolve(spec)
+            backends = registry.embedding if entry.kind == "embedding" else registry.chat
+            backends[entry.id] = _load_backend(entry, settings, registry.thread)
+    except BaseException:
+        registry.close()
+        raise
     return registry
+
+
+def _load_backend(entry: ModelEntry, settings: Settings, thread: ModelThread) -> ChatBackend | EmbeddingBackend:
+    if entry.kind == "embedding" and entry.backend in ("vllm", "triton"):
+        raise InvalidRequestError(f"Model '{entry.id}': backend '{entry.backend}' serves chat models; serve "
+                                  "embedding models with backend 'local' or 'openai'.")
+    if entry.backend == "openai":
+        from qubrid_lab.engine.openai_upstream import OpenAIUpstreamChat, OpenAIUpstreamEmbedding
+
+        log.info("serving %s (%s) from the OpenAI-compatible upstream %s as '%s'", entry.id, entry.kind,
+                 entry.base_url, entry.upstream_model)
+        return OpenAIUpstreamEmbedding(entry) if entry.kind == "embedding" else OpenAIUpstreamChat(entry)
+    if entry.backend == "vllm":
+        from qubrid_lab.engine.vllm_managed import VLLMChat, VLLMProcess
+
+        log.info("starting vLLM for %s (%s)", entry.id, entry.source)
+        return VLLMChat(entry, VLLMProcess(entry, settings.model_cache_dir, settings.home / "logs"))
+    if entry.backend == "triton":
+        from qubrid_lab.engine.triton_backend import TritonChat
+
+        log.info("serving %s from Triton at %s (%s, %s interface, model '%s')", entry.id, entry.url,
+                 entry.protocol, entry.interface, entry.triton_model)
+        return TritonChat(entry, settings.model_cache_dir)
+    from qubrid_lab.engine.local import LocalChatEngine, LocalEmbeddingEngine
+
+    log.info("loading %s (%s, %s)", entry.id, entry.kind, entry.source)
+    if entry.kind == "embedding":
+        return LocalEmbeddingEngine(entry, settings.model_cache_dir, settings.device, thread=thread)
+    return LocalChatEngine(entry, settings.model_cache_dir, settings.device, settings.dtype,
+                           settings.max_batch_size, settings.max_tokens_cap, thread=thread)

@@ -10,6 +10,7 @@ A source is one of
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -22,8 +23,34 @@ ModelKind = Literal["chat", "embedding"]
 SOURCE_SCHEMES = ("bundled", "hf", "dir", "gguf")
 
 
-BACKEND_KEYS = {"local": ("source",), "openai": ("base_url", "upstream_model", "api_key_env")}  # beyond the common ones
+# keys each backend takes beyond the common ones; a remote entry's ``source`` names weights to fine-tune from
+BACKEND_KEYS = {
+    "local": ("source",),
+    "openai": ("base_url", "upstream_model", "api_key_env", "source"),
+    "vllm": ("source", "python", "args", "gpu_memory_utilization", "max_model_len", "tensor_parallel_size",
+             "max_lora_rank"),
+    "triton": ("url", "protocol", "interface", "triton_model", "tokenizer", "tensor_names", "source"),
+}
 BACKENDS = tuple(BACKEND_KEYS)
+MAX_LORA_RANK = 512  # the largest lora_rank the job API allows (training.hyperparameters), vLLM's default cap here
+TRITON_PROTOCOLS = ("grpc", "http")
+TRITON_INTERFACES = ("tensorrt_llm", "vllm")
+
+# keys that are not plain strings: what each must be, checked as entries are read
+_KEY_CHECKS = {
+    "vision": ("true or false", lambda v: isinstance(v, bool)),
+    "args": ("a list of strings (extra vLLM arguments)", lambda v: isinstance(v, list)
+             and all(isinstance(a, str) for a in v)),
+    "gpu_memory_utilization": ("a number above 0 and at most 1", lambda v: isinstance(v, (int, float))
+                               and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1),
+    "max_model_len": ("a positive whole number", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "tensor_parallel_size": ("a positive whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)
+                             and v > 0),
+    "max_lora_rank": (f"a whole number from 1 to {MAX_LORA_RANK}", lambda v: isinstance(v, int)
+                      and not isinstance(v, bool) and 1 <= v <= MAX_LORA_RANK),
+    "tensor_names": ("an object mapping our tensor names to the model's", lambda v: isinstance(v, dict)
+                     and all(isinstance(k, str) and isinstance(n, str) for k, n in v.items())),
+}
 
 
 @dataclass(frozen=True)
@@ -32,7 +59,11 @@ class ModelEntry:
 
     ``backend`` ``local`` (the embedded engine) loads the weights named by ``source``; ``openai`` forwards to
     an OpenAI-compatible server at ``base_url`` (model ``upstream_model``, key in the environment variable
-    ``api_key_env``) and needs no ``source`` of its own.
+    ``api_key_env``); ``vllm`` runs vLLM's OpenAI server on ``source`` as a child process (interpreter
+    ``python``, extra arguments ``args``); ``triton`` sends requests to a Triton Inference Server at ``url``
+    through tritonclient (``protocol`` grpc or http, tensor ``interface`` tensorrt_llm or vllm, model
+    ``triton_model``, chat template from ``tokenizer``). Remote entries may name a ``source`` too: the weights
+    jobs fine-tune from.
     """
 
     id: str
@@ -45,6 +76,18 @@ class ModelEntry:
     base_url: str = ""
     upstream_model: str = ""
     api_key_env: str = ""
+    python: str = ""
+    args: tuple[str, ...] = ()
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    tensor_parallel_size: int | None = None
+    max_lora_rank: int = MAX_LORA_RANK
+    url: str = ""
+    protocol: str = "grpc"
+    interface: str = "tensorrt_llm"
+    triton_model: str = ""
+    tokenizer: str = ""
+    tensor_names: dict = field(default_factory=dict, hash=False)
 
     @property
     def scheme(self) -> str:
@@ -53,6 +96,16 @@ class ModelEntry:
     @property
     def location(self) -> str:
         return self.source.split(":", 1)[1]
+
+    @property
+    def remote(self) -> bool:
+        """Served from weights that are not on this machine (``openai``, ``triton``)."""
+        return self.backend in ("openai", "triton")
+
+    @property
+    def trainable(self) -> bool:
+        """Jobs can fine-tune it: its weights (``source``) are here."""
+        return bool(self.source)
 
 
 @dataclass
@@ -67,10 +120,22 @@ class Catalogue:
                                       "backend " + " or ".join(f"'{b}'" for b in BACKENDS) + ".")
         if entry.kind not in get_args(ModelKind):
             raise InvalidRequestError(f"Model '{entry.id}' has kind '{entry.kind}'; use 'chat' or 'embedding'.")
-        if entry.backend == "openai":
-            if not entry.base_url.startswith(("http://", "https://")):
-                raise InvalidRequestError(f"Model '{entry.id}' (backend 'openai') needs base_url, the upstream's "
-                                          f"http(s) address ending in /v1; got '{entry.base_url}'.")
+        named = f"Model '{entry.id}' (backend '{entry.backend}')"
+        if entry.backend == "openai" and not entry.base_url.startswith(("http://", "https://")):
+            raise InvalidRequestError(f"{named} needs base_url, the upstream's http(s) address ending in /v1; "
+                                      f"got '{entry.base_url}'.")
+        if entry.backend == "triton":
+            if not entry.url:
+                raise InvalidRequestError(f"{named} needs url, the Triton server's host:port (gRPC or HTTP port).")
+            if entry.protocol not in TRITON_PROTOCOLS:
+                raise InvalidRequestError(f"{named} has protocol '{entry.protocol}'; use 'grpc' or 'http'.")
+            if entry.interface not in TRITON_INTERFACES:
+                raise InvalidRequestError(f"{named} has interface '{entry.interface}'; use 'tensorrt_llm' (the "
+                                          "TensorRT-LLM ensemble's tensors) or 'vllm' (Triton's vLLM backend).")
+            if not entry.tokenizer:
+                raise InvalidRequestError(f"{named} needs tokenizer: a model directory or Hub id whose tokenizer "
+                                          "applies the chat template (Triton models take prompt text).")
+        if entry.remote and not entry.source:
             self.entries[entry.id] = entry
             return
         if entry.scheme not in SOURCE_SCHEMES:
@@ -105,15 +170,10 @@ class Catalogue:
         return entry
 
     def load_file(self, path: Path) -> None:
-        """Register the entries of a JSON list of objects: ``id``, ``kind``, ``source`` and ``owned_by`` (local
-        entries), ``description``, ``vision``, ``backend`` and that backend's keys. A bad entry is refused
-        naming the entry and the key at fault."""
-        try:
-            items = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise InvalidRequestError(f"Catalogue file {path} is not a JSON list of model entries: {exc}") from exc
-        if not isinstance(items, list):
-            raise InvalidRequestError(f"Catalogue file {path} is not a JSON list of model entries.")
+        """Register the entries of a JSON list of objects (or a TOML file of ``[[models]]`` tables): ``id``,
+        ``kind``, ``source`` and ``owned_by`` (local entries), ``description``, ``vision``, ``backend`` and that
+        backend's keys. A bad entry is refused naming the entry and the key at fault."""
+        items = _read_entries(Path(path))
         for position, item in enumerate(items):
             where = f"{path}, entry {position}"
             entry = _entry_from(item, where)
@@ -121,6 +181,29 @@ class Catalogue:
                 self.register(entry)
             except InvalidRequestError as exc:
                 raise InvalidRequestError(f"{where}: {exc.message}") from None
+
+
+def _read_entries(path: Path) -> list:
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            raise InvalidRequestError(f"Catalogue file {path}: TOML catalogues need Python 3.11 or newer; "
+                                      "write it as a JSON list instead.") from None
+        try:
+            items = tomllib.loads(path.read_text()).get("models")
+        except (OSError, ValueError) as exc:
+            raise InvalidRequestError(f"Catalogue file {path} is not TOML with [[models]] tables: {exc}") from exc
+        if not isinstance(items, list):
+            raise InvalidRequestError(f"Catalogue file {path} has no [[models]] tables (one per model entry).")
+        return items
+    try:
+        items = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError(f"Catalogue file {path} is not a JSON list of model entries: {exc}") from exc
+    if not isinstance(items, list):
+        raise InvalidRequestError(f"Catalogue file {path} is not a JSON list of model entries.")
+    return items
 
 
 def _entry_from(item: object, where: str) -> ModelEntry:
@@ -134,14 +217,27 @@ def _entry_from(item: object, where: str) -> ModelEntry:
         if key not in allowed:
             raise InvalidRequestError(f"{where}: unknown key '{key}' for backend '{backend}'; its keys are "
                                       + ", ".join(sorted(allowed)) + ".")
-    if backend == "local":
-        for key in ("source", "owned_by"):
-            if not item.get(key):
-                raise InvalidRequestError(f"{where}: key '{key}' is required for a local model.")
+    for key, value in item.items():
+        if key in _KEY_CHECKS and not _KEY_CHECKS[key][1](value):
+            raise InvalidRequestError(f"{where}: key '{key}' must be {_KEY_CHECKS[key][0]}; got {value!r}.")
+        if key not in _KEY_CHECKS and not isinstance(value, str):
+            raise InvalidRequestError(f"{where}: key '{key}' must be a string; got {value!r}.")
+    required = {"local": ("source", "owned_by"), "vllm": ("source",), "triton": ("url", "tokenizer")}
+    for key in required.get(backend, ()):
+        if not item.get(key):
+            raise InvalidRequestError(f"{where}: key '{key}' is required for a model with backend '{backend}'.")
     fields = dict(item)
+    if "args" in fields:
+        fields["args"] = tuple(fields["args"])
     if backend == "openai":
         fields.setdefault("upstream_model", item["id"])
         fields.setdefault("owned_by", urlsplit(str(item.get("base_url", ""))).hostname or "upstream")
+    elif backend == "triton":
+        fields.setdefault("triton_model", "ensemble" if fields.get("interface", "tensorrt_llm") == "tensorrt_llm"
+                          else "vllm_model")
+        fields.setdefault("owned_by", str(item["url"]).split("://")[-1].split(":")[0] or "triton")
+    elif backend == "vllm":
+        fields.setdefault("owned_by", "vllm")
     return ModelEntry(**fields)
 
 

@@ -57,7 +57,8 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
     datasets = DatasetStore(database, settings.files_dir)
     job_manager = JobManager(
         settings, catalogue or _catalogue_of(registry), datasets, JobStore(database),
-        on_model_ready=registry.add_adapter, on_model_removed=registry.remove_adapter)
+        on_model_ready=registry.add_adapter, on_model_removed=registry.remove_adapter,
+        gpu_reservations=registry.gpu_reservations)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

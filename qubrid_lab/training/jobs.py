@@ -37,13 +37,16 @@ from qubrid_lab.settings import Settings
 from qubrid_lab.storage.datasets import DatasetStore
 from qubrid_lab.storage.jobs import ACTIVE_STATUSES, FineTunedModelRecord, JobRecord, JobStore
 from qubrid_lab.training.hyperparameters import Hyperparameters
-from qubrid_lab.training.worker import LOG_FILE, RESULT_FILE, resume_step
+from qubrid_lab.training.worker import GPU_SHARE_VARIABLE, LOG_FILE, RESULT_FILE, resume_step
 
 log = logging.getLogger(__name__)
 
 SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 STOP_GRACE_SECONDS = 10.0  # a worker asked to stop that is still alive after this is killed
 POLL_SECONDS = 0.5
+MIN_TRAINING_GPU_SHARE = 0.15  # a job waits while a managed vLLM leaves less of its GPU than this
+GPU_SHARE_MARGIN = 0.03  # left free beside vLLM's share for the CUDA contexts
+GpuReservations = Callable[[], dict[str, tuple[float, str]]]  # device -> (fraction held, by which models)
 
 ModelReady = Callable[[str, str, Path, int], None]  # (model_id, base_model, adapter_dir, created)
 ModelRemoved = Callable[[str], None]  # (model_id)
@@ -99,14 +102,17 @@ class JobManager:
     """
 
     def __init__(self, settings: Settings, catalogue: Catalogue, datasets: DatasetStore, jobs: JobStore, *,
-                 on_model_ready: ModelReady | None = None, on_model_removed: ModelRemoved | None = None):
+                 on_model_ready: ModelReady | None = None, on_model_removed: ModelRemoved | None = None,
+                 gpu_reservations: GpuReservations | None = None):
         self.settings = settings
+        self.gpu_reservations = gpu_reservations or dict
         self.catalogue = catalogue
         self.datasets = datasets
         self.jobs = jobs
         self.on_model_ready = on_model_ready
         self.on_model_removed = on_model_removed
         self._workers: dict[str, _Worker] = {}
+        self._waiting_reported: dict[str, str] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -173,10 +179,11 @@ class JobManager:
             what = "is not in the model catalogue" if entry is None else "is an embedding model"
             problems.append(("base_model", f"'{base_model}' {what}; fine-tune one of the chat models: "
                                            + (", ".join(chat_models) or "(none registered)")))
-        elif entry.backend != "local":
+        elif not entry.trainable:
             problems.append(("base_model", f"'{base_model}' is served by the '{entry.backend}' backend from "
-                                           f"{entry.base_url}: its weights are not on this machine, so it cannot "
-                                           "be fine-tuned here. Fine-tune a local model."))
+                                           f"{entry.base_url or entry.url}: its weights are not on this machine, so "
+                                           "it cannot be fine-tuned here. Fine-tune a local model, or give the "
+                                           "entry a 'source' naming the weights to train from."))
         dataset = self.datasets.find(dataset_id)
         if dataset is None:
             problems.append(("dataset_id", f"no dataset '{dataset_id}'; upload one with POST /fine-tuning/datasets"))
@@ -194,6 +201,11 @@ class JobManager:
             located = [{**error, "loc": ("hyperparameters", *error["loc"])} for error in exc.errors()]
             message, param = describe_validation_errors(located)
             problems.append((param, message.removeprefix("Invalid request: ").rstrip(".")))
+        if resolved is not None and entry is not None and entry.backend == "vllm" \
+                and resolved.lora_rank > entry.max_lora_rank:
+            problems.append(("hyperparameters.lora_rank", f"{resolved.lora_rank} is above {entry.max_lora_rank}, "
+                             f"the largest LoRA rank the vLLM serving '{base_model}' loads (its entry's "
+                             "max_lora_rank); lower lora_rank or raise max_lora_rank"))
         if plan is not None:  # the dataset profile's check: rows the worker would find nothing to train on
             validation_split = resolved.validation_split if resolved else 0.0
             reason = unusable_dataset_reason(read_rows(dataset.path), plan, validation_split)
@@ -278,6 +290,12 @@ class JobManager:
             if not queued:
                 return
             job = queued[0]
+            waiting = self._gpu_wait_reason()
+            if waiting:
+                if self._waiting_reported.get(job.id) != waiting:
+                    self._waiting_reported[job.id] = waiting
+                    self.jobs.record(job.id, "message", f"Waiting: {waiting}", level="warning")
+                return
             if self.jobs.transition(job.id, ("queued",), "running", started_at=job.started_at or time.time(),
                                     message="Job started."):
                 self._start_worker(job)
@@ -307,6 +325,26 @@ class JobManager:
                 worker.stop()
         log.info("job %s: training in process %d", job.id, process.pid)
 
+    def _training_gpus(self) -> list[str]:
+        """The CUDA devices a worker would train on ("cuda:N" names as this process counts them)."""
+        device = self.settings.training_device
+        if device.startswith("cuda:"):
+            return [device]
+        if device in ("auto", "cuda"):
+            return [f"cuda:{i}" for i in range(self._gpu_count())]
+        return []
+
+    def _gpu_wait_reason(self) -> str | None:
+        """Why no job can start now: a managed vLLM leaves too little of a training GPU (None: train)."""
+        held = self.gpu_reservations()
+        for device in self._training_gpus():
+            fraction, holder = held.get(device, (0.0, ""))
+            if 1.0 - fraction < MIN_TRAINING_GPU_SHARE:
+                return (f"vLLM serving {holder} holds {fraction:.0%} of {device}'s memory, which leaves less than "
+                        f"the {MIN_TRAINING_GPU_SHARE:.0%} a job needs; lower that entry's gpu_memory_utilization, "
+                        "or train on another device (--training-device)")
+        return None
+
     def _command(self, job: JobRecord, model_dir: str) -> tuple[list[str], dict[str, str]]:
         """The worker's command line and environment: torchrun over every GPU when the device is 'auto' or
         'cuda' and there are several; ``cuda:N`` trains on GPU N alone (made the worker's only visible GPU)."""
@@ -321,6 +359,10 @@ class JobManager:
         worker = ["-m", "qubrid_lab.training.worker", "--database", str(self.jobs.db.path),
                   "--files-dir", str(self.datasets.files_dir), "--job-id", job.id, "--model-dir", model_dir,
                   "--job-dir", str(self.job_dir(job.id)), "--device", device, "--server-pid", str(os.getpid())]
+        held = self.gpu_reservations()
+        shares = [1.0 - held[d][0] for d in self._training_gpus() if d in held]
+        if shares:  # train in what a managed vLLM leaves (its share is fixed when it starts)
+            environment[GPU_SHARE_VARIABLE] = f"{min(shares) - GPU_SHARE_MARGIN:.3f}"
         gpus = self._gpu_count() if device in ("auto", "cuda") else 0
         if gpus > 1:
             return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",

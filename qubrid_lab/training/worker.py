@@ -34,6 +34,20 @@ log = logging.getLogger("qubrid_lab.worker")
 RESULT_FILE = "result.json"
 LOG_FILE = "worker.log"
 ORPHAN_CHECK_SECONDS = 1.0
+GPU_SHARE_VARIABLE = "QUBRID_LAB_GPU_MEMORY_FRACTION"  # set by the job manager beside a managed vLLM
+
+
+def cap_gpu_memory() -> None:
+    """Keep this worker's CUDA allocations within the share a managed vLLM on the same GPU leaves it."""
+    share = os.environ.get(GPU_SHARE_VARIABLE)
+    if not share:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.set_per_process_memory_fraction(float(share), index)
+        log.info("CUDA memory capped at %s of each GPU (the rest is held by vLLM)", share)
 
 
 def resume_step(job_dir: Path) -> int | None:
@@ -181,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.install()
     files_dir = args.files_dir or args.database.parent / "files"
     try:
+        cap_gpu_memory()
         run_job(args.database, files_dir, args.job_id, args.model_dir, args.job_dir, args.device, stop)
         if stop.reason:
             log.info("job %s: training stopped early (%s)", args.job_id, stop.reason)

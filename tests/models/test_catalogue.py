@@ -100,8 +100,8 @@ def test_models_list_shows_each_entry_with_its_backend_and_status(tmp_path, caps
 @pytest.mark.parametrize(
     ("item", "words"),
     [
-        ({"id": "a", "kind": "chat", "backend": "openai", "base_url": "http://h/v1", "source": "hf:x/y"},
-         "unknown key 'source' for backend 'openai'"),
+        ({"id": "a", "kind": "chat", "backend": "openai", "base_url": "http://h/v1", "python": "/usr/bin/python3"},
+         "unknown key 'python' for backend 'openai'"),
         ({"id": "a", "kind": "chat", "backend": "openai", "base_url": "h:8000"}, "needs base_url"),
         ({"id": "a", "kind": "chat", "backend": "tgi", "base_url": "http://h/v1"}, "backend 'tgi'"),
         ({"id": "a", "kind": "chat", "source": "hf:x/y", "owned_by": "x", "base_url": "http://h/v1"},

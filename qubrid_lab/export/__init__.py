@@ -1,0 +1,1 @@
+"""Moving models of ours to other serving stacks (``qubrid-lab export``)."""
