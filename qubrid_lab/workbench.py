@@ -152,13 +152,14 @@ class LabServer:
 
 def start_server(*, port: int | None = None, home: str | Path | None = None, models: list[str] | None = None,
                  api_key: str | None = None, device: str | None = None, dtype: str | None = None,
-                 timeout: float = 600, reuse: bool = True) -> LabServer:
+                 catalogue_file: str | Path | None = None, timeout: float = 600, reuse: bool = True) -> LabServer:
     """Start ``qubrid-lab serve`` in the background on 127.0.0.1 and wait until it answers.
 
     ``home`` is the data directory (default ``QUBRID_LAB_HOME`` or ``~/.qubrid_lab``); ``models`` the catalogue
     ids or model directories to load (default: the bundled chat and embedding models); ``api_key`` the key the
     server requires (default: none, or the first key configured in the environment / the home's key file);
-    ``device`` and ``dtype`` as ``qubrid-lab serve`` takes them; ``port`` None picks a free port. The first start
+    ``device`` and ``dtype`` as ``qubrid-lab serve`` takes them; ``catalogue_file`` a JSON or TOML catalogue of
+    extra entries (remote backends among them); ``port`` None picks a free port. The first start
     converts the bundled model once, which ``timeout`` (seconds) allows for.
 
     One server runs per home. With ``reuse`` a running one is returned instead of starting another: the one
@@ -188,7 +189,7 @@ def start_server(*, port: int | None = None, home: str | Path | None = None, mod
         command = [sys.executable, "-m", "qubrid_lab", "serve", "--port", str(port), "--owner-pid", str(os.getpid())]
         for model in models or []:
             command += ["--model", str(model)]
-        for flag, value in (("--device", device), ("--dtype", dtype)):
+        for flag, value in (("--device", device), ("--dtype", dtype), ("--catalogue-file", catalogue_file)):
             if value:
                 command += [flag, str(value)]
         environment = {**os.environ, "QUBRID_LAB_HOME": str(home_dir), "PYTHONUNBUFFERED": "1"}
