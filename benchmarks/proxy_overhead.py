@@ -7,6 +7,12 @@ server on the same weights (``--vllm-python``: an interpreter with vLLM, e.g. th
 ``~/.cache/qubrid_lab_tests/vllm-env/bin/python``); the front reaches it through the same proxy code a managed
 ``vllm`` entry uses. ``--with-embedded`` adds our embedded engine as a third side in the same rounds, so
 vLLM-through-qubrid_lab and the embedded engine are compared on one machine in one run.
+
+``--upstream triton --triton-python PY`` (an interpreter with ``nvidia-pytriton``, e.g. the tests' cached
+``triton-env``) exports SmolLM2 with ``qubrid-lab export triton`` and serves it in a real ``tritonserver``
+through PyTriton (``tests/backends/triton_models.py``); "direct" is then tritonclient's own gRPC stream of
+the same chat-templated prompt to the ``ensemble`` model, and the front reaches it through a ``triton``
+catalogue entry.
 Each round sends every concurrency level straight to the upstream and through the front, in turns (the
 order alternating between rounds), and the report compares the medians over the rounds: on a shared 2-core
 machine single runs vary by more than the proxy's cost. The front's own CPU seconds per 1,000 output tokens
@@ -16,6 +22,8 @@ are reported too, since on two cores the proxy competes with the engine for them
     python benchmarks/proxy_overhead.py --rounds 1 --requests 8 --concurrency 1 16
     python benchmarks/proxy_overhead.py --upstream vllm --vllm-python ~/.cache/qubrid_lab_tests/vllm-env/bin/python \
         --with-embedded
+    python benchmarks/proxy_overhead.py --upstream triton \
+        --triton-python ~/.cache/qubrid_lab_tests/triton-env/bin/python
 """
 
 from __future__ import annotations
@@ -23,10 +31,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import sys
+import sysconfig
 import tempfile
-from contextlib import ExitStack
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psutil
@@ -34,6 +46,7 @@ from openai import AsyncOpenAI
 
 from serve_throughput import (
     CHAT_MODEL,
+    PROMPT,
     chat_model_dir,
     ServerResult,
     ServerSpec,
@@ -43,16 +56,25 @@ from serve_throughput import (
     requests_at,
     run_level,
     running_server,
+    stop_process_group,
     stream_one,
 )
 
+TRITON_MODELS = Path(__file__).parents[1] / "tests" / "backends" / "triton_models.py"
 TARGETS = {"tokens_per_s c=16": 0.90, "ttft_p50 c=1 added ms": 5.0}
 
 
-def front_spec(port: int, upstream_port: int, home: Path, catalogue: Path) -> ServerSpec:
-    catalogue.write_text(json.dumps([{"id": "team/smol", "kind": "chat", "backend": "openai",
-                                      "base_url": f"http://127.0.0.1:{upstream_port}/v1",
-                                      "upstream_model": CHAT_MODEL}]))  # vLLM serves it under the same name
+def front_spec(port: int, upstream_port: int, home: Path, catalogue: Path, models_dir: Path,
+               triton_grpc: str | None = None) -> ServerSpec:
+    entry = {"id": "team/smol", "kind": "chat", "backend": "openai", "upstream_model": CHAT_MODEL,
+             "base_url": f"http://127.0.0.1:{upstream_port}/v1"}  # vLLM serves it under the same name
+    if triton_grpc:
+        entry = {"id": "team/smol", "kind": "chat", "backend": "triton", "url": triton_grpc, "protocol": "grpc",
+                 "interface": "tensorrt_llm", "triton_model": "ensemble", "tokenizer": "bundled:smollm2-135m-instruct"}
+    catalogue.write_text(json.dumps([entry]))
+    (home / "front").mkdir(parents=True, exist_ok=True)  # the Triton entry's tokenizer: the converted SmolLM2
+    if not (home / "front" / "models").exists():
+        (home / "front" / "models").symlink_to(models_dir, target_is_directory=True)
     return ServerSpec("front", [console_script("qubrid-lab"), "serve", "--port", str(port), "--catalogue-file",
                                 str(catalogue), "--model", "team/smol"], "team/smol", startup_timeout_s=120,
                       env={"QUBRID_LAB_HOME": str(home / "front")})
@@ -75,6 +97,87 @@ async def measure(url: str, model: str, args: argparse.Namespace, front: psutil.
         return figures
 
 
+async def measure_triton(grpc_url: str, args: argparse.Namespace) -> dict:
+    """Every level once straight to Triton: tritonclient's gRPC stream of the chat-templated prompt."""
+    import numpy as np
+    import tritonclient.grpc.aio as triton_aio
+    from transformers import AutoTokenizer
+    from tritonclient.grpc import InferInput, InferResult
+
+    from qubrid_lab.engine.triton_backend import _final_flagged_stream
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir(args.home))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                           add_generation_prompt=True)
+    client = triton_aio.InferenceServerClient(grpc_url)
+
+    def tensor(name, array, datatype):
+        item = InferInput(name, list(array.shape), datatype)
+        item.set_data_from_numpy(array)
+        return item
+
+    async def one() -> tuple[float, float, int]:
+        inputs = [tensor("text_input", np.array([[prompt.encode()]], dtype=object), "BYTES"),
+                  tensor("max_tokens", np.array([[args.max_tokens]], dtype=np.int32), "INT32"),
+                  tensor("temperature", np.array([[0.0]], dtype=np.float32), "FP32")]
+        sent, first, tokens = time.perf_counter(), None, 0
+        async for response in _final_flagged_stream(client, "ensemble", inputs):
+            names = {o.name for o in response.infer_response.outputs}
+            result = InferResult(response.infer_response)
+            if "text_output" in names and result.as_numpy("text_output").reshape(-1)[0]:
+                first = first or time.perf_counter()
+            if "num_output_tokens" in names:
+                tokens = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
+        return (first or time.perf_counter()) - sent, tokens
+
+    figures = {}
+    for concurrency in args.concurrency:
+        slots = asyncio.Semaphore(concurrency)
+
+        async def bounded():
+            async with slots:
+                return await one()
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(bounded() for _ in range(requests_at(concurrency, args.requests))))
+        wall = time.perf_counter() - started
+        figures[concurrency] = {"tokens_per_s": sum(t for _, t in results) / wall,
+                                "ttft_p50_s": statistics.median(f for f, _ in results), "itl_p50_s": None,
+                                "front_cpu_s_per_1k_tokens": None}
+    return figures
+
+
+def exported_triton(scratch: Path, home: Path) -> Path:
+    """SmolLM2 written out by ``qubrid-lab export triton`` (the converted weights come from ``home``)."""
+    export_home = scratch / "export-home"
+    export_home.mkdir()
+    (export_home / "models").symlink_to(home / "models", target_is_directory=True)
+    repository = scratch / "triton-repository"
+    subprocess.run([console_script("qubrid-lab"), "--home", str(export_home), "export", "triton", CHAT_MODEL,
+                    str(repository)], check=True, capture_output=True)
+    return repository
+
+
+@contextmanager
+def running_triton(python: str, repository: Path, grpc_port: int, log: Path):
+    """PyTriton's tritonserver on the exported repository, until the block ends."""
+    environment = {**os.environ, "LD_LIBRARY_PATH": ":".join(filter(None, (
+        sysconfig.get_config_var("LIBDIR"), os.environ.get("LD_LIBRARY_PATH"))))}
+    with log.open("w") as out:
+        process = subprocess.Popen([python, str(TRITON_MODELS), str(repository), str(free_port()), str(grpc_port),
+                                    str(free_port())], stdout=out, stderr=subprocess.STDOUT, env=environment,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "TRITON READY" not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Triton did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.5)
+        yield
+    finally:
+        stop_process_group(process)
+
+
 def median_of(rounds: list[dict], concurrency: int, key: str) -> float:
     return statistics.median(r[concurrency][key] for r in rounds)
 
@@ -89,7 +192,8 @@ def main() -> int:
     parser.add_argument("--request-timeout", type=float, default=300)
     parser.add_argument("--home", type=Path, default=Path.home() / ".qubrid_lab",
                         help="the upstream's home (its converted-model cache)")
-    parser.add_argument("--upstream", choices=["qubrid", "vllm"], default="qubrid")
+    parser.add_argument("--upstream", choices=["qubrid", "vllm", "triton"], default="qubrid")
+    parser.add_argument("--triton-python", default=sys.executable, help="an interpreter that has nvidia-pytriton")
     parser.add_argument("--vllm-python", default=sys.executable, help="an interpreter that has vLLM")
     parser.add_argument("--vllm-memory", type=float, default=0.15,
                         help="vLLM's --gpu-memory-utilization (on its CPU build: the share of RAM for its KV cache)")
@@ -114,12 +218,20 @@ def main() -> int:
         upstream = ServerSpec("upstream", [*embedded.command[:3], str(upstream_port), *embedded.command[4:]],
                               CHAT_MODEL, startup_timeout_s=600, env=embedded.env)
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as servers:
-        servers.enter_context(running_server(upstream, upstream_port, ServerResult("upstream", upstream.command),
-                                             sample_rss=False))
+        triton_grpc = None
+        if args.upstream == "triton":
+            triton_grpc = f"127.0.0.1:{upstream_port}"
+            upstream = ServerSpec("triton", [args.triton_python, str(TRITON_MODELS)], "ensemble", 300)
+            servers.enter_context(running_triton(args.triton_python, exported_triton(Path(scratch), args.home),
+                                                 upstream_port, Path(scratch) / "triton.log"))
+        else:
+            servers.enter_context(running_server(upstream, upstream_port, ServerResult("upstream", upstream.command),
+                                                 sample_rss=False))
         if args.with_embedded:
             servers.enter_context(running_server(embedded, embedded_port, ServerResult("embedded", embedded.command),
                                                  sample_rss=False))
-        spec = front_spec(front_port, upstream_port, Path(scratch), Path(scratch) / "catalogue.json")
+        spec = front_spec(front_port, upstream_port, Path(scratch), Path(scratch) / "catalogue.json",
+                          args.home / "models", triton_grpc)
         front_result = ServerResult("front", spec.command)
         servers.enter_context(running_server(spec, front_port, front_result, sample_rss=False))
         front_process = psutil.Process(_server_pid(front_port))
@@ -129,7 +241,10 @@ def main() -> int:
             if args.with_embedded:
                 sides.append(("embedded", embedded_port, CHAT_MODEL, None))
             for name, port, model, process in sides if round_index % 2 == 0 else reversed(sides):
-                figures = asyncio.run(measure(f"http://127.0.0.1:{port}", model, args, process))
+                if name == "direct" and triton_grpc:
+                    figures = asyncio.run(measure_triton(triton_grpc, args))
+                else:
+                    figures = asyncio.run(measure(f"http://127.0.0.1:{port}", model, args, process))
                 measured[name].append(figures)
                 print(f"  round {round_index + 1} {name}: " + ", ".join(
                     f"c={c} {f['tokens_per_s']:.1f} tok/s" for c, f in figures.items()), flush=True)
