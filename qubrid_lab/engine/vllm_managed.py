@@ -152,6 +152,10 @@ class VLLMProcess:
             if self._stopping.is_set():
                 return
             self.ready.clear()
+            try:  # what the dead child left in its process group (vLLM's engine core, resource tracker)
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
             log.error("vLLM for %s exited with status %s; restarting it in %.0f s (log %s)", self.entry.id, code,
                       delay, self.log_path)
