@@ -63,7 +63,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         else:  # local, and vllm (weights here; vLLM itself starts with the server)
             source, status = entry.source, source_status(entry, settings.model_cache_dir)
             if entry.backend == "vllm":
-                status += f"; vLLM from {entry.python or sys.executable}"
+                from qubrid_lab.engine.vllm_managed import vllm_status
+
+                status += f"; {vllm_status(entry)}"
         print(f"{entry.id}\t{entry.kind}\t{entry.backend}\t{source}\t{status}")
     return 0
 

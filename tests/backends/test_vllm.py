@@ -114,3 +114,23 @@ def test_a_killed_vllm_fails_with_502_then_serves_again(front, client):
             time.sleep(2)
     assert "Paris" in answer.choices[0].message.content
     assert vllm_child(front).pid != child.pid
+
+
+def test_models_list_says_whether_the_entry_interpreter_has_vllm(vllm_python, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    catalogue = tmp_path / "catalogue.json"
+    catalogue.write_text(json.dumps([
+        {"id": "with", "kind": "chat", "backend": "vllm", "source": "bundled:smollm2-135m-instruct",
+         "python": str(vllm_python)},
+        {"id": "without", "kind": "chat", "backend": "vllm", "source": "bundled:smollm2-135m-instruct",
+         "python": sys.executable}]))
+    done = subprocess.run([sys.executable, "-m", "qubrid_lab", "--home", str(tmp_path), "models", "list",
+                           "--catalogue-file", str(catalogue)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("\t")[0]: line.split("\t")[4] for line in done.stdout.splitlines()[1:]}
+    assert f"vLLM found in {vllm_python}" in rows["with"]
+    assert f"{sys.executable} has no vLLM" in rows["without"]
