@@ -98,16 +98,9 @@ class GenerationRun:
             self.cancel()
             raise
 
-    async def events(self) -> AsyncIterator[Event]:
+    def events(self) -> AsyncIterator[Event]:
         """Yields events until every choice has finished, or the backend failed."""
-        open_choices = self.choices
-        while open_choices:
-            event = await self.queue.get()
-            yield event
-            if isinstance(event, Failure):
-                return
-            if isinstance(event, Finish):
-                open_choices -= 1
+        return drain(self.queue, self.choices)
 
     def cancel(self) -> None:
         """Free the backend's slots (the client went away or the request is over)."""
@@ -118,6 +111,17 @@ class GenerationRun:
         first = min((h.first_token_at for h in self.handles if h.first_token_at), default=None)
         end = max((h.finished_at for h in self.handles if h.finished_at), default=None)
         return run_metrics(self.submitted_at, first, end, completion_tokens)
+
+
+async def drain(queue: asyncio.Queue, choices: int) -> AsyncIterator[Event]:
+    """The events on ``queue`` until ``choices`` choices have finished, or up to the first failure."""
+    while choices:
+        event = await queue.get()
+        yield event
+        if isinstance(event, Failure):
+            return
+        if isinstance(event, Finish):
+            choices -= 1
 
 
 def run_metrics(submitted_at: float, first_token_at: float | None, finished_at: float | None,

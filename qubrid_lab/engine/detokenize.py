@@ -1,8 +1,8 @@
-"""Turning a stream of token ids into text deltas, cut at the first stop string.
+"""Turning a stream of token ids (or of text pieces) into text deltas, cut at the first stop string.
 
 Decoding uses the tokenizers library's ``DecodeStream``, which emits text only once a token completes a
-character. Text that might be the start of a stop string is held back until the next token settles it,
-so a stop string never reaches the client, even when it spans several tokens.
+character. Text that might be the start of a stop string is held back until the next token (or piece)
+settles it, so a stop string never reaches the client, even when it spans several tokens or pieces.
 """
 
 from __future__ import annotations
@@ -10,12 +10,10 @@ from __future__ import annotations
 from tokenizers.decoders import DecodeStream
 
 
-class TextAssembler:
-    """Accumulates one sequence's text; ``push`` returns the delta that is safe to send."""
+class StopFilter:
+    """Accumulates one sequence's text as it arrives in pieces; ``push_text`` returns the delta safe to send."""
 
-    def __init__(self, backend_tokenizer, stop: list[str]):
-        self._backend = backend_tokenizer
-        self._stream = DecodeStream(skip_special_tokens=True)
+    def __init__(self, stop: list[str]):
         self._stop = [s for s in stop if s]
         self._text = ""
         self._sent = 0
@@ -25,11 +23,9 @@ class TextAssembler:
     def text(self) -> str:
         return self._text
 
-    def push(self, token: int) -> str:
-        """Add a token; returns new sendable text. Sets ``stopped`` when a stop string appeared."""
-        piece = self._stream.step(self._backend, token)
-        if piece:
-            self._text += piece
+    def push_text(self, piece: str) -> str:
+        """Add text; returns new sendable text. Sets ``stopped`` when a stop string appeared."""
+        self._text += piece
         if self._stop:
             # A match can only involve new text plus the held-back tail, which is shorter than any stop string.
             search_from = max(0, self._sent - max(len(s) for s in self._stop))
@@ -58,3 +54,16 @@ class TextAssembler:
                     longest = size
                     break
         return longest
+
+
+class TextAssembler(StopFilter):
+    """A sequence's token ids decoded as they come; ``push`` returns the delta that is safe to send."""
+
+    def __init__(self, backend_tokenizer, stop: list[str]):
+        super().__init__(stop)
+        self._backend = backend_tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        """Add a token; returns new sendable text. Sets ``stopped`` when a stop string appeared."""
+        return self.push_text(self._stream.step(self._backend, token) or "")

@@ -12,7 +12,8 @@ prompt text. Over gRPC a decoupled model streams (each response carries new text
 answered whole. Each choice of ``n`` is one Triton request (with seed + i when a seed is set). Token counts
 come from the model's ``num_input_tokens``/``num_output_tokens`` outputs when it has them, else from the
 tokenizer. A request field the model declares no input for is refused with a 400 naming field and backend.
-Stop strings are also enforced here, so text after a stop never reaches the client.
+Stop strings are also enforced here (text that may start one is held back), so no part of a stop string and
+nothing after it reaches the client.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from qubrid_lab.engine.base import Delta, Event, Failure, Finish, GenerationRequest, run_metrics
+from qubrid_lab.engine.base import Delta, Event, Failure, Finish, GenerationRequest, drain, run_metrics
+from qubrid_lab.engine.detokenize import StopFilter
 from qubrid_lab.errors import InvalidRequestError, UpstreamError
 from qubrid_lab.models.catalogue import ModelEntry
 
@@ -40,6 +42,7 @@ TENSOR_NAMES = {  # our name -> the model's, per interface (entries override wit
         "return_num_input_tokens", "return_num_output_tokens", "text_output", "finish_reason",
         "num_input_tokens", "num_output_tokens")},
 }
+TRTLLM_INPUT_OF = {"seed": "random_seed"}  # request fields whose TensorRT-LLM input has another name
 DEFAULT_MAX_TOKENS = 256  # TensorRT-LLM requires max_tokens; what a request without one gets (capped by context)
 TIMEOUT_SECONDS = 300.0
 
@@ -57,7 +60,7 @@ def tokenizer_location(entry: ModelEntry, cache_dir) -> str:
 def triton_status(entry: ModelEntry) -> str:
     """A one-line health from Triton's own endpoints: server live and ready, model ready."""
     try:
-        client = _sync_client(entry)
+        client = _client_of(entry)
         if not client.is_server_live():
             return "not live"
         if not client.is_server_ready():
@@ -68,11 +71,11 @@ def triton_status(entry: ModelEntry) -> str:
         return f"unreachable: {exc}"
 
 
-def _sync_client(entry: ModelEntry):
-    if entry.protocol == "grpc":
-        import tritonclient.grpc as module
-    else:
-        import tritonclient.http as module
+def _client_of(entry: ModelEntry, asynchronous: bool = False):
+    """A tritonclient client for the entry's protocol (the asyncio one with ``asynchronous``)."""
+    import importlib
+
+    module = importlib.import_module(f"tritonclient.{entry.protocol}" + (".aio" if asynchronous else ""))
     return module.InferenceServerClient(entry.url.split("://")[-1])
 
 
@@ -90,12 +93,12 @@ class TritonChat:
         self.created = int(time.time())
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
         self._declared: dict[str, dict] | None = None  # model input name -> metadata, read once
-        self._batched = False
+        self._batched = self._decoupled = False  # from the model's config, with the inputs
         self._runs: set[TritonRun] = set()
 
     @property
     def active_sequences(self) -> int:
-        return sum(run.open_choices for run in self._runs)
+        return sum(run.open_choices for run in self._runs)  # choices whose Triton request is still running
 
     def failure(self, what: str) -> UpstreamError:
         return UpstreamError(f"Triton serving model '{self.model_id}' (backend 'triton', {self.entry.protocol} "
@@ -104,12 +107,7 @@ class TritonChat:
     def _client(self):
         loop = asyncio.get_running_loop()
         if loop not in self._clients:
-            url = self.entry.url.split("://")[-1]
-            if self.entry.protocol == "grpc":
-                import tritonclient.grpc.aio as module
-            else:
-                import tritonclient.http.aio as module
-            self._clients[loop] = module.InferenceServerClient(url)
+            self._clients[loop] = _client_of(self.entry, asynchronous=True)
         return self._clients[loop]
 
     async def _inputs_declared(self) -> dict[str, dict]:
@@ -124,7 +122,6 @@ class TritonChat:
             self._batched = int(config.get("max_batch_size", 0) or 0) > 0
             self._decoupled = bool((config.get("model_transaction_policy") or {}).get("decoupled"))
             self._declared = {item["name"]: item for item in metadata.get("inputs", [])}
-            self._outputs = {item["name"] for item in metadata.get("outputs", [])}
         return self._declared
 
     def _as_json(self) -> dict:
@@ -137,28 +134,25 @@ class TritonChat:
 
     def _refuse_unsupported(self, request: GenerationRequest, declared: dict) -> None:
         params, interface = request.params, self.entry.interface
-        if interface == "vllm":
-            needed = {"stream": True} if self._streaming() else {}
-            if self.names["sampling_parameters"] not in declared:
-                needed.update({f: True for f, v in (("temperature", params.temperature != 1.0),
-                               ("top_p", params.top_p != 1.0), ("max_tokens", params.max_tokens),
-                               ("seed", params.seed is not None), ("presence_penalty", params.presence_penalty),
-                               ("frequency_penalty", params.frequency_penalty)) if v})
-            missing = [f for f in needed if self.names.get(f, f) not in declared and f != "stream"]
+        used = [field for field, is_set in (
+            ("temperature", params.temperature != 1.0), ("top_p", params.top_p != 1.0),
+            ("seed", params.seed is not None), ("presence_penalty", params.presence_penalty != 0.0),
+            ("frequency_penalty", params.frequency_penalty != 0.0)) if is_set]
+        if interface == "vllm":  # every sampling field travels in the one JSON tensor
+            if params.max_tokens:
+                used.append("max_tokens")
+            missing = used if self.names["sampling_parameters"] not in declared else []
         else:
-            used = {"temperature": params.temperature != 1.0, "top_p": params.top_p != 1.0,
-                    "random_seed": params.seed is not None, "presence_penalty": params.presence_penalty != 0.0,
-                    "frequency_penalty": params.frequency_penalty != 0.0}
-            missing = [name for name, set_ in used.items() if set_ and self.names[name] not in declared]
+            missing = [field for field in used if self.names[TRTLLM_INPUT_OF.get(field, field)] not in declared]
         if missing:
-            field = {"random_seed": "seed"}.get(missing[0], missing[0])
+            field = missing[0]
             raise InvalidRequestError(
                 f"Model '{self.model_id}' is served by the 'triton' backend ({interface} interface, Triton model "
                 f"'{self.entry.triton_model}'), which declares no input for '{field}'; leave {field} unset for "
                 "this model, or serve it with a model that takes it.", param=field)
 
     def _streaming(self) -> bool:
-        return self.entry.protocol == "grpc" and getattr(self, "_decoupled", False)
+        return self.entry.protocol == "grpc" and self._decoupled
 
     def _tensor(self, name: str, value, datatype: str):
         if self.entry.protocol == "grpc":
@@ -229,12 +223,15 @@ class TritonRun:
         self.submitted_at = submitted_at
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices = len(jobs)
-        self.open_choices = self.choices
         self.prompt_tokens = 0
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._tasks: list[asyncio.Task] = []
         self._prompt_counted: set[int] = set()
+
+    @property
+    def open_choices(self) -> int:
+        return sum(not task.done() for task in self._tasks)
 
     def begin(self) -> None:
         self.chat._runs.add(self)
@@ -269,16 +266,16 @@ class TritonRun:
 
     async def _choice(self, index: int, prompt: str, inputs: list) -> None:
         chat, names = self.chat, self.chat.names
-        stops = self.request.params.stop
-        text, reason, prompt_tokens, completion_tokens, streamed = "", None, None, 0, chat._streaming()
+        text = StopFilter(self.request.params.stop)
+        reason, prompt_tokens, completion_tokens, streamed = None, None, 0, chat._streaming()
         try:
             async for outputs in self._responses(inputs):
                 piece = _text(outputs.get(names["text_output"]))
-                if names.get("finish_reason") in outputs:
+                if names["finish_reason"] in outputs:
                     reason = _text(outputs[names["finish_reason"]]) or reason
-                if names.get("num_input_tokens") in outputs:
+                if names["num_input_tokens"] in outputs:
                     prompt_tokens = int(np.asarray(outputs[names["num_input_tokens"]]).reshape(-1)[0])
-                if names.get("num_output_tokens") in outputs:
+                if names["num_output_tokens"] in outputs:
                     count = int(np.asarray(outputs[names["num_output_tokens"]]).reshape(-1)[0])
                     # the vLLM backend reports each response's new tokens; ours the total in the final one
                     completion_tokens = completion_tokens + count if chat.entry.interface == "vllm" else count
@@ -286,16 +283,12 @@ class TritonRun:
                     continue
                 if not streamed and piece.startswith(prompt):  # a model that echoes its input
                     piece = piece[len(prompt):]
-                cut = _stop_at(text + piece, stops, len(text))
-                if cut is not None:
-                    piece, reason = (text + piece)[len(text):cut], "stop"
-                now = time.perf_counter()
-                self.first_token_at = self.first_token_at or now
-                self.finished_at = now
-                text += piece
-                if piece:
-                    await self.queue.put(Delta(index, piece))
-                if cut is not None:
+                delta = text.push_text(piece)
+                self.first_token_at = self.first_token_at or time.perf_counter()
+                if delta:
+                    await self.queue.put(Delta(index, delta))
+                if text.stopped:
+                    reason = "stop"
                     break
         except asyncio.CancelledError:
             raise
@@ -306,28 +299,26 @@ class TritonRun:
             error = chat.failure(f"failed: {type(exc).__name__}: {exc}")
             await self.queue.put(Failure(error.message, error))
             return
-        if prompt_tokens is None:
-            prompt_tokens = len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        rest = text.flush()  # text held back as a possible stop string's start, which it was not
+        if rest:
+            await self.queue.put(Delta(index, rest))
         if not completion_tokens:  # the model reports no count: ours, of the text it sent
-            completion_tokens = len(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if reason is None or reason not in ("stop", "length"):
+            completion_tokens = len(chat.tokenizer(text.text, add_special_tokens=False)["input_ids"])
+        if reason not in ("stop", "length"):
             limit = self.request.params.max_tokens or DEFAULT_MAX_TOKENS
             reason = "length" if completion_tokens >= limit else "stop"
-        if index // self.request.n not in self._prompt_counted:  # n choices share one prompt
-            self._prompt_counted.add(index // self.request.n)
-            self.prompt_tokens += prompt_tokens
+        prompt_index = index // self.request.n  # n choices share one prompt: counted once
+        if prompt_index not in self._prompt_counted:
+            self._prompt_counted.add(prompt_index)
+            self.prompt_tokens += prompt_tokens if prompt_tokens is not None else \
+                len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         self.finished_at = time.perf_counter()
         await self.queue.put(Finish(index, reason, "", completion_tokens))
 
     async def events(self) -> AsyncIterator[Event]:
         try:
-            while self.open_choices:
-                event = await self.queue.get()
+            async for event in drain(self.queue, self.choices):
                 yield event
-                if isinstance(event, Failure):
-                    return
-                if isinstance(event, Finish):
-                    self.open_choices -= 1
         finally:
             self.cancel()
 
@@ -366,11 +357,3 @@ def _text(array) -> str:
         return ""
     flat = np.asarray(array).reshape(-1)
     return "".join(v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in flat)
-
-
-def _stop_at(text: str, stops: list[str], searched: int) -> int | None:
-    """Where the first stop string in ``text`` starts (looking back far enough to catch one split across
-    pieces), or None."""
-    longest = max((len(s) for s in stops), default=0)
-    found = [i for i in (text.find(s, max(0, searched - longest)) for s in stops if s) if i >= 0]
-    return min(found) if found else None

@@ -138,3 +138,14 @@ def test_models_list_reports_each_triton_entry_health(triton_server, tmp_path):
     assert rows["team/smol-trtllm"][2:] == ["triton", f"grpc://{triton_server['grpc']} (tensorrt_llm: ensemble)",
                                             "ready"]
     assert rows["team/nowhere"][4].startswith("unreachable")
+
+
+def test_a_streamed_stop_string_never_reaches_the_client_even_in_part(client):
+    whole = client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, temperature=0,
+                                           max_tokens=20, stop=[" Paris."])
+    chunks = list(client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, temperature=0,
+                                                 max_tokens=20, stop=[" Paris."], stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert "Paris" not in streamed and not streamed.endswith(" ")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
