@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qubrid_lab.engine.base import ChatBackend, EmbeddingBackend
 from qubrid_lab.engine.thread import ModelThread
-from qubrid_lab.errors import InvalidRequestError, ModelNotFoundError
+from qubrid_lab.errors import ModelNotFoundError
 from qubrid_lab.models.catalogue import Catalogue, ModelEntry
 from qubrid_lab.settings import Settings
 
@@ -103,9 +103,6 @@ def load_registry(settings: Settings, catalogue: Catalogue) -> ModelRegistry:
 
 
 def _load_backend(entry: ModelEntry, settings: Settings, thread: ModelThread) -> ChatBackend | EmbeddingBackend:
-    if entry.kind == "embedding" and entry.backend in ("vllm", "triton"):
-        raise InvalidRequestError(f"Model '{entry.id}': backend '{entry.backend}' serves chat models; serve "
-                                  "embedding models with backend 'local' or 'openai'.")
     if entry.backend == "openai":
         from qubrid_lab.engine.openai_upstream import OpenAIUpstreamChat, OpenAIUpstreamEmbedding
 

@@ -36,6 +36,12 @@ MAX_LORA_RANK = 512  # the largest lora_rank the job API allows (training.hyperp
 TRITON_PROTOCOLS = ("grpc", "http")
 TRITON_INTERFACES = ("tensorrt_llm", "vllm")
 
+
+def _whole(low: int, high: float = math.inf):
+    """A check for a whole number (not a bool) from ``low`` to ``high``."""
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
 # keys that are not plain strings: what each must be, checked as entries are read
 _KEY_CHECKS = {
     "vision": ("true or false", lambda v: isinstance(v, bool)),
@@ -43,14 +49,13 @@ _KEY_CHECKS = {
              and all(isinstance(a, str) for a in v)),
     "gpu_memory_utilization": ("a number above 0 and at most 1", lambda v: isinstance(v, (int, float))
                                and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1),
-    "max_model_len": ("a positive whole number", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-    "tensor_parallel_size": ("a positive whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)
-                             and v > 0),
-    "max_lora_rank": (f"a whole number from 1 to {MAX_LORA_RANK}", lambda v: isinstance(v, int)
-                      and not isinstance(v, bool) and 1 <= v <= MAX_LORA_RANK),
+    "max_model_len": ("a positive whole number", _whole(1)),
+    "tensor_parallel_size": ("a positive whole number", _whole(1)),
+    "max_lora_rank": (f"a whole number from 1 to {MAX_LORA_RANK}", _whole(1, MAX_LORA_RANK)),
     "tensor_names": ("an object mapping our tensor names to the model's", lambda v: isinstance(v, dict)
                      and all(isinstance(k, str) and isinstance(n, str) for k, n in v.items())),
 }
+CHAT_ONLY_BACKENDS = ("vllm", "triton")
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,9 @@ class Catalogue:
         if entry.kind not in get_args(ModelKind):
             raise InvalidRequestError(f"Model '{entry.id}' has kind '{entry.kind}'; use 'chat' or 'embedding'.")
         named = f"Model '{entry.id}' (backend '{entry.backend}')"
+        if entry.kind == "embedding" and entry.backend in CHAT_ONLY_BACKENDS:
+            raise InvalidRequestError(f"{named} is an embedding model, but backend '{entry.backend}' serves chat "
+                                      "models; serve embedding models with backend 'local' or 'openai'.")
         if entry.backend == "openai" and not entry.base_url.startswith(("http://", "https://")):
             raise InvalidRequestError(f"{named} needs base_url, the upstream's http(s) address ending in /v1; "
                                       f"got '{entry.base_url}'.")

@@ -296,6 +296,7 @@ class JobManager:
                     self._waiting_reported[job.id] = waiting
                     self.jobs.record(job.id, "message", f"Waiting: {waiting}", level="warning")
                 return
+            self._waiting_reported.pop(job.id, None)
             if self.jobs.transition(job.id, ("queued",), "running", started_at=job.started_at or time.time(),
                                     message="Job started."):
                 self._start_worker(job)

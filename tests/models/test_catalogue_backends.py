@@ -64,3 +64,10 @@ upstream_model = "meta-llama/Llama-3.3-70B-Instruct"
     assert catalogue.get("team/llama").upstream_model == "meta-llama/Llama-3.3-70B-Instruct"
     with pytest.raises(InvalidRequestError, match=r"\[\[models\]\]"):
         load(tmp_path, None, ".toml", text='title = "no models here"\n')
+
+
+@pytest.mark.parametrize("backend, keys", [("vllm", {"source": "dir:/m"}), ("triton", {"url": "h:1", "tokenizer": "t"})])
+def test_an_embedding_entry_on_a_chat_only_backend_is_refused_when_read(tmp_path, backend, keys):
+    with pytest.raises(InvalidRequestError, match="serves chat models") as refused:
+        load(tmp_path, [{"id": "team/embed", "kind": "embedding", "backend": backend, **keys}])
+    assert "team/embed" in refused.value.message
