@@ -2,7 +2,8 @@
 platform, another ``qubrid-lab serve``) behind this server's API, keys and ``x_metrics``.
 
 Requests are forwarded whole and streamed back chunk by chunk (never buffered), with pooled connections
-(httpx). Usage comes from the upstream (``stream_options.include_usage``). Errors take the one error shape:
+(aiohttp: its C HTTP parser reads a token's SSE event in about half the CPU httpx's pure-Python stack takes,
+which on a CPU the engine shares is time taken from generation; see ``benchmarks/proxy_overhead.py``). Usage comes from the upstream (``stream_options.include_usage``). Errors take the one error shape:
 a 400/404 from the upstream keeps its status and message (a 422 becomes 400); a refused key, an unreachable,
 timing-out or failing upstream becomes 502 ``upstream_error`` naming the backend and model. Connection
 attempts are retried with backoff; a request that may have started generating never is. A client that hangs
@@ -17,6 +18,7 @@ import os
 import time
 from typing import AsyncIterator
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -25,7 +27,7 @@ from qubrid_lab.errors import InvalidRequestError, QubridError, UpstreamError
 from qubrid_lab.models.catalogue import ModelEntry
 
 CONNECT_RETRY_DELAYS = (0.25, 0.5, 1.0)  # seconds before each new attempt after a refused connection
-TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=60.0)
+TIMEOUT = aiohttp.ClientTimeout(total=None, connect=60.0, sock_connect=10.0, sock_read=300.0)
 
 
 class UpstreamRefusal(QubridError):
@@ -79,47 +81,52 @@ class _Upstream:
         self.base_url = entry.base_url.rstrip("/")
         key = key or api_key_of(entry)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
         self.created = int(time.time())
 
-    def _client(self) -> httpx.AsyncClient:
+    def _session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
-        if loop not in self._clients:
-            self._clients[loop] = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=TIMEOUT)
-        return self._clients[loop]
+        session = self._sessions.get(loop)
+        if session is None or session.closed:
+            session = self._sessions[loop] = aiohttp.ClientSession(
+                headers=self.headers, timeout=TIMEOUT, connector=aiohttp.TCPConnector(limit=0))
+        return session
 
     def failure(self, what: str) -> UpstreamError:
         return UpstreamError(f"The upstream of model '{self.model_id}' (backend 'openai', {self.base_url}) {what}")
 
-    async def open(self, path: str, body: dict, stream: bool) -> httpx.Response:
+    async def open(self, path: str, body: dict) -> aiohttp.ClientResponse:
         """Send ``body``; a refused connection is retried, any other failure or error status raised mapped."""
-        client = self._client()
+        session = self._session()
         for delay in (*CONNECT_RETRY_DELAYS, None):
             try:
-                response = await client.send(client.build_request("POST", path, json=body), stream=stream)
+                response = await session.post(self.base_url + path, json=body)
                 break
-            except httpx.ConnectError as exc:
+            except aiohttp.ClientConnectorError as exc:
                 if delay is None:
                     raise self.failure(f"cannot be reached: {exc}") from exc
                 await asyncio.sleep(delay)
-            except httpx.TimeoutException as exc:
+            except asyncio.TimeoutError as exc:
                 raise self.failure(f"did not answer in time ({type(exc).__name__})") from exc
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:
                 raise self.failure(f"failed: {type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 400:
-            await response.aread()
-            await response.aclose()
-            raise self._refusal(response)
+        if response.status >= 400:
+            try:
+                text = await response.text(errors="replace")
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                text = ""
+            response.release()
+            raise self._refusal(response.status, text)
         return response
 
-    def _refusal(self, response: httpx.Response) -> QubridError:
-        status = response.status_code
+    def _refusal(self, status: int, text: str) -> QubridError:
         try:
-            error = response.json().get("error") or {}
-        except ValueError:
+            error = json.loads(text).get("error") or {}
+        except (ValueError, AttributeError):
             error = {}
-        message = error.get("message") if isinstance(error, dict) else str(error)
-        message = message or response.text[:500] or f"HTTP {status}"
+        if not isinstance(error, dict):
+            error = {"message": str(error)}
+        message = error.get("message") or text[:500] or f"HTTP {status}"
         if status in (400, 404, 422):
             return UpstreamRefusal(
                 400 if status == 422 else status, message, param=error.get("param"),
@@ -130,15 +137,38 @@ class _Upstream:
                                 f"{self.entry.api_key_env or 'api_key_env (none is set)'}")
         return self.failure(f"answered {status}: {message}")
 
-    async def close(self) -> None:
-        for client in self._clients.values():
-            await client.aclose()
+    def close(self) -> None:
+        """Close the pooled connections, each on its own event loop (a closed loop took its sockets along)."""
+        sessions, self._sessions = self._sessions, {}
+        for loop, session in sessions.items():
+            if session.closed or loop.is_closed():
+                continue
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                loop.create_task(session.close())
+            else:
+                asyncio.run_coroutine_threadsafe(session.close(), loop)
+
+
+async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body's lines as they arrive, of any length (aiohttp's own ``readline`` refuses lines over 64 KiB)."""
+    pending = b""
+    async for data in response.content.iter_any():
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
 
 
 class UpstreamRun:
     """One request streaming from the upstream; the same interface as :class:`GenerationRun`."""
 
-    def __init__(self, upstream: _Upstream, response: httpx.Response, choices: int, submitted_at: float,
+    def __init__(self, upstream: _Upstream, response: aiohttp.ClientResponse, choices: int, submitted_at: float,
                  runs: set):
         self.upstream, self.response, self.choices = upstream, response, choices
         self.submitted_at = submitted_at
@@ -153,11 +183,11 @@ class UpstreamRun:
         finishes: list[Finish] = []
         usage, pieces = None, 0
         try:
-            async for line in self.response.aiter_lines():
-                if not line.startswith("data:"):
+            async for line in _lines(self.response):
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -175,7 +205,7 @@ class UpstreamRun:
                         finishes.append(Finish(choice["index"], choice["finish_reason"], text, 0))
                     elif text:
                         yield Delta(choice["index"], text)
-        except (httpx.HTTPError, ValueError) as exc:
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             yield self._failure(f"broke off mid-stream: {type(exc).__name__}: {exc}")
             return
         finally:
@@ -198,8 +228,7 @@ class UpstreamRun:
         """Close the upstream stream (which cancels the request there) unless it is closed already."""
         if self in self._runs:
             self._runs.discard(self)
-            if not self.response.is_closed:
-                asyncio.get_running_loop().create_task(self.response.aclose())
+            self.response.close()  # drops the connection: the upstream sees the client leave
 
     def metrics(self, completion_tokens: int) -> dict:
         return run_metrics(self.submitted_at, self.first_token_at, self.finished_at, completion_tokens)
@@ -232,11 +261,8 @@ class OpenAIUpstreamChat(_Upstream):
         else:
             path, body["prompt"], choices = "/completions", request.prompts, request.n * len(request.prompts)
         submitted_at = time.perf_counter()
-        response = await self.open(path, body, stream=True)
+        response = await self.open(path, body)
         return UpstreamRun(self, response, choices, submitted_at, self._runs)
-
-    def close(self) -> None:
-        """Connections close with the process; an in-flight stream ends when its client does."""
 
 
 class OpenAIUpstreamEmbedding(_Upstream):
@@ -244,15 +270,14 @@ class OpenAIUpstreamEmbedding(_Upstream):
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         response = await self.open("/embeddings", {"model": self.entry.upstream_model, "input": texts,
-                                                   "encoding_format": "float"}, stream=False)
+                                                   "encoding_format": "float"})
         try:
-            body = response.json()
+            body = await response.json(content_type=None)
             rows = sorted(body["data"], key=lambda item: item["index"])
             vectors = np.asarray([row["embedding"] for row in rows], dtype=np.float32)
             tokens = int((body.get("usage") or {}).get("prompt_tokens", 0))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self.failure(f"broke off its embeddings answer: {type(exc).__name__}: {exc}") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise self.failure(f"sent an embeddings answer this server cannot read: {exc}") from exc
         return vectors, tokens
-
-    def close(self) -> None:
-        """Connections close with the process."""

@@ -252,6 +252,7 @@ class VLLMChat(OpenAIUpstreamChat):
         return FineTunedVLLMChat(model_id, self, Path(adapter_dir), created)
 
     def close(self) -> None:
+        super().close()
         self.process.stop()
 
 
@@ -267,4 +268,5 @@ class FineTunedVLLMChat(VLLMChat):
         self.created = created
 
     def close(self) -> None:
+        super(VLLMChat, self).close()
         self.process.unload_adapter(self.model_id)
