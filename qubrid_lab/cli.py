@@ -23,18 +23,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    from qubrid_lab.server.auth import new_api_key
+def _key_store(args: argparse.Namespace):
+    from qubrid_lab.storage.db import Database
+    from qubrid_lab.storage.keys import KeyStore
 
-    settings = _settings(args)
-    key_file = settings.api_key_file or settings.default_key_file()
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key = new_api_key()
-    with key_file.open("a") as handle:
-        handle.write(f"{key}\n")
-    key_file.chmod(0o600)
+    database = Database(_settings(args).database_path)
+    database.migrate()
+    return KeyStore(database)
+
+
+def _when(at: float | None) -> str:
+    import datetime
+
+    return "-" if at is None else datetime.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    key, record = _key_store(args).create(name=args.name, credits=args.credits, rpm=args.rpm, tpm=args.tpm,
+                                          admin=args.admin)
     print(key)
-    print(f"added to {key_file}; the server reads it at start", file=sys.stderr)
+    credit = "unmetered" if record.credits is None else f"{record.credits} USD of credit"
+    print(f"key '{record.name}' ({'admin, ' if record.admin else ''}{credit}) created; only its hash is stored, so "
+          "copy it now. A running server accepts it at once.", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    keys = _key_store(args).all(include_revoked=args.all)
+    print("name\tprefix\tadmin\tcreated\tlast used\tcredits\tspent\trpm\ttpm\tstatus")
+    for key in keys:
+        credits = "unmetered" if key.credits is None else f"{key.credits:g}"
+        status = f"revoked {_when(key.revoked_at)}" if key.revoked_at else "live"
+        print(f"{key.name}\t{key.prefix}…\t{'yes' if key.admin else 'no'}\t{_when(key.created_at)}\t"
+              f"{_when(key.last_used_at)}\t{credits}\t{key.spent:.6f}\t{key.rpm or '-'}\t{key.tpm or '-'}\t{status}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    record = _key_store(args).revoke(args.key)
+    print(f"revoked key '{record.name}' ({record.prefix}…); a running server refuses it from its next request",
+          file=sys.stderr)
     return 0
 
 
@@ -107,9 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create = key_commands.add_parser("create", help="create a qbt_ key and add it to the key file")
-    create.add_argument("--api-key-file", type=Path, help="key file (default <home>/api_keys.txt)")
+    create = key_commands.add_parser("create", help="create a qbt_ key (printed once; stored hashed)")
+    create.add_argument("--name", help="a unique name for the key (default: generated)")
+    create.add_argument("--credits", type=float, help="credit in USD; 0 refuses every request with 402 "
+                                                      "(default: unmetered)")
+    create.add_argument("--rpm", type=int, help="requests per minute (default: no limit)")
+    create.add_argument("--tpm", type=int, help="tokens per minute, prompt plus completion (default: no limit)")
+    create.add_argument("--admin", action="store_true", help="sees and manages every key's objects and usage")
     create.set_defaults(run=cmd_keys_create)
+    listing = key_commands.add_parser("list", help="name, prefix, created, last used, limits, spend")
+    listing.add_argument("--all", action="store_true", help="revoked keys too")
+    listing.set_defaults(run=cmd_keys_list)
+    revoke = key_commands.add_parser("revoke", help="refuse a key from now on")
+    revoke.add_argument("key", help="the key's name, or its first characters (8 or more), or the whole key")
+    revoke.set_defaults(run=cmd_keys_revoke)
 
     models = commands.add_parser("models", help="the model catalogue (`models` alone is `models list`)")
     models.add_argument("--catalogue-file", type=Path, help="JSON list of extra catalogue entries")

@@ -42,6 +42,14 @@ class InsufficientFundsError(QubridError):
     code = "insufficient_funds"
 
 
+class PermissionDeniedError(QubridError):
+    """The key is valid but may not do this (an admin-only operation)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
 class ModelNotFoundError(QubridError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -72,6 +80,12 @@ class PayloadTooLargeError(QubridError):
     code = "payload_too_large"
 
 
+class HeadersTooLargeError(QubridError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
+
+
 class RateLimitError(QubridError):
     status_code = 429
     error_type = "rate_limit_error"
@@ -82,6 +96,14 @@ class InternalError(QubridError):
     status_code = 500
     error_type = "server_error"
     code = "internal_error"
+
+
+class ServerOverloadedError(QubridError):
+    """The model's waiting room is full; sent with a ``Retry-After`` header."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "server_overloaded"
 
 
 class UpstreamError(QubridError):

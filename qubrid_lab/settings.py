@@ -44,6 +44,14 @@ class Settings(BaseSettings):
         default_factory=list, description="Accepted bearer keys (comma-separated in the environment)."
     )
     api_key_file: Path | None = Field(None, description="File with one accepted key per line ('#' comments).")
+    default_price_input_per_mtok: float = Field(
+        0.10, ge=0, description="USD per million prompt and training tokens charged to keys with credits, for "
+        "models whose catalogue entry sets no price_input_per_mtok.")
+    default_price_output_per_mtok: float = Field(
+        0.20, ge=0, description="USD per million completion tokens, for entries without price_output_per_mtok.")
+    max_waiting_requests: int = Field(
+        256, ge=0, description="Requests that may wait for a free decoding slot per model; past that a request "
+                               "gets 503 server_overloaded with Retry-After.")
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest JSON body accepted.")
     max_dataset_bytes: int = Field(
         100 * 1024 * 1024, ge=1, description="Largest CSV accepted by POST /fine-tuning/datasets (streamed to disk)."

@@ -16,7 +16,7 @@ import asyncio
 import json
 import os
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx

@@ -26,26 +26,30 @@ class ModelRegistry:
     def all(self) -> dict[str, ChatBackend | EmbeddingBackend]:
         return {**self.chat, **self.embedding}
 
-    def get(self, model_id: str) -> ChatBackend | EmbeddingBackend:
-        try:
-            return self.all()[model_id]
-        except KeyError:
-            raise ModelNotFoundError(model_id, sorted(self.all())) from None
+    # ``hidden``: models the caller may not see (another key's fine-tuned ones): absent here and in the lists.
 
-    def chat_model(self, model_id: str) -> ChatBackend:
-        return self._of_kind(model_id, self.chat, self.embedding,
+    def get(self, model_id: str, hidden: set[str] = frozenset()) -> ChatBackend | EmbeddingBackend:
+        models = self.all()
+        if model_id not in models or model_id in hidden:
+            raise ModelNotFoundError(model_id, sorted(set(models) - hidden))
+        return models[model_id]
+
+    def chat_model(self, model_id: str, hidden: set[str] = frozenset()) -> ChatBackend:
+        return self._of_kind(model_id, self.chat, self.embedding, hidden,
                              "is an embedding model; it cannot generate text. Use it with /v1/embeddings.")
 
-    def embedding_model(self, model_id: str) -> EmbeddingBackend:
-        return self._of_kind(model_id, self.embedding, self.chat, "is a text-generation model, not an embedding model.")
+    def embedding_model(self, model_id: str, hidden: set[str] = frozenset()) -> EmbeddingBackend:
+        return self._of_kind(model_id, self.embedding, self.chat, hidden,
+                             "is a text-generation model, not an embedding model.")
 
     @staticmethod
-    def _of_kind(model_id: str, wanted: dict, other: dict, mismatch: str):
+    def _of_kind(model_id: str, wanted: dict, other: dict, hidden: set[str], mismatch: str):
         """The backend from ``wanted``; a model of the other kind gets a 404 saying what it is."""
-        if model_id in other:
-            raise ModelNotFoundError(model_id, sorted(wanted), reason=f"'{model_id}' {mismatch}")
-        if model_id not in wanted:
-            raise ModelNotFoundError(model_id, sorted(wanted))
+        known = sorted(set(wanted) - hidden)
+        if model_id in other and model_id not in hidden:
+            raise ModelNotFoundError(model_id, known, reason=f"'{model_id}' {mismatch}")
+        if model_id not in wanted or model_id in hidden:
+            raise ModelNotFoundError(model_id, known)
         return wanted[model_id]
 
     def add_adapter(self, model_id: str, base_model: str, adapter_dir: Path, created: int) -> None:

@@ -42,6 +42,10 @@ def _whole(low: int, high: float = math.inf):
     return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
 
 
+def _price(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 # keys that are not plain strings: what each must be, checked as entries are read
 _KEY_CHECKS = {
     "vision": ("true or false", lambda v: isinstance(v, bool)),
@@ -54,6 +58,8 @@ _KEY_CHECKS = {
     "max_lora_rank": (f"a whole number from 1 to {MAX_LORA_RANK}", _whole(1, MAX_LORA_RANK)),
     "tensor_names": ("an object mapping our tensor names to the model's", lambda v: isinstance(v, dict)
                      and all(isinstance(k, str) and isinstance(n, str) for k, n in v.items())),
+    "price_input_per_mtok": ("a number of USD, 0 or more", lambda v: _price(v)),
+    "price_output_per_mtok": ("a number of USD, 0 or more", lambda v: _price(v)),
 }
 CHAT_ONLY_BACKENDS = ("vllm", "triton")
 
@@ -93,6 +99,8 @@ class ModelEntry:
     triton_model: str = ""
     tokenizer: str = ""
     tensor_names: dict = field(default_factory=dict, hash=False)
+    price_input_per_mtok: float | None = None  # USD per million prompt (and training) tokens; None: the default
+    price_output_per_mtok: float | None = None  # USD per million completion tokens; None: the default
 
     @property
     def scheme(self) -> str:
@@ -219,7 +227,8 @@ def _entry_from(item: object, where: str) -> ModelEntry:
         raise InvalidRequestError(f"{where}: each entry is an object with at least 'id' and 'kind'.")
     where = f"{where} ('{item['id']}')"
     backend = item.get("backend", "local")
-    common = {"id", "kind", "owned_by", "description", "vision", "backend"}
+    common = {"id", "kind", "owned_by", "description", "vision", "backend", "price_input_per_mtok",
+              "price_output_per_mtok"}
     allowed = common | set(BACKEND_KEYS.get(backend, ()))
     for key in item:
         if key not in allowed:

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from qubrid_lab import __version__
 from qubrid_lab.engine.registry import ModelRegistry
-from qubrid_lab.errors import PayloadTooLargeError
+from qubrid_lab.errors import HeadersTooLargeError, PayloadTooLargeError
 from qubrid_lab.models.catalogue import Catalogue, default_catalogue
-from qubrid_lab.server.auth import BearerAuth
+from qubrid_lab.server.auth import BearerAuth, require_admin
+from qubrid_lab.server.metering import Meter
+from qubrid_lab.server.observability import Metrics, RequestObserver
+from qubrid_lab.server.openapi import document_errors
 from qubrid_lab.server.errors import error_response, install_error_handlers
 from qubrid_lab.server.routes import (
     chat,
@@ -24,11 +28,14 @@ from qubrid_lab.server.routes import (
     fine_tuning_jobs,
     fine_tuning_models,
     models,
+    usage,
 )
 from qubrid_lab.settings import Settings
 from qubrid_lab.storage.datasets import DatasetStore
 from qubrid_lab.storage.db import Database
 from qubrid_lab.storage.jobs import JobStore
+from qubrid_lab.storage.keys import KeyStore
+from qubrid_lab.storage.usage import UsageLedger
 from qubrid_lab.training.jobs import JobManager
 
 FINE_TUNING_PREFIXES = ("/api/v1", "/v1")
@@ -55,10 +62,13 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
     """
     database = Database(settings.database_path)
     datasets = DatasetStore(database, settings.files_dir)
+    catalogue = catalogue or _catalogue_of(registry)
+    keys = KeyStore(database)
+    meter = Meter(settings, UsageLedger(database), keys, catalogue.entries)
     job_manager = JobManager(
-        settings, catalogue or _catalogue_of(registry), datasets, JobStore(database),
+        settings, catalogue, datasets, JobStore(database),
         on_model_ready=registry.add_adapter, on_model_removed=registry.remove_adapter,
-        gpu_reservations=registry.gpu_reservations)
+        gpu_reservations=registry.gpu_reservations, on_trained=meter.record_training)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -76,18 +86,30 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
     app.state.registry = registry
     app.state.datasets = datasets
     app.state.job_manager = job_manager
-    auth = BearerAuth(settings.load_api_keys())
+    app.state.meter = meter
+    auth = BearerAuth(keys, settings.load_api_keys(), meter)
     app.state.auth = auth
     install_error_handlers(app)
+    document_errors(app)
 
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes,
                        streamed_paths={prefix + fine_tuning_datasets.UPLOAD_PATH for prefix in FINE_TUNING_PREFIXES})
+    metrics = Metrics(app.state)
+    meter.metrics = metrics
+    app.add_middleware(RequestObserver, metrics=metrics)  # outermost: every response gets its request id
 
-    for router in (chat.router, completions.router, embeddings.router, models.router):
+    for router in (chat.router, completions.router, embeddings.router, models.router, usage.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(auth)])
     for prefix in FINE_TUNING_PREFIXES:
         for router in (fine_tuning_datasets.router, fine_tuning_jobs.router, fine_tuning_models.router):
             app.include_router(router, prefix=prefix, dependencies=[Depends(auth)])
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus text format; with keys configured, for admin keys only."""
+        request.state.key = auth.resolve(request.headers.get("authorization", ""))
+        require_admin(request, "Reading /metrics")
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> dict:
@@ -104,8 +126,12 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
     return app
 
 
+MAX_HEADER_BYTES = 64 * 1024  # uvicorn's parser takes headers of any size; a client needs a few KiB at most
+
+
 class BodySizeLimit:
-    """Answers 413 for a body over the limit, whether its length is declared or it arrives chunked.
+    """Answers 413 for a body over the limit, whether its length is declared or it arrives chunked, and 431
+    for headers over :data:`MAX_HEADER_BYTES`.
 
     Pure ASGI (no BaseHTTPMiddleware), so streaming responses and disconnects pass through untouched.
     ``streamed_paths`` (dataset uploads) are left alone: their handlers stream to disk under a limit of their own.
@@ -122,7 +148,14 @@ class BodySizeLimit:
             "(QUBRID_LAB_MAX_REQUEST_BYTES)."))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in self.streamed_paths:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if header_bytes > MAX_HEADER_BYTES:
+            error = HeadersTooLargeError(f"The request's headers are {header_bytes} bytes; this server accepts at "
+                                         f"most {MAX_HEADER_BYTES}.")
+            return await error_response(error)(scope, receive, send)
+        if scope["path"] in self.streamed_paths:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit():

@@ -52,10 +52,11 @@ def serve(settings: Settings, *, allow_open: bool = False, owner_pid: int | None
     """
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keys = settings.load_api_keys()
-    if not keys and not _is_loopback(settings.host) and not allow_open:
+    stored = _stored_keys(settings)
+    if not keys and not stored and not _is_loopback(settings.host) and not allow_open:
         raise InvalidRequestError(
             f"Refusing to serve on {settings.host} with no API keys: anyone on the network could use it. "
-            "Create a key with `qubrid-lab keys create`, or pass --allow-open.")
+            "Create a key with `qubrid-lab keys create --admin`, or pass --allow-open.")
     port = settings.port or _free_port(settings.host)
     with claim_home(settings.home, _local_url(settings.host, port), owner_pid=owner_pid):
         if owner_pid is not None:
@@ -68,11 +69,29 @@ def serve(settings: Settings, *, allow_open: bool = False, owner_pid: int | None
         app = create_app(settings, registry, catalogue=catalogue)
         base = f"http://{settings.host}:{port}/v1"
         if keys:
-            log.info("serving %s at %s; %d API key(s) accepted", ", ".join(registry.all()), base, len(keys))
+            log.info("%d API key(s) from the key file or QUBRID_LAB_API_KEYS are accepted: they are unmetered, "
+                     "unlimited and not admins (hashed in memory only). `qubrid-lab keys create` makes keys with "
+                     "credit, limits and ownership.", len(keys))
+        if keys or stored:
+            log.info("serving %s at %s; %d stored API key(s) live", ", ".join(registry.all()), base, stored)
         else:
             log.warning("serving %s at %s with NO API keys: every request to this address is accepted",
                         ", ".join(registry.all()), base)
         uvicorn.run(app, host=settings.host, port=port, log_level=settings.log_level.lower())
+
+
+def _stored_keys(settings: Settings) -> int:
+    """Live keys in the home's database (``qubrid-lab keys create``)."""
+    from qubrid_lab.storage.db import Database
+    from qubrid_lab.storage.keys import KeyStore
+
+    database = Database(settings.database_path)
+    database.migrate()
+    try:
+        store = KeyStore(database)
+        return len(store.all(include_revoked=False)) if store.any_key() else 0
+    finally:
+        database.close()
 
 
 def _stop_when_gone(owner_pid: int) -> None:

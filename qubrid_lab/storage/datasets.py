@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qubrid_lab.data.csv_ingest import inspect_csv
 from qubrid_lab.errors import ConflictError, NotFoundError
-from qubrid_lab.storage.db import Database, new_id
+from qubrid_lab.storage.db import OWNED, Database, new_id
 from qubrid_lab.storage.jobs import ACTIVE_STATUSES
 
 INCOMING = ".incoming"  # uploads in progress; whatever is left here after a crash is deleted at start
@@ -31,6 +31,7 @@ class DatasetRecord:
     row_count: int
     columns: list[str]
     created_at: float
+    owner: str | None = None  # the id of the key that uploaded it; None: the admin's
 
 
 class DatasetStore:
@@ -54,7 +55,7 @@ class DatasetStore:
     def clear_incoming(self) -> None:
         shutil.rmtree(self.files_dir / INCOMING, ignore_errors=True)
 
-    def add(self, upload: Path, filename: str, name: str | None = None) -> DatasetRecord:
+    def add(self, upload: Path, filename: str, name: str | None = None, owner: str | None = None) -> DatasetRecord:
         """Check the CSV at ``upload`` and keep it as a new dataset; the upload file is gone afterwards either way.
 
         Raises the data package's ``DatasetError`` (400, naming the line) when the file is not a usable CSV.
@@ -69,9 +70,9 @@ class DatasetStore:
                 with self.db.transaction() as connection:
                     connection.execute(
                         "INSERT INTO datasets (id, name, filename, stored_as, size_bytes, row_count, columns,"
-                        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        " created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (dataset_id, name or filename, filename, stored_as, summary.size_bytes, summary.row_count,
-                         json.dumps(summary.columns), time.time()))
+                         json.dumps(summary.columns), time.time(), owner))
             except BaseException:
                 (self.files_dir / stored_as).unlink(missing_ok=True)
                 raise
@@ -79,30 +80,34 @@ class DatasetStore:
             upload.unlink(missing_ok=True)
         return self.get(dataset_id)
 
-    def get(self, dataset_id: str) -> DatasetRecord:
+    def get(self, dataset_id: str, scope: str | None = None) -> DatasetRecord:
+        """The dataset, if ``scope`` (an owner id; None: everyone's) may see it; else 404."""
         with self.db.connect() as connection:
-            row = connection.execute("SELECT * FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+            row = connection.execute(f"SELECT * FROM datasets WHERE id = ? AND {OWNED}",
+                                     (dataset_id, scope, scope)).fetchone()
         if row is None:
             raise NotFoundError(f"No dataset '{dataset_id}'.", param="dataset_id")
         return self._record(row)
 
-    def find(self, dataset_id: str) -> DatasetRecord | None:
+    def find(self, dataset_id: str, scope: str | None = None) -> DatasetRecord | None:
         try:
-            return self.get(dataset_id)
+            return self.get(dataset_id, scope)
         except NotFoundError:
             return None
 
-    def all(self) -> list[DatasetRecord]:
-        """Every dataset, newest first."""
+    def all(self, scope: str | None = None) -> list[DatasetRecord]:
+        """Every dataset ``scope`` may see, newest first."""
         with self.db.connect() as connection:
-            rows = connection.execute("SELECT * FROM datasets ORDER BY created_at DESC, rowid DESC").fetchall()
+            rows = connection.execute(f"SELECT * FROM datasets WHERE {OWNED} ORDER BY created_at DESC, rowid DESC",
+                                      (scope, scope)).fetchall()
         return [self._record(row) for row in rows]
 
-    def delete(self, dataset_id: str) -> None:
+    def delete(self, dataset_id: str, scope: str | None = None) -> None:
         """Forget the dataset and delete its file; refused while a queued or running job trains on it."""
         marks = ", ".join("?" * len(ACTIVE_STATUSES))
         with self.db.transaction() as connection:
-            row = connection.execute("SELECT stored_as FROM datasets WHERE id = ?", (dataset_id,)).fetchone()
+            row = connection.execute(f"SELECT stored_as FROM datasets WHERE id = ? AND {OWNED}",
+                                     (dataset_id, scope, scope)).fetchone()
             if row is None:
                 raise NotFoundError(f"No dataset '{dataset_id}'.", param="dataset_id")
             users = connection.execute(

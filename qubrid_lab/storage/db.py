@@ -81,7 +81,42 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at REAL NOT NULL
         )""",
     ),
+    (  # 2: API keys (hashed), the usage ledger, and an owner (the creating key's id) on every user object
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            hash TEXT NOT NULL UNIQUE,
+            admin INTEGER NOT NULL DEFAULT 0,
+            credits REAL,
+            spent REAL NOT NULL DEFAULT 0,
+            rpm INTEGER,
+            tpm INTEGER,
+            created_at REAL NOT NULL,
+            last_used_at REAL,
+            revoked_at REAL
+        )""",
+        """CREATE TABLE usage (
+            date TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            key_name TEXT NOT NULL,
+            model TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            training_tokens INTEGER NOT NULL DEFAULT 0,
+            cost REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (date, key_id, model)
+        )""",
+        "ALTER TABLE datasets ADD COLUMN owner TEXT",
+        "ALTER TABLE jobs ADD COLUMN owner TEXT",
+        "ALTER TABLE fine_tuned_models ADD COLUMN owner TEXT",
+    ),
 )
+
+
+# The row filter for a scope: bound twice to an owner id (a key's objects only) or to None (everyone's).
+OWNED = "(? IS NULL OR owner = ?)"
 
 
 def new_id(prefix: str) -> str:

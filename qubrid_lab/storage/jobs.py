@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qubrid_lab.errors import InvalidRequestError, NotFoundError
-from qubrid_lab.storage.db import Database, new_id
+from qubrid_lab.storage.db import OWNED, Database, new_id
 
 ACTIVE_STATUSES = ("queued", "running")
 FINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -41,6 +41,7 @@ class JobRecord:
     created_at: float
     started_at: float | None
     completed_at: float | None
+    owner: str | None = None  # the id of the key that created it; None: the admin's
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -79,6 +80,7 @@ class FineTunedModelRecord:
     status: str
     adapter_dir: Path
     created_at: float
+    owner: str | None = None  # the job's owner
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> FineTunedModelRecord:
@@ -105,34 +107,37 @@ class JobStore:
     # --- jobs ---------------------------------------------------------------------------------------
 
     def create(self, *, base_model: str, dataset_id: str, task_type: str, hyperparameters: dict,
-               column_mapping: dict[str, str] | None, suffix: str | None) -> JobRecord:
+               column_mapping: dict[str, str] | None, suffix: str | None, owner: str | None = None) -> JobRecord:
         """A new queued job; fails if the dataset was deleted since the request was validated."""
         job_id = new_id("ftjob")
         with self.db.transaction() as connection:
-            if not connection.execute("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,)).fetchone():
+            if not connection.execute(f"SELECT 1 FROM datasets WHERE id = ? AND {OWNED}",
+                                      (dataset_id, owner, owner)).fetchone():
                 raise InvalidRequestError(f"dataset_id: no dataset '{dataset_id}'.", param="dataset_id")
             connection.execute(
                 "INSERT INTO jobs (id, status, base_model, dataset_id, task_type, hyperparameters, column_mapping,"
-                " suffix, created_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                " suffix, created_at, owner) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, base_model, dataset_id, task_type, json.dumps(hyperparameters),
-                 json.dumps(column_mapping) if column_mapping else None, suffix, time.time()))
+                 json.dumps(column_mapping) if column_mapping else None, suffix, time.time(), owner))
             _insert_event(connection, job_id, "message", f"Created fine-tuning job {job_id}; it is queued.")
         return self.get(job_id)
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, scope: str | None = None) -> JobRecord:
+        """The job, if ``scope`` (an owner id; None: everyone's) may see it; else 404."""
         with self.db.connect() as connection:
-            row = connection.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = connection.execute(f"SELECT * FROM jobs WHERE id = ? AND {OWNED}", (job_id, scope, scope)).fetchone()
         if row is None:
             raise _no_job(job_id)
         return JobRecord.from_row(row)
 
-    def page(self, limit: int, offset: int) -> tuple[list[JobRecord], int]:
-        """Jobs newest first, ``limit`` of them after skipping ``offset``, and how many there are in all."""
+    def page(self, limit: int, offset: int, scope: str | None = None) -> tuple[list[JobRecord], int]:
+        """Jobs ``scope`` may see newest first, ``limit`` of them after skipping ``offset``, and how many in all."""
         with self.db.connect() as connection:
             connection.execute("BEGIN")
-            total = connection.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
-            rows = connection.execute("SELECT * FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
-                                      (limit, offset)).fetchall()
+            total = connection.execute(f"SELECT COUNT(*) FROM jobs WHERE {OWNED}", (scope, scope)).fetchone()[0]
+            rows = connection.execute(
+                f"SELECT * FROM jobs WHERE {OWNED} ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                (scope, scope, limit, offset)).fetchall()
             connection.execute("COMMIT")
         return [JobRecord.from_row(row) for row in rows], total
 
@@ -185,10 +190,12 @@ class JobStore:
 
     # --- events -------------------------------------------------------------------------------------
 
-    def events(self, job_id: str, after: str | None, limit: int) -> tuple[list[EventRecord], bool]:
+    def events(self, job_id: str, after: str | None, limit: int,
+               scope: str | None = None) -> tuple[list[EventRecord], bool]:
         """The job's events in the order they happened, those after the event ``after`` when given."""
         with self.db.connect() as connection:
-            if not connection.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+            if not connection.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {OWNED}",
+                                      (job_id, scope, scope)).fetchone():
                 raise _no_job(job_id)
             since = 0
             if after:
@@ -214,29 +221,39 @@ class JobStore:
                 (model.id, model.created_at, *metrics.values(), job_id)).rowcount == 1
             if moved:
                 connection.execute(
-                    "INSERT INTO fine_tuned_models (id, base_model, job_id, status, adapter_dir, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (model.id, model.base_model, model.job_id, model.status, str(model.adapter_dir), model.created_at))
+                    "INSERT INTO fine_tuned_models (id, base_model, job_id, status, adapter_dir, created_at, owner)"
+                    " SELECT ?, ?, ?, ?, ?, ?, owner FROM jobs WHERE id = ?",
+                    (model.id, model.base_model, model.job_id, model.status, str(model.adapter_dir), model.created_at,
+                     job_id))
                 _insert_event(connection, job_id, "message", message)
         return moved
 
-    def models(self) -> list[FineTunedModelRecord]:
-        """Fine-tuned models, newest first."""
+    def models(self, scope: str | None = None) -> list[FineTunedModelRecord]:
+        """Fine-tuned models ``scope`` may see, newest first."""
         with self.db.connect() as connection:
-            rows = connection.execute("SELECT * FROM fine_tuned_models ORDER BY created_at DESC, rowid DESC").fetchall()
+            rows = connection.execute(
+                f"SELECT * FROM fine_tuned_models WHERE {OWNED} ORDER BY created_at DESC, rowid DESC",
+                (scope, scope)).fetchall()
         return [FineTunedModelRecord.from_row(row) for row in rows]
 
-    def get_model(self, model_id: str) -> FineTunedModelRecord:
+    def model_owners(self) -> dict[str, str | None]:
+        """Each fine-tuned model's owner id, for filtering the served models by key."""
         with self.db.connect() as connection:
-            row = connection.execute("SELECT * FROM fine_tuned_models WHERE id = ?", (model_id,)).fetchone()
+            return {row["id"]: row["owner"] for row in connection.execute("SELECT id, owner FROM fine_tuned_models")}
+
+    def get_model(self, model_id: str, scope: str | None = None) -> FineTunedModelRecord:
+        with self.db.connect() as connection:
+            row = connection.execute(f"SELECT * FROM fine_tuned_models WHERE id = ? AND {OWNED}",
+                                     (model_id, scope, scope)).fetchone()
         if row is None:
             raise NotFoundError(f"No fine-tuned model '{model_id}'.", param="model_id")
         return FineTunedModelRecord.from_row(row)
 
-    def delete_model(self, model_id: str) -> FineTunedModelRecord:
+    def delete_model(self, model_id: str, scope: str | None = None) -> FineTunedModelRecord:
         """Remove the model's row and return it (its files are the caller's to delete)."""
         with self.db.transaction() as connection:
-            row = connection.execute("SELECT * FROM fine_tuned_models WHERE id = ?", (model_id,)).fetchone()
+            row = connection.execute(f"SELECT * FROM fine_tuned_models WHERE id = ? AND {OWNED}",
+                                     (model_id, scope, scope)).fetchone()
             if row is None:
                 raise NotFoundError(f"No fine-tuned model '{model_id}'.", param="model_id")
             connection.execute("DELETE FROM fine_tuned_models WHERE id = ?", (model_id,))

@@ -99,12 +99,17 @@ class JobManager:
     by ``start()``, then (from the scheduler thread) for each one a job completes; ``on_model_removed(model_id)``
     is called (from the request's thread) before a deleted model's files go. An exception from either is
     logged (and, for a new model, recorded as a warning event of its job); it never fails the job.
+    ``on_trained(job, tokens)`` is told the tokens a job trained on when it ends (for the usage ledger).
+
+    ``scope`` arguments are owner ids (a key's id: its own objects only) or None (everyone's).
     """
 
     def __init__(self, settings: Settings, catalogue: Catalogue, datasets: DatasetStore, jobs: JobStore, *,
                  on_model_ready: ModelReady | None = None, on_model_removed: ModelRemoved | None = None,
-                 gpu_reservations: GpuReservations | None = None):
+                 gpu_reservations: GpuReservations | None = None,
+                 on_trained: Callable[[JobRecord, int], None] | None = None):
         self.settings = settings
+        self.on_trained = on_trained
         self.gpu_reservations = gpu_reservations or dict
         self.catalogue = catalogue
         self.datasets = datasets
@@ -170,8 +175,12 @@ class JobManager:
     # --- requests -----------------------------------------------------------------------------------
 
     def create(self, *, base_model: str, dataset_id: str, task_type: str, hyperparameters: dict | None = None,
-               suffix: str | None = None, column_mapping: dict[str, str] | None = None) -> JobRecord:
-        """Validate a job request, reporting every problem in one 400, and queue the job."""
+               suffix: str | None = None, column_mapping: dict[str, str] | None = None,
+               owner: str | None = None, scope: str | None = None) -> JobRecord:
+        """Validate a job request, reporting every problem in one 400, and queue the job for ``owner``.
+
+        ``scope`` is what the creating key may see: a dataset outside it is "no dataset" here too.
+        """
         problems: list[tuple[str, str]] = []
         entry = self.catalogue.entries.get(base_model)
         if entry is None or entry.kind != "chat":
@@ -184,7 +193,7 @@ class JobManager:
                                            f"{entry.base_url or entry.url}: its weights are not on this machine, so "
                                            "it cannot be fine-tuned here. Fine-tune a local model, or give the "
                                            "entry a 'source' naming the weights to train from."))
-        dataset = self.datasets.find(dataset_id)
+        dataset = self.datasets.find(dataset_id, scope)
         if dataset is None:
             problems.append(("dataset_id", f"no dataset '{dataset_id}'; upload one with POST /fine-tuning/datasets"))
         plan = resolved = None
@@ -220,13 +229,14 @@ class JobManager:
                 text if text.startswith(f"{param}:") else f"{param}: {text}" for param, text in problems) + ".",
                 param=problems[0][0])
         job = self.jobs.create(base_model=base_model, dataset_id=dataset_id, task_type=task_type,
-                               hyperparameters=resolved.model_dump(), column_mapping=column_mapping, suffix=suffix)
+                               hyperparameters=resolved.model_dump(), column_mapping=column_mapping, suffix=suffix,
+                               owner=owner)
         self._wake.set()
         return job
 
-    def cancel(self, job_id: str) -> JobRecord:
+    def cancel(self, job_id: str, scope: str | None = None) -> JobRecord:
         """Cancel a queued job at once, or stop a running one's worker (it is killed if it lingers)."""
-        job = self.jobs.get(job_id)
+        job = self.jobs.get(job_id, scope)
         moved = job.status in ACTIVE_STATUSES and self.jobs.transition(
             job_id, ACTIVE_STATUSES, "cancelled", completed_at=time.time(), message="Job cancelled.")
         if not moved:
@@ -240,9 +250,9 @@ class JobManager:
         self._wake.set()
         return self.jobs.get(job_id)
 
-    def delete_model(self, model_id: str) -> None:
+    def delete_model(self, model_id: str, scope: str | None = None) -> None:
         """Stop serving a fine-tuned model, forget it and delete its adapter files."""
-        model = self.jobs.get_model(model_id)
+        model = self.jobs.get_model(model_id, scope)
         if self.on_model_removed:
             try:
                 self.on_model_removed(model_id)
@@ -385,6 +395,11 @@ class JobManager:
         job_dir = self.job_dir(job.id)
         result_file, adapter_dir = job_dir / RESULT_FILE, job_dir / "adapter"
         result = json.loads(result_file.read_text()) if returncode == 0 and result_file.is_file() else None
+        if result and result.get("train_tokens") and self.on_trained:
+            try:
+                self.on_trained(job, int(result["train_tokens"]))
+            except Exception:  # the ledger failing is no reason to lose the model
+                log.warning("could not record the training tokens of job %s", job.id, exc_info=True)
         if result and not result.get("stopped") and (adapter_dir / "adapter_config.json").is_file():
             model = FineTunedModelRecord(
                 id=fine_tuned_model_id(job.base_model, job.suffix, job.id), base_model=job.base_model, job_id=job.id,

@@ -64,13 +64,23 @@ def test_settings_read_the_environment(monkeypatch, tmp_path):
     assert settings.database_path.parent == tmp_path
 
 
-def test_keys_create_appends_a_qbt_key(tmp_path, capsys):
-    key_file = tmp_path / "keys.txt"
-    assert main(["--home", str(tmp_path), "keys", "create", "--api-key-file", str(key_file)]) == 0
-    key = capsys.readouterr().out.strip()
-    assert key.startswith("qbt_") and len(key) > 30
-    assert key_file.read_text().split() == [key]
-    assert Settings(home=tmp_path, api_key_file=key_file).load_api_keys() == {key}
+def test_keys_create_list_revoke_store_only_a_hash(tmp_path, capsys):
+    assert main(["--home", str(tmp_path), "keys", "create", "--name", "alice", "--credits", "2.5", "--rpm", "10"]) == 0
+    out = capsys.readouterr()
+    key = out.out.strip()
+    assert key.startswith("qbt_") and len(key) > 40 and "alice" in out.err
+    assert key not in (tmp_path / "qubrid_lab.sqlite3").read_bytes().decode("latin-1")
+    assert not (tmp_path / "api_keys.txt").exists()
+    assert main(["--home", str(tmp_path), "keys", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "alice" in listing and key[:12] in listing and key not in listing and "2.5" in listing
+    assert main(["--home", str(tmp_path), "keys", "create", "--name", "alice"]) == 2
+    assert "exists already" in capsys.readouterr().err
+    assert main(["--home", str(tmp_path), "keys", "revoke", key[:10]]) == 0
+    assert main(["--home", str(tmp_path), "keys", "list"]) == 0
+    assert "alice" not in capsys.readouterr().out
+    assert main(["--home", str(tmp_path), "keys", "list", "--all"]) == 0
+    assert "revoked" in capsys.readouterr().out
 
 
 def test_serve_refuses_an_open_network_address(capsys):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from qubrid_lab.engine.sampling import SamplingParams
+
+
+MAX_STOP_LENGTH = 1024  # streaming holds back as many characters as the longest stop sequence has
+StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_LENGTH)]
 
 
 class WireModel(BaseModel):
@@ -25,7 +31,7 @@ class SamplingFields(WireModel):
     n: int | None = Field(1, ge=1, le=16)
     max_tokens: int | None = Field(None, ge=1)
     stream: bool | None = False
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = None
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     seed: int | None = Field(None, description="Extension (OpenAI): makes sampling reproducible.")

@@ -9,7 +9,15 @@ from fastapi import APIRouter, Request
 from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.server.protocol.chat import ChatCompletion, ChatCompletionRequest
-from qubrid_lab.server.routes.generation import StreamFormat, collect, completion_id, envelope, stream
+from qubrid_lab.server.access import chat_backend
+from qubrid_lab.server.routes.generation import (
+    StreamFormat,
+    collect,
+    completion_id,
+    envelope,
+    start_metered,
+    stream,
+)
 from qubrid_lab.server.sse import sse_response
 
 router = APIRouter()
@@ -23,12 +31,26 @@ def _reject_images(request: ChatCompletionRequest, vision: bool) -> None:
                 "Send text parts only, or use a vision model.", param=f"messages[{i}].content")
 
 
+def _characters(messages: list[dict]) -> int:
+    """The text the prompt holds, for the token estimate admission reserves before the backend counts it."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
+    return total
+
+
 @router.post("/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    backend = request.app.state.registry.chat_model(body.model)
+    backend = chat_backend(request, body.model)
     _reject_images(body, vision=getattr(getattr(backend, "entry", None), "vision", False))
-    run = await backend.start(GenerationRequest(body.sampling_params(body.token_limit), body.choices_per_prompt,
-                                                messages=body.template_messages()))
+    messages = body.template_messages()
+    run, charge = await start_metered(
+        request, body.model, GenerationRequest(body.sampling_params(body.token_limit), body.choices_per_prompt,
+                                               messages=messages), _characters(messages), backend)
     request_id = completion_id("chatcmpl")
     if body.stream:
         fmt = StreamFormat(
@@ -37,8 +59,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                                            "finish_reason": finish},
             envelope=envelope("chat.completion.chunk", request_id, body.model),
         )
-        return sse_response(stream(run, fmt, body.include_usage))
-    done = await collect(run)
+        return sse_response(stream(run, fmt, body.include_usage, charge))
+    done = await collect(run, charge)
     return ChatCompletion(
         id=request_id,
         created=int(time.time()),

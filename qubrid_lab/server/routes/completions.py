@@ -8,7 +8,14 @@ from fastapi import APIRouter, Request
 
 from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.server.protocol.completions import Completion, CompletionRequest
-from qubrid_lab.server.routes.generation import StreamFormat, collect, completion_id, envelope, stream
+from qubrid_lab.server.routes.generation import (
+    StreamFormat,
+    collect,
+    completion_id,
+    envelope,
+    start_metered,
+    stream,
+)
 from qubrid_lab.server.sse import sse_response
 
 router = APIRouter()
@@ -16,10 +23,10 @@ router = APIRouter()
 
 @router.post("/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request):
-    backend = request.app.state.registry.chat_model(body.model)
     prompts = body.prompts()
     n = body.choices_per_prompt
-    run = await backend.start(GenerationRequest(body.sampling_params(body.max_tokens), n, prompts=prompts))
+    run, charge = await start_metered(request, body.model, GenerationRequest(
+        body.sampling_params(body.max_tokens), n, prompts=prompts), sum(len(prompt) for prompt in prompts))
     request_id = completion_id("cmpl")
 
     def echoed(index: int) -> str:
@@ -32,8 +39,8 @@ async def create_completion(body: CompletionRequest, request: Request):
             piece=lambda i, text, finish: {"text": text, "index": i, "logprobs": None, "finish_reason": finish},
             envelope=envelope("text_completion", request_id, body.model),
         )
-        return sse_response(stream(run, fmt, body.include_usage))
-    done = await collect(run)
+        return sse_response(stream(run, fmt, body.include_usage, charge))
+    done = await collect(run, charge)
     return Completion(
         id=request_id,
         created=int(time.time()),

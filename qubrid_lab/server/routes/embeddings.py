@@ -6,6 +6,8 @@ import base64
 
 from fastapi import APIRouter, Request
 
+from qubrid_lab.server.access import embedding_backend
+from qubrid_lab.server.auth import key_of
 from qubrid_lab.server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 
 router = APIRouter()
@@ -13,8 +15,14 @@ router = APIRouter()
 
 @router.post("/embeddings")
 async def create_embedding(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
-    backend = request.app.state.registry.embedding_model(body.model)
-    vectors, tokens = await backend.embed(body.texts())
+    backend = embedding_backend(request, body.model)
+    texts = body.texts()
+    charge = request.app.state.meter.admit(key_of(request), body.model, sum(len(text) for text in texts), 0)
+    tokens = 0
+    try:
+        vectors, tokens = await backend.embed(texts)
+    finally:
+        charge.settle(tokens, 0)
     if body.encoding_format == "base64":  # little-endian float32, as OpenAI's SDKs decode it
         encoded = [base64.b64encode(row.tobytes()).decode() for row in vectors.astype("<f4", copy=False)]
     else:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from qubrid_lab.errors import InvalidRequestError
+from qubrid_lab.server.auth import owner_of, scope_of
 from qubrid_lab.server.protocol.fine_tuning import Dataset, DatasetList
 from qubrid_lab.server.uploads import receive_upload
 
@@ -31,22 +32,22 @@ async def upload_dataset(request: Request) -> Dataset:
     if name is not None and len(name) > MAX_NAME_LENGTH:
         upload.path.unlink(missing_ok=True)
         raise InvalidRequestError(f"name: at most {MAX_NAME_LENGTH} characters (got {len(name)}).", param="name")
-    record = await run_in_threadpool(store.add, upload.path, upload.filename, name)
+    record = await run_in_threadpool(store.add, upload.path, upload.filename, name, owner_of(request))
     return Dataset.of(record)
 
 
 @router.get("")
 def list_datasets(request: Request) -> DatasetList:
-    return DatasetList(data=[Dataset.of(record) for record in request.app.state.datasets.all()])
+    return DatasetList(data=[Dataset.of(record) for record in request.app.state.datasets.all(scope_of(request))])
 
 
 @router.get("/{dataset_id}")
 def get_dataset(dataset_id: str, request: Request) -> Dataset:
-    return Dataset.of(request.app.state.datasets.get(dataset_id))
+    return Dataset.of(request.app.state.datasets.get(dataset_id, scope_of(request)))
 
 
 @router.delete("/{dataset_id}", status_code=204)
 def delete_dataset(dataset_id: str, request: Request) -> Response:
     """Delete the dataset and its file; 409 while a queued or running job uses it."""
-    request.app.state.datasets.delete(dataset_id)
+    request.app.state.datasets.delete(dataset_id, scope_of(request))
     return Response(status_code=204)

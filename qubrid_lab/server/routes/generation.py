@@ -7,8 +7,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationRun
+from fastapi import Request
+
+from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationRequest, GenerationRun
 from qubrid_lab.errors import InternalError
+from qubrid_lab.server.access import chat_backend
+from qubrid_lab.server.auth import key_of
+from qubrid_lab.server.metering import Charge
 
 
 def completion_id(prefix: str) -> str:
@@ -31,7 +36,22 @@ class Collected:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-async def collect(run: GenerationRun) -> Collected:
+async def start_metered(request: Request, model: str, generation: GenerationRequest, prompt_characters: int,
+                        backend=None) -> tuple[GenerationRun, Charge]:
+    """Admit the request for its key (credit, limits, the model's waiting room), then start it on its model."""
+    backend = backend or chat_backend(request, model)
+    choices = generation.n * (len(generation.prompts) if generation.prompts is not None else 1)
+    charge = request.app.state.meter.admit(key_of(request), model, prompt_characters, generation.params.max_tokens,
+                                           choices, backend)
+    try:
+        run = await backend.start(generation)
+    except BaseException:
+        charge.settle(0, 0)
+        raise
+    return run, charge
+
+
+async def collect(run: GenerationRun, charge: Charge) -> Collected:
     """Wait for every choice of ``run``; a backend failure becomes a 500 with its reason."""
     texts, reasons, tokens = [""] * run.choices, ["stop"] * run.choices, 0
     try:
@@ -44,6 +64,7 @@ async def collect(run: GenerationRun) -> Collected:
                 tokens += event.completion_tokens
     finally:
         run.cancel()
+        charge.settle(run.prompt_tokens, tokens, run.metrics(tokens)["ttft_seconds"])
     return Collected(texts, reasons, run.prompt_tokens, tokens, run.metrics(tokens))
 
 
@@ -56,8 +77,11 @@ class StreamFormat:
     envelope: Callable[[list[dict]], dict]
 
 
-async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool) -> AsyncIterator[str]:
-    """SSE chunks of ``run``; ``x_metrics`` rides on the last chunk before ``[DONE]``."""
+async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool, charge: Charge) -> AsyncIterator[str]:
+    """SSE chunks of ``run``; ``x_metrics`` rides on the last chunk before ``[DONE]``.
+
+    The usage is settled however the stream ends: a client that hangs up is charged what was generated.
+    """
     from qubrid_lab.server.sse import DONE, sse_event
 
     def chunk(choices: list[dict], **extra) -> str:
@@ -93,6 +117,7 @@ async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool) -> 
         yield DONE
     finally:
         run.cancel()
+        charge.settle(run.prompt_tokens, tokens, run.metrics(tokens)["ttft_seconds"])
 
 
 def envelope(object_name: str, request_id: str, model: str) -> Callable[[list[dict]], dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from qubrid_lab.server.access import hidden_models
 from qubrid_lab.server.protocol.models import Model, ModelList
 
 router = APIRouter()
@@ -17,9 +18,11 @@ def _describe(backend) -> Model:
 
 @router.get("/models")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_describe(b) for b in request.app.state.registry.all().values()])
+    hidden = hidden_models(request)
+    return ModelList(data=[_describe(b) for model_id, b in request.app.state.registry.all().items()
+                           if model_id not in hidden])
 
 
 @router.get("/models/{model_id:path}")
 async def get_model(model_id: str, request: Request) -> Model:
-    return _describe(request.app.state.registry.get(model_id))
+    return _describe(request.app.state.registry.get(model_id, hidden_models(request)))
