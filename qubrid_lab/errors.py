@@ -106,6 +106,14 @@ class ServerOverloadedError(QubridError):
     code = "server_overloaded"
 
 
+class InsufficientStorageError(QubridError):
+    """The disk the home is on is full (or this process may write no more)."""
+
+    status_code = 507
+    error_type = "server_error"
+    code = "insufficient_storage"
+
+
 class UpstreamError(QubridError):
     status_code = 502
     error_type = "upstream_error"

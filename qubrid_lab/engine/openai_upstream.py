@@ -83,6 +83,7 @@ class _Upstream:
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
         self.created = int(time.time())
+        self.healthy = True
 
     def _session(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
@@ -93,6 +94,7 @@ class _Upstream:
         return session
 
     def failure(self, what: str) -> UpstreamError:
+        self.healthy = False  # until the upstream next answers (/metrics: qubrid_lab_backend_up)
         return UpstreamError(f"The upstream of model '{self.model_id}' (backend 'openai', {self.base_url}) {what}")
 
     async def open(self, path: str, body: dict) -> aiohttp.ClientResponse:
@@ -110,6 +112,7 @@ class _Upstream:
                 raise self.failure(f"did not answer in time ({type(exc).__name__})") from exc
             except aiohttp.ClientError as exc:
                 raise self.failure(f"failed: {type(exc).__name__}: {exc}") from exc
+        self.healthy = response.status < 500
         if response.status >= 400:
             try:
                 text = await response.text(errors="replace")

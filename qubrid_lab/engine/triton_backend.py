@@ -91,6 +91,7 @@ class TritonChat:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(entry, cache_dir))
         self.context_length = int(getattr(self.tokenizer, "model_max_length", 0) or 0)
         self.created = int(time.time())
+        self.healthy = True
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
         self._declared: dict[str, dict] | None = None  # model input name -> metadata, read once
         self._batched = self._decoupled = False  # from the model's config, with the inputs
@@ -101,6 +102,7 @@ class TritonChat:
         return sum(run.open_choices for run in self._runs)  # choices whose Triton request is still running
 
     def failure(self, what: str) -> UpstreamError:
+        self.healthy = False  # until Triton next finishes a request (/metrics: qubrid_lab_backend_up)
         return UpstreamError(f"Triton serving model '{self.model_id}' (backend 'triton', {self.entry.protocol} "
                              f"{self.entry.url}, model '{self.entry.triton_model}') {what}")
 
@@ -313,6 +315,7 @@ class TritonRun:
             self.prompt_tokens += prompt_tokens if prompt_tokens is not None else \
                 len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         self.finished_at = time.perf_counter()
+        chat.healthy = True
         await self.queue.put(Finish(index, reason, "", completion_tokens))
 
     async def events(self) -> AsyncIterator[Event]:

@@ -245,6 +245,7 @@ class VLLMChat(OpenAIUpstreamChat):
         return {f"cuda:{i}": fraction for i in range(min(self.entry.tensor_parallel_size or 1, visible))}
 
     def failure(self, what: str) -> UpstreamError:
+        self.healthy = False
         state = "" if self.process.ready.is_set() else " (its vLLM process is restarting; retry shortly)"
         return UpstreamError(f"vLLM serving model '{self.model_id}' (backend 'vllm') {what}{state}")
 

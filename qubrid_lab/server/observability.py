@@ -113,10 +113,30 @@ def _route_template(scope) -> str:
 
 
 def _healthy(backend) -> bool:
-    process = getattr(backend, "process", None)  # a managed vLLM: up while its child answers
-    if process is not None and hasattr(process, "ready"):
-        return process.ready.is_set()
-    return True
+    """A managed vLLM is up while its child answers; a remote backend until a request to it fails (and again
+    once one succeeds); the embedded engine while it is loaded."""
+    process = getattr(backend, "process", None)
+    if process is not None and hasattr(process, "ready") and not process.ready.is_set():
+        return False
+    return getattr(backend, "healthy", True)
+
+
+class RequestIdFilter(logging.Filter):
+    """Puts the current request's id on every log record (``%(request_id)s``; '-' outside requests)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """The server's log: every line names the request it was written for."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
 
 
 class RequestObserver:

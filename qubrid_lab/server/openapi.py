@@ -26,6 +26,7 @@ ERRORS = {
     500: "The server hit an unexpected error.",
     502: "The model's upstream backend failed or cannot be reached.",
     503: "The model's waiting room is full; see Retry-After.",
+    507: "The disk the server stores files on is full.",
 }
 EVERY_API_ROUTE = (401, 429, 431, 500)
 GENERATION = (400, 402, 404, 413, 502, 503)
@@ -37,7 +38,7 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/models/{model_id}"): (404,),
     ("get", "/v1/usage"): (400, 403),
     ("get", "/fine-tuning/datasets"): (),
-    ("post", "/fine-tuning/datasets"): (400, 413),
+    ("post", "/fine-tuning/datasets"): (400, 413, 507),
     ("get", "/fine-tuning/datasets/{dataset_id}"): (404,),
     ("delete", "/fine-tuning/datasets/{dataset_id}"): (404, 409),
     ("post", "/fine-tuning/jobs"): (400, 402, 413),

@@ -17,6 +17,7 @@ from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.models.catalogue import default_catalogue
 from qubrid_lab.server.app import create_app
 from qubrid_lab.server.home import claim_home, process_alive
+from qubrid_lab.server.observability import configure_logging
 from qubrid_lab.settings import Settings
 
 log = logging.getLogger("qubrid_lab")
@@ -50,7 +51,7 @@ def serve(settings: Settings, *, allow_open: bool = False, owner_pid: int | None
     The home directory is held for this server alone (``claim_home``). With ``owner_pid`` the server stops by
     itself, as on Ctrl-C, once that process has exited (a notebook kernel that started it and died).
     """
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     keys = settings.load_api_keys()
     stored = _stored_keys(settings)
     if not keys and not stored and not _is_loopback(settings.host) and not allow_open:

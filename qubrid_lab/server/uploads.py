@@ -7,6 +7,8 @@ as the part outgrows the limit, so a too-large upload costs neither memory nor a
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,8 +16,9 @@ from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from qubrid_lab.errors import InvalidRequestError, PayloadTooLargeError
+from qubrid_lab.errors import InsufficientStorageError, InvalidRequestError, PayloadTooLargeError
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over this process's file limit
 MAX_FIELD_BYTES = 64 * 1024  # a text field (the dataset name) is never legitimately larger
 FORM_OVERHEAD_BYTES = MAX_FIELD_BYTES + 16 * 1024  # boundaries, part headers and small fields around the file
 
@@ -104,8 +107,8 @@ class _PartCollector:
 
     def on_part_end(self) -> None:
         if self.is_file:
-            self.handle.close()
-            self.handle = None
+            handle, self.handle = self.handle, None
+            handle.close()  # flushes: a full disk may only show here
             self.upload.received = True
         elif self.name:
             self.upload.fields[self.name] = self.text.decode("utf-8", "replace")
@@ -144,8 +147,16 @@ async def receive_upload(request: Request, target: Path, *, file_field: str, max
             raise InvalidRequestError(
                 f"{file_field}: a CSV file is required (a multipart part named '{file_field}').", param=file_field)
     except BaseException as exc:
-        collector.close()
+        try:
+            collector.close()
+        except OSError:  # the write that failed is retried by the close's flush, and fails again
+            pass
         target.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            raise InsufficientStorageError(
+                f"The upload could not be stored: the disk holding {target.parent.parent} is full "
+                f"({os.strerror(exc.errno)}). Free some space there (or set QUBRID_LAB_HOME to a larger disk) and "
+                "upload again; nothing of this upload was kept.", param=file_field) from None
         if isinstance(exc, MultipartParseError):
             raise InvalidRequestError(f"The multipart body could not be parsed: {exc}.", param=file_field) from None
         raise

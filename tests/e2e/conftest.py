@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -66,6 +67,14 @@ def start_server(tmp_path: Path, *extra: str, env: dict | None = None) -> Runnin
         time.sleep(0.5)
     stop_server(server)
     raise RuntimeError(f"qubrid-lab serve did not become healthy in {STARTUP_SECONDS}s:\n{server.log()}")
+
+
+def start_tiny_server(root: Path, tiny_model_dir: Path, *extra: str, env: dict | None = None) -> RunningServer:
+    """A server whose only model is the tiny test model, as catalogue id ``tiny``."""
+    catalogue = root / "catalogue.json"
+    catalogue.write_text(json.dumps([{"id": "tiny", "kind": "chat", "source": f"dir:{tiny_model_dir}",
+                                      "owned_by": "test"}]))
+    return start_server(root, "--catalogue-file", str(catalogue), *(extra or ("--model", "tiny")), env=env)
 
 
 def stop_server(server: RunningServer) -> None:

@@ -135,6 +135,9 @@ def test_a_refused_key_or_an_unreachable_upstream_is_502(front, model, words):
     error = response.json()["error"]
     assert error["code"] == "upstream_error" and model in error["message"] and words in error["message"]
     assert httpx.get(f"{front.base_url}/health").status_code == 200
+    metrics = httpx.get(f"{front.base_url}/metrics").text  # the front has no keys: /metrics is open
+    assert f'qubrid_lab_backend_up{{backend="openai",model="{model}"}} 0.0' in metrics
+    assert 'qubrid_lab_backend_up{backend="openai",model="team/smol"} 1.0' in metrics
 
 
 def test_a_client_hanging_up_cancels_the_upstream_request(front, http):

@@ -6,7 +6,6 @@ type, schema). Bounded in examples so the file runs in about a minute.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,24 +14,22 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi import checks
 
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import start_tiny_server, stop_server
 
 SPECS = Path(__file__).parents[2].parent / "shared" / "specs"
 KEY = "qbt_fuzz-test-key"
-EXAMPLES = 20
+EXAMPLES = 15
 OWN_CHECKS = [checks.status_code_conformance, checks.content_type_conformance,
               checks.response_schema_conformance, checks.negative_data_rejection]
 
 
 @pytest.fixture(scope="module")
 def fuzzed_server(tmp_path_factory, tiny_model_dir):
-    catalogue = tmp_path_factory.mktemp("fuzz") / "catalogue.json"
-    catalogue.write_text(json.dumps([{"id": "tiny", "kind": "chat", "source": f"dir:{tiny_model_dir}",
-                                      "owned_by": "test"}]))
-    server = start_server(tmp_path_factory.mktemp("fuzz-home"), "--model", "tiny", "--catalogue-file",
-                          str(catalogue), "--max-running-jobs", "0", "--max-tokens-cap", "16",
-                          env={"QUBRID_LAB_API_KEYS": KEY})
+    server = start_tiny_server(tmp_path_factory.mktemp("fuzz"), tiny_model_dir, "--model", "tiny",
+                               "--max-running-jobs", "0", "--max-tokens-cap", "16", env={"QUBRID_LAB_API_KEYS": KEY})
     yield server
+    tried = server.log().count("request_id=")  # one access line per request received
+    print(f"\nschemathesis sent {tried} requests to the server")
     stop_server(server)
 
 

@@ -4,15 +4,15 @@ injected headers, keys in logs or error bodies, another key's objects, a revoked
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import start_tiny_server, stop_server
 
 QA_CSV = b"question,answer\nWhat is two plus two?,Four\nWhat colour is the sky?,Blue\n" * 4
 
@@ -27,15 +27,12 @@ def create_key(home, *options: str) -> str:
 def team(tmp_path_factory, tiny_model_dir):
     """A server with an admin and two users; yields (server, home, {name: key})."""
     root = tmp_path_factory.mktemp("security")
-    catalogue = root / "catalogue.json"
-    catalogue.write_text(json.dumps([{"id": "tiny", "kind": "chat", "source": f"dir:{tiny_model_dir}",
-                                      "owned_by": "test"}]))
     home = root / "home"
     home.mkdir()
     keys = {"root": create_key(home, "--name", "root", "--admin"), "alice": create_key(home, "--name", "alice"),
             "bob": create_key(home, "--name", "bob", "--credits", "1")}
-    server = start_server(root, "--model", "tiny", "--catalogue-file", str(catalogue), "--max-running-jobs", "0",
-                          "--log-level", "debug")
+    server = start_tiny_server(root, tiny_model_dir, "--model", "tiny", "--max-running-jobs", "0",
+                               "--log-level", "debug")
     yield server, home, keys
     stop_server(server)
 
@@ -128,6 +125,12 @@ def test_keys_appear_in_no_log_line_and_no_error_body(team):
     assert_no_key_leaks(server.log(), keys)
     assert "request_id=" in server.log()  # the access log was on: it names keys by name only
     assert "key=alice" in server.log()
+    traced = call(server, keys["alice"], "GET", "/v1/models", headers={"X-Request-Id": "sec-trace-1"})
+    assert traced.headers["x-request-id"] == "sec-trace-1"
+    deadline = time.monotonic() + 10
+    while "[sec-trace-1]" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "[sec-trace-1]" in server.log()  # every line logged for a request is tagged with its id
     database = (home / "qubrid_lab.sqlite3").read_bytes() + b"".join(
         p.read_bytes() for p in home.glob("qubrid_lab.sqlite3-*"))
     assert_no_key_leaks(database.decode("latin-1"), keys)

@@ -212,23 +212,30 @@ def test_tokens_per_minute_reserve_max_tokens_and_settle_to_the_real_count(serve
 
 def test_a_full_waiting_room_is_503_with_retry_after(server, capsys):
     client, _ = server
-    hold = threading.Event()
+    engine = client.app.state.registry.chat["tiny"]
+    busy = threading.Event()
+    engine._thread.submit(busy.wait, 60)  # the engine is busy with a step: whatever arrives now waits
     results: list[int] = []
+    started = threading.Event()
 
-    def long_stream():
+    def waiting_stream():
         with client.stream("POST", "/v1/chat/completions", json={
-                "model": "tiny", "messages": HELLO, "max_tokens": 200, "temperature": 0, "stream": True,
-                "n": 3}) as response:
+                "model": "tiny", "messages": HELLO, "max_tokens": 4, "stream": True, "n": 3}) as response:
+            started.set()
             results.append(response.status_code)
             for _ in response.iter_lines():
-                hold.set()
+                pass
 
-    worker = threading.Thread(target=long_stream)
+    worker = threading.Thread(target=waiting_stream)
     worker.start()
-    assert hold.wait(60)
-    refused = chat(client, None)  # 3 choices decoding or waiting: room (2 + 1) is full
-    assert_error(refused, 503, "server_overloaded")
-    assert refused.headers["retry-after"] == "1"
+    assert started.wait(60)
+    deadline = time.monotonic() + 10
+    while client.get("/health").json()["active_sequences"]["tiny"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    refused = chat(client, None)  # 3 choices waiting: the room (max_batch_size 2 + max_waiting_requests 1) is full
+    error = assert_error(refused, 503, "server_overloaded")
+    assert refused.headers["retry-after"] == "1" and "max_waiting_requests" in error["message"]
+    busy.set()
     worker.join(120)
     assert results == [200]
     deadline = time.monotonic() + 10
