@@ -11,6 +11,8 @@ its ``scope``: its own objects (its id), or everyone's (None) for an admin or an
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 
 from qubrid_lab.errors import AuthenticationError, PermissionDeniedError
@@ -38,8 +40,8 @@ class BearerAuth:
         key = self.resolve(request.headers.get("authorization", ""))
         request.state.key = key
         if key is not None:
-            if key.stored:
-                self.store.touch(key.id)
+            if key.stored and self.store.touch_due(key.id):  # a write: off the event loop, not awaited
+                asyncio.get_running_loop().run_in_executor(None, self.store.touch, key.id)
             if self.meter is not None:
                 self.meter.count_request(key)
         return key

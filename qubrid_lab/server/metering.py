@@ -11,6 +11,7 @@ can overspend by at most what those requests cost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -46,13 +47,16 @@ class Charge:
     reserved: int
     settled: bool = field(default=False)
 
-    def settle(self, prompt_tokens: int, completion_tokens: int, ttft_seconds: float | None = None) -> None:
+    def settle(self, prompt_tokens: int, completion_tokens: int,
+               ttft_seconds: float | None = None) -> asyncio.Future | None:
+        """Settle the reservation now; the ledger row is written on a worker thread, whose future is returned
+        (await it to have the row readable before answering)."""
         if self.settled:
-            return
+            return None
         self.settled = True
-        self.meter.settle(self, prompt_tokens, completion_tokens)
         if self.meter.metrics is not None:
             self.meter.metrics.observe_generation(self.model, prompt_tokens, completion_tokens, ttft_seconds)
+        return self.meter.settle(self, prompt_tokens, completion_tokens)
 
 
 class Meter:
@@ -135,8 +139,10 @@ class Meter:
 
     # --- settling -----------------------------------------------------------------------------------
 
-    def settle(self, charge: Charge, prompt_tokens: int, completion_tokens: int) -> None:
-        """Record the request in the ledger, charge a metered key, and settle its tokens-per-minute reservation."""
+    def settle(self, charge: Charge, prompt_tokens: int, completion_tokens: int) -> asyncio.Future | None:
+        """Settle the key's tokens-per-minute reservation, then record the request in the ledger and charge a
+        metered key. The write runs on the event loop's worker threads (a busy or locked database must not stall
+        every other request); without a running loop it runs here."""
         key = charge.key
         if charge.reserved and key is not None:
             item = RateLimitItemPerMinute(key.tpm)
@@ -147,13 +153,23 @@ class Meter:
                 self._storage.decr(window, -difference)
             elif difference > 0:
                 self._storage.incr(window, 2 * item.get_expiry(), difference)
+
+        def record() -> None:
+            try:
+                self.ledger.record(key_id=key.id if key else OPEN_KEY_ID, key_name=key.name if key else OPEN_KEY_NAME,
+                                   model=charge.model, price=self.price(charge.model), prompt_tokens=prompt_tokens,
+                                   completion_tokens=completion_tokens,
+                                   charge=bool(key and key.metered and key.stored))
+            except Exception:  # an answer already sent is not failed for its bookkeeping; the log says what was lost
+                log.exception("usage of %s on %s (%d + %d tokens) could not be recorded",
+                              key.name if key else OPEN_KEY_NAME, charge.model, prompt_tokens, completion_tokens)
+
         try:
-            self.ledger.record(key_id=key.id if key else OPEN_KEY_ID, key_name=key.name if key else OPEN_KEY_NAME,
-                               model=charge.model, price=self.price(charge.model), prompt_tokens=prompt_tokens,
-                               completion_tokens=completion_tokens, charge=bool(key and key.metered and key.stored))
-        except Exception:  # an answer already sent is not failed for its bookkeeping; the log says what was lost
-            log.exception("usage of %s on %s (%d + %d tokens) could not be recorded",
-                          key.name if key else OPEN_KEY_NAME, charge.model, prompt_tokens, completion_tokens)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            record()
+            return None
+        return loop.run_in_executor(None, record)
 
     def record_training(self, job: JobRecord, tokens: int) -> None:
         """A finished job's training tokens, on its owner's usage and (metered keys) spend, as prompt tokens."""

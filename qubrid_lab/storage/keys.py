@@ -166,11 +166,16 @@ class KeyStore:
             connection.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), matches[0].id))
         return self.get(matches[0].id)
 
-    def touch(self, key_id: str) -> None:
-        """Record that the key was used now, at most once a minute per key (it is a write)."""
+    def touch_due(self, key_id: str) -> bool:
+        """Whether the key's last use is to be written now (at most once a minute per key: it is a write)."""
         now = time.time()
         if now - self._touched.get(key_id, 0.0) < TOUCH_EVERY_SECONDS:
-            return
+            return False
         self._touched[key_id] = now
+        return True
+
+    def touch(self, key_id: str) -> None:
+        """Record that the key was used now."""
+        now = time.time()
         with self.db.transaction() as connection:
             connection.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", (now, key_id))

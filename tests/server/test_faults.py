@@ -119,6 +119,11 @@ def test_a_database_locked_by_another_writer_makes_requests_wait_not_fail(tmp_pa
         with http(server) as client:
             locker = sqlite3.connect(tmp_path / "home" / "qubrid_lab.sqlite3", isolation_level=None)
             locker.execute("BEGIN EXCLUSIVE")
+            # Inference answers while the lock is held (its usage row waits for the lock, the answer does not),
+            # and the server keeps answering.
+            answer = client.post("/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+            assert answer.status_code == 200 and client.get("/health").status_code == 200
             results = []
             thread = threading.Thread(target=lambda: results.append(upload(client)))
             thread.start()
@@ -128,6 +133,11 @@ def test_a_database_locked_by_another_writer_makes_requests_wait_not_fail(tmp_pa
             locker.close()
             thread.join(60)
             assert results[0].status_code == 201, results[0].text
+            deadline = time.monotonic() + 30  # the usage row written once the lock went
+            while not client.get("/v1/usage").json()["data"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            [row] = client.get("/v1/usage").json()["data"]
+            assert row["completion_tokens"] == answer.json()["usage"]["completion_tokens"]
     finally:
         stop_server(server)
 

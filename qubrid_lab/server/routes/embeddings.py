@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from qubrid_lab.server.access import embedding_backend
 from qubrid_lab.server.auth import key_of
 from qubrid_lab.server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from qubrid_lab.server.routes.generation import settled
 
 router = APIRouter()
 
@@ -18,11 +19,12 @@ async def create_embedding(body: EmbeddingRequest, request: Request) -> Embeddin
     backend = embedding_backend(request, body.model)
     texts = body.texts()
     charge = request.app.state.meter.admit(key_of(request), body.model, sum(len(text) for text in texts), 0)
-    tokens = 0
+    tokens, recorded = 0, None
     try:
         vectors, tokens = await backend.embed(texts)
     finally:
-        charge.settle(tokens, 0)
+        recorded = charge.settle(tokens, 0)
+    await settled(recorded)
     if body.encoding_format == "base64":  # little-endian float32, as OpenAI's SDKs decode it
         encoded = [base64.b64encode(row.tobytes()).decode() for row in vectors.astype("<f4", copy=False)]
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -14,6 +15,9 @@ from qubrid_lab.errors import InternalError
 from qubrid_lab.server.access import chat_backend
 from qubrid_lab.server.auth import key_of
 from qubrid_lab.server.metering import Charge
+
+
+RECORD_WAIT_SECONDS = 1.0
 
 
 def completion_id(prefix: str) -> str:
@@ -51,9 +55,20 @@ async def start_metered(request: Request, model: str, generation: GenerationRequ
     return run, charge
 
 
+async def settled(recorded, seconds: float = RECORD_WAIT_SECONDS) -> None:
+    """Wait a moment for a usage row to be written, so the answer's client can read it right after; a database
+    busy for longer does not hold the answer back (the row is still written when it frees up)."""
+    if recorded is not None:
+        try:
+            await asyncio.wait_for(asyncio.shield(recorded), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+
 async def collect(run: GenerationRun, charge: Charge) -> Collected:
     """Wait for every choice of ``run``; a backend failure becomes a 500 with its reason."""
     texts, reasons, tokens = [""] * run.choices, ["stop"] * run.choices, 0
+    recorded = None
     try:
         async for event in run.events():
             if isinstance(event, Failure):
@@ -64,7 +79,8 @@ async def collect(run: GenerationRun, charge: Charge) -> Collected:
                 tokens += event.completion_tokens
     finally:
         run.cancel()
-        charge.settle(run.prompt_tokens, tokens, run.metrics(tokens)["ttft_seconds"])
+        recorded = charge.settle(run.prompt_tokens, tokens, run.metrics(tokens)["ttft_seconds"])
+    await settled(recorded)
     return Collected(texts, reasons, run.prompt_tokens, tokens, run.metrics(tokens))
 
 
