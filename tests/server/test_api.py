@@ -447,3 +447,15 @@ def test_a_completion_stream_echoes_and_ends_with_done(client):
     assert (
         chunks[-1]["choices"][0]["finish_reason"] == "length" and set(chunks[-1]["x_metrics"]) == METRIC_KEYS
     )
+
+
+def test_an_event_stays_one_line_for_clients_that_split_at_unicode_line_breaks():
+    """A model may generate U+2028, U+2029 or U+0085; httpx's aiter_lines (str.splitlines) breaks lines there."""
+    import httpx._decoders
+
+    from qubrid_lab.server.sse import sse_event
+
+    text = "a\u2028b\u2029c\x85d\u00e9"
+    event = sse_event({"choices": [{"delta": {"content": text}}]})
+    lines = [line for line in httpx._decoders.LineDecoder().decode(event) if line]
+    assert len(lines) == 1 and json.loads(lines[0].removeprefix("data: "))["choices"][0]["delta"]["content"] == text
