@@ -217,7 +217,11 @@ class JobManager:
                              "max_lora_rank); lower lora_rank or raise max_lora_rank"))
         if plan is not None:  # the dataset profile's check: rows the worker would find nothing to train on
             validation_split = resolved.validation_split if resolved else 0.0
-            reason = unusable_dataset_reason(read_rows(dataset.path), plan, validation_split)
+            try:
+                reason = unusable_dataset_reason(read_rows(dataset.path), plan, validation_split)
+            except FileNotFoundError:  # deleted since it was looked up
+                reason = None
+                problems.append(("dataset_id", f"no dataset '{dataset_id}'; it was deleted"))
             if reason:
                 problems.append(("dataset_id", f"dataset '{dataset_id}' cannot train a {task_type} job: {reason}"))
         suffix = suffix or None

@@ -20,6 +20,7 @@ import httpx
 import psutil
 import pytest
 
+from qubrid_lab.storage.db import IDLE_CONNECTIONS
 from tests.e2e.conftest import start_tiny_server, stop_server
 from tests.smollm2 import CHAT_MODEL
 
@@ -126,4 +127,6 @@ def test_64_streams_for_minutes_fail_nothing_and_leak_nothing(soaked):
     print(f"\nsoak {MODEL}, {SECONDS:.0f}s, {CLIENTS} clients: {outcomes}; RSS {baseline / 2**20:.0f} MiB at "
           f"{BASELINE_AT:.0f}s -> {final / 2**20:.0f} MiB at the end ({growth:+.1%}); fds {fds_before} -> {fds_after}")
     assert growth < 0.05, f"resident memory grew {growth:.1%} after minute {BASELINE_AT / 60:.1f}"
-    assert fds_after <= fds_before, (fds_before, fds_after)
+    # The SQLite pool may keep up to IDLE_CONNECTIONS connections idle (database, WAL and shm files each),
+    # fewer before the load than after it; a leak would grow with the thousands of requests.
+    assert fds_after <= fds_before + 3 * IDLE_CONNECTIONS, (fds_before, fds_after)
