@@ -3,7 +3,9 @@ platform, another ``qubrid-lab serve``) behind this server's API, keys and ``x_m
 
 Requests are forwarded whole and streamed back chunk by chunk (never buffered), with pooled connections
 (aiohttp: its C HTTP parser reads a token's SSE event in about half the CPU httpx's pure-Python stack takes,
-which on a CPU the engine shares is time taken from generation; see ``benchmarks/proxy_overhead.py``). Usage comes from the upstream (``stream_options.include_usage``). Errors take the one error shape:
+which on a CPU the engine shares is time taken from generation; see ``benchmarks/proxy_overhead.py``).
+Usage comes from the upstream (``stream_options.include_usage``, or the body); an upstream that sends none is
+counted here, with the entry's ``tokenizer`` when it names one, else estimated. Errors take the one error shape:
 a 400/404 from the upstream keeps its status and message (a 422 becomes 400); a refused key, an unreachable,
 timing-out or failing upstream becomes 502 ``upstream_error`` naming the backend and model. Connection
 attempts are retried with backoff; a request that may have started generating never is. A client that hangs
@@ -26,6 +28,7 @@ from qubrid_lab.engine.base import Delta, Event, Failure, Finish, GenerationRequ
 from qubrid_lab.errors import InvalidRequestError, QubridError, UpstreamError
 from qubrid_lab.models.catalogue import ModelEntry
 
+BYTES_PER_TOKEN = 4  # the estimate without a tokenizer: about 4 bytes of English text per token
 CONNECT_RETRY_DELAYS = (0.25, 0.5, 1.0)  # seconds before each new attempt after a refused connection
 TIMEOUT = aiohttp.ClientTimeout(total=None, connect=60.0, sock_connect=10.0, sock_read=300.0)
 
@@ -72,11 +75,55 @@ def upstream_status(entry: ModelEntry, timeout: float = 5.0) -> str:
     return "ready" if entry.upstream_model in listed else f"reachable, but it does not list '{entry.upstream_model}'"
 
 
+class TokenCounter:
+    """Counts the tokens of an answer whose upstream sent no usage (some servers ignore
+    ``stream_options.include_usage``): exactly with the entry's ``tokenizer`` (loaded at start, so a wrong one
+    is refused there), else estimated at one token per 4 bytes of UTF-8, so such answers are never free."""
+
+    def __init__(self, entry: ModelEntry, cache_dir=None):
+        self.tokenizer = None
+        if not entry.tokenizer:
+            return
+        from transformers import AutoTokenizer
+
+        from qubrid_lab.models.loading import tokenizer_location
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(entry, cache_dir))
+        except (OSError, ValueError) as exc:
+            raise InvalidRequestError(f"Model '{entry.id}' (backend 'openai') names tokenizer "
+                                      f"'{entry.tokenizer}', which cannot be loaded: {exc}") from exc
+
+    def text(self, text: str, special_tokens: bool = False) -> int:
+        """Tokens in ``text``; with ``special_tokens`` (an embedding input) the ones the tokenizer adds too."""
+        if self.tokenizer is None:
+            return -(-len(text.encode()) // BYTES_PER_TOKEN)
+        return len(self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+
+    def prompt(self, request: GenerationRequest) -> int:
+        """The request's prompt tokens: its messages through the chat template, or each prompt once."""
+        if request.messages is None:
+            return sum(self.text(prompt) for prompt in request.prompts)
+        if self.tokenizer is not None and self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False)
+            return len(ids)
+        return sum(self.text(_message_text(message)) for message in request.messages)
+
+
+def _message_text(message: dict) -> str:
+    content = message.get("content") or ""
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return f"{message.get('role', '')}\n{content}\n"
+
+
 class _Upstream:
     """One catalogue entry's upstream: its pooled client (one per event loop) and error mapping."""
 
-    def __init__(self, entry: ModelEntry, key: str | None = None):
+    def __init__(self, entry: ModelEntry, key: str | None = None, cache_dir=None):
         self.entry = entry
+        self.counter = TokenCounter(entry, cache_dir)
         self.model_id = entry.id
         self.base_url = entry.base_url.rstrip("/")
         key = key or api_key_of(entry)
@@ -171,9 +218,9 @@ async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 class UpstreamRun:
     """One request streaming from the upstream; the same interface as :class:`GenerationRun`."""
 
-    def __init__(self, upstream: _Upstream, response: aiohttp.ClientResponse, choices: int, submitted_at: float,
-                 runs: set):
-        self.upstream, self.response, self.choices = upstream, response, choices
+    def __init__(self, upstream: _Upstream, request: GenerationRequest, response: aiohttp.ClientResponse,
+                 choices: int, submitted_at: float, runs: set):
+        self.upstream, self.request, self.response, self.choices = upstream, request, response, choices
         self.submitted_at = submitted_at
         self.prompt_tokens = 0
         self.first_token_at: float | None = None
@@ -184,7 +231,7 @@ class UpstreamRun:
     async def events(self) -> AsyncIterator[Event]:
         """Deltas as they arrive; the finishes at the end, when the usage chunk has given the token counts."""
         finishes: list[Finish] = []
-        usage, pieces = None, 0
+        usage, pieces = None, [[] for _ in range(self.choices)]  # each choice's text, for a count of our own
         try:
             async for line in _lines(self.response):
                 if not line.startswith(b"data:"):
@@ -203,7 +250,8 @@ class UpstreamRun:
                     self.finished_at = time.perf_counter()
                     if text:
                         self.first_token_at = self.first_token_at or self.finished_at
-                        pieces += 1
+                        if 0 <= choice["index"] < self.choices:
+                            pieces[choice["index"]].append(text)
                     if choice.get("finish_reason"):
                         finishes.append(Finish(choice["index"], choice["finish_reason"], text, 0))
                     elif text:
@@ -217,8 +265,12 @@ class UpstreamRun:
             yield self._failure(f"ended the stream with {len(finishes)} of {self.choices} choices finished")
             return
         # OpenAI reports usage per request, not per choice: the last finish carries the request's total.
-        completion_tokens = int(usage["completion_tokens"]) if usage else pieces
-        self.prompt_tokens = int(usage["prompt_tokens"]) if usage else 0
+        if usage:
+            completion_tokens, self.prompt_tokens = int(usage["completion_tokens"]), int(usage["prompt_tokens"])
+        else:
+            counter = self.upstream.counter
+            completion_tokens = sum(counter.text("".join(texts)) for texts in pieces)
+            self.prompt_tokens = counter.prompt(self.request)
         finishes[-1].completion_tokens = completion_tokens
         for finish in finishes:
             yield finish
@@ -240,8 +292,8 @@ class UpstreamRun:
 class OpenAIUpstreamChat(_Upstream):
     """A chat model served by an OpenAI-compatible upstream: chat and text completions."""
 
-    def __init__(self, entry: ModelEntry, key: str | None = None):
-        super().__init__(entry, key)
+    def __init__(self, entry: ModelEntry, key: str | None = None, cache_dir=None):
+        super().__init__(entry, key, cache_dir)
         self._runs: set[UpstreamRun] = set()
 
     @property
@@ -265,7 +317,7 @@ class OpenAIUpstreamChat(_Upstream):
             path, body["prompt"], choices = "/completions", request.prompts, request.n * len(request.prompts)
         submitted_at = time.perf_counter()
         response = await self.open(path, body)
-        return UpstreamRun(self, response, choices, submitted_at, self._runs)
+        return UpstreamRun(self, request, response, choices, submitted_at, self._runs)
 
 
 class OpenAIUpstreamEmbedding(_Upstream):
@@ -278,7 +330,9 @@ class OpenAIUpstreamEmbedding(_Upstream):
             body = await response.json(content_type=None)
             rows = sorted(body["data"], key=lambda item: item["index"])
             vectors = np.asarray([row["embedding"] for row in rows], dtype=np.float32)
-            tokens = int((body.get("usage") or {}).get("prompt_tokens", 0))
+            usage = body.get("usage") or {}
+            tokens = int(usage["prompt_tokens"]) if "prompt_tokens" in usage else \
+                sum(self.counter.text(text, special_tokens=True) for text in texts)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise self.failure(f"broke off its embeddings answer: {type(exc).__name__}: {exc}") from exc
         except (ValueError, KeyError, TypeError) as exc:

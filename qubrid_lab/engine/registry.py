@@ -112,7 +112,8 @@ def _load_backend(entry: ModelEntry, settings: Settings, thread: ModelThread) ->
 
         log.info("serving %s (%s) from the OpenAI-compatible upstream %s as '%s'", entry.id, entry.kind,
                  entry.base_url, entry.upstream_model)
-        return OpenAIUpstreamEmbedding(entry) if entry.kind == "embedding" else OpenAIUpstreamChat(entry)
+        backend = OpenAIUpstreamEmbedding if entry.kind == "embedding" else OpenAIUpstreamChat
+        return backend(entry, cache_dir=settings.model_cache_dir)
     if entry.backend == "vllm":
         from qubrid_lab.engine.vllm_managed import VLLMChat, VLLMProcess
 

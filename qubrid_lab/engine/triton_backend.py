@@ -47,16 +47,6 @@ DEFAULT_MAX_TOKENS = 256  # TensorRT-LLM requires max_tokens; what a request wit
 TIMEOUT_SECONDS = 300.0
 
 
-def tokenizer_location(entry: ModelEntry, cache_dir) -> str:
-    """The entry's ``tokenizer``: a catalogue-style source (``bundled:``, ``dir:``, ...), a directory or Hub id."""
-    from qubrid_lab.models.catalogue import SOURCE_SCHEMES
-    from qubrid_lab.models.loading import weights_location
-
-    if entry.tokenizer.split(":", 1)[0] in SOURCE_SCHEMES:
-        return weights_location(ModelEntry(entry.id, "chat", entry.tokenizer), cache_dir)
-    return entry.tokenizer
-
-
 def triton_status(entry: ModelEntry) -> str:
     """A one-line health from Triton's own endpoints: server live and ready, model ready."""
     try:
@@ -84,6 +74,8 @@ class TritonChat:
 
     def __init__(self, entry: ModelEntry, cache_dir=None):
         from transformers import AutoTokenizer
+
+        from qubrid_lab.models.loading import tokenizer_location
 
         self.entry = entry
         self.model_id = entry.id

@@ -26,7 +26,7 @@ SOURCE_SCHEMES = ("bundled", "hf", "dir", "gguf")
 # keys each backend takes beyond the common ones; a remote entry's ``source`` names weights to fine-tune from
 BACKEND_KEYS = {
     "local": ("source",),
-    "openai": ("base_url", "upstream_model", "api_key_env", "source"),
+    "openai": ("base_url", "upstream_model", "api_key_env", "tokenizer", "source"),
     "vllm": ("source", "python", "args", "gpu_memory_utilization", "max_model_len", "tensor_parallel_size",
              "max_lora_rank"),
     "triton": ("url", "protocol", "interface", "triton_model", "tokenizer", "tensor_names", "source"),
@@ -70,7 +70,7 @@ class ModelEntry:
 
     ``backend`` ``local`` (the embedded engine) loads the weights named by ``source``; ``openai`` forwards to
     an OpenAI-compatible server at ``base_url`` (model ``upstream_model``, key in the environment variable
-    ``api_key_env``); ``vllm`` runs vLLM's OpenAI server on ``source`` as a child process (interpreter
+    ``api_key_env``; ``tokenizer`` counts answers it sends no usage for); ``vllm`` runs vLLM's OpenAI server on ``source`` as a child process (interpreter
     ``python``, extra arguments ``args``); ``triton`` sends requests to a Triton Inference Server at ``url``
     through tritonclient (``protocol`` grpc or http, tensor ``interface`` tensorrt_llm or vllm, model
     ``triton_model``, chat template from ``tokenizer``). Remote entries may name a ``source`` too: the weights

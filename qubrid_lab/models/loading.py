@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from qubrid_lab.errors import InvalidRequestError
-from qubrid_lab.models.catalogue import ModelEntry
+from qubrid_lab.models.catalogue import SOURCE_SCHEMES, ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,15 @@ def weights_location(entry: ModelEntry, cache_dir: Path) -> str:
     if entry.scheme == "gguf":
         return str(convert_gguf(Path(entry.location), cache_dir))
     return entry.location
+
+
+def tokenizer_location(entry: ModelEntry, cache_dir: Path | None) -> str:
+    """Where a remote entry's tokenizer loads from: its ``tokenizer`` (a catalogue-style source such as
+    ``bundled:``, ``dir:``, or a directory or Hub id), else its ``source``; "" when it names neither."""
+    spec = entry.tokenizer or entry.source
+    if spec.split(":", 1)[0] in SOURCE_SCHEMES:
+        return weights_location(ModelEntry(entry.id, "chat", spec), cache_dir)
+    return spec
 
 
 def source_status(entry: ModelEntry, cache_dir: Path) -> str:

@@ -11,10 +11,12 @@ import signal
 import threading
 import time
 
+import aiohttp
 import httpx
 import numpy as np
 import openai
 import pytest
+from aiohttp import web
 
 from tests.e2e.conftest import CHAT_MODEL, EMBEDDING_MODEL, free_port, start_server, stop_server
 
@@ -37,7 +39,43 @@ def fragile(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def front(server, fragile, tmp_path_factory):
+def usage_free(server):
+    """A relay to the session's server that drops every usage report, as upstreams that ignore
+    ``stream_options`` do; its base URL."""
+    import asyncio
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        body.pop("stream_options", None)
+        headers = {"Authorization": request.headers.get("Authorization", "")}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{server.base_url}{request.path}", json=body, headers=headers) as upstream:
+                if not body.get("stream"):
+                    answer = await upstream.json()
+                    answer.pop("usage", None)
+                    return web.json_response(answer, status=upstream.status)
+                response = web.StreamResponse(status=upstream.status, headers={"Content-Type": "text/event-stream"})
+                await response.prepare(request)
+                async for line in upstream.content:
+                    await response.write(line)
+                return response
+
+    app = web.Application()
+    app.router.add_post("/v1/{route:.*}", relay)
+    loop, port = asyncio.new_event_loop(), free_port()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}/v1"
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def front(server, fragile, usage_free, tmp_path_factory):
     """A server with no local model: every model it serves is one of the upstream's, under a team id."""
     upstream = f"{server.base_url}/v1"
     catalogue = tmp_path_factory.mktemp("front-catalogue") / "catalogue.json"
@@ -48,9 +86,15 @@ def front(server, fragile, tmp_path_factory):
         entry("team/wrong-key", "chat", upstream, CHAT_MODEL, api_key_env="TEAM_WRONG_KEY"),
         entry("team/nowhere", "chat", f"http://127.0.0.1:{free_port()}/v1", CHAT_MODEL),
         entry("team/fragile", "chat", f"{fragile.base_url}/v1", CHAT_MODEL),
+        entry("team/counted", "chat", usage_free, CHAT_MODEL, api_key_env="TEAM_UPSTREAM_KEY",
+              tokenizer="bundled:smollm2-135m-instruct"),
+        entry("team/estimated", "chat", usage_free, CHAT_MODEL, api_key_env="TEAM_UPSTREAM_KEY"),
+        entry("team/minilm-counted", "embedding", usage_free, EMBEDDING_MODEL, api_key_env="TEAM_UPSTREAM_KEY",
+              tokenizer="bundled:all-minilm-l6-v2"),
     ]))
     models = [arg for m in ("team/smol", "team/minilm", "team/no-such", "team/wrong-key", "team/nowhere",
-                            "team/fragile") for arg in ("--model", m)]
+                            "team/fragile", "team/counted", "team/estimated", "team/minilm-counted")
+              for arg in ("--model", m)]
     running = start_server(tmp_path_factory.mktemp("front"), "--catalogue-file", str(catalogue), *models,
                            env={"TEAM_UPSTREAM_KEY": server.api_key, "TEAM_WRONG_KEY": "qbt_wrong"})
     yield running
@@ -117,6 +161,35 @@ def test_embeddings_pass_through(via, client):
     assert proxied.usage.prompt_tokens == direct.usage.prompt_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_sending_no_usage_is_counted_with_the_entrys_tokenizer(via, client, stream):
+    kwargs = dict(messages=STORY, temperature=1.0, seed=3, max_tokens=24, n=2)
+    direct = client.chat.completions.create(model=CHAT_MODEL, **kwargs)
+    answer = via.chat.completions.create(model="team/counted", **kwargs, stream=stream,
+                                         **({"stream_options": {"include_usage": True}} if stream else {}))
+    usage = list(answer)[-1].usage if stream else answer.usage
+    assert usage.prompt_tokens == direct.usage.prompt_tokens  # the same chat template, counted here
+    # our count is of the text the upstream sent, re-tokenized: within a token or two of the ids it generated
+    assert abs(usage.completion_tokens - direct.usage.completion_tokens) <= 4
+    assert usage.completion_tokens > 24
+
+
+def test_without_a_tokenizer_an_upstream_sending_no_usage_is_estimated(via, client):
+    direct = client.chat.completions.create(model=CHAT_MODEL, messages=STORY, temperature=0, max_tokens=32)
+    estimated = via.chat.completions.create(model="team/estimated", messages=STORY, temperature=0, max_tokens=32)
+    assert estimated.choices[0].message.content == direct.choices[0].message.content
+    text = estimated.choices[0].message.content
+    assert estimated.usage.completion_tokens == -(-len(text.encode()) // 4)  # 4 bytes a token, never free
+    assert estimated.usage.prompt_tokens > 0
+
+
+def test_embeddings_from_an_upstream_sending_no_usage_are_counted(via, client):
+    texts = ["A cat sits on the mat.", "The stock market fell sharply today."]
+    direct = client.embeddings.create(model=EMBEDDING_MODEL, input=texts)
+    counted = via.embeddings.create(model="team/minilm-counted", input=texts)
+    assert counted.usage.prompt_tokens == direct.usage.prompt_tokens  # [CLS] and [SEP] included, as the model sees
+
+
 def test_upstream_refusals_keep_their_status_and_message(front):
     too_long = httpx.post(f"{front.base_url}/v1/chat/completions", timeout=60, json={
         "model": "team/smol", "messages": STORY, "max_tokens": 100000})
@@ -180,6 +253,14 @@ def test_an_unset_key_variable_is_refused_at_start(server, tmp_path):
     catalogue.write_text(json.dumps([entry("team/smol", "chat", f"{server.base_url}/v1", CHAT_MODEL,
                                            api_key_env="QUBRID_TEST_UNSET_KEY")]))
     with pytest.raises(RuntimeError, match="QUBRID_TEST_UNSET_KEY, which is not set"):
+        start_server(tmp_path, "--catalogue-file", str(catalogue), "--model", "team/smol")
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_refused_at_start(server, tmp_path):
+    catalogue = tmp_path / "catalogue.json"
+    catalogue.write_text(json.dumps([entry("team/smol", "chat", f"{server.base_url}/v1", CHAT_MODEL,
+                                           tokenizer=f"dir:{tmp_path / 'no-such-tokenizer'}")]))
+    with pytest.raises(RuntimeError, match="names tokenizer 'dir:.*no-such-tokenizer', which cannot be loaded"):
         start_server(tmp_path, "--catalogue-file", str(catalogue), "--model", "team/smol")
 
 
