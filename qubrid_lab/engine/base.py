@@ -14,16 +14,18 @@ from typing import AsyncIterator, Protocol
 
 import numpy as np
 
+from qubrid_lab.engine.logprobs import TokenLogprob
 from qubrid_lab.engine.sampling import SamplingParams
 from qubrid_lab.errors import QubridError
 
 
 @dataclass
 class Delta:
-    """New text for one choice."""
+    """New text for one choice; with ``logprobs`` asked for, the tokens that text is made of."""
 
     index: int
     text: str
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Finish:
     reason: str  # "stop" or "length"
     text: str
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -61,6 +64,7 @@ class GenerationHandle:
     max_new_tokens: int = 0
     adapter: str | None = None  # the LoRA adapter (fine-tuned model) to decode with; None: the base model
     shared_prefix: int = 0  # leading prompt tokens many prompts share (a chat template's system block), set by the backend
+    prompt_logprobs: list[TokenLogprob] | None = None  # with echo and logprobs: the prompt's tokens, set before any event
     first_token_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False
@@ -101,6 +105,10 @@ class GenerationRun:
     def events(self) -> AsyncIterator[Event]:
         """Yields events until every choice has finished, or the backend failed."""
         return drain(self.queue, self.choices)
+
+    def prompt_logprobs(self, prompt: int) -> list[TokenLogprob] | None:
+        """Prompt ``prompt``'s own tokens with log probabilities (``echo`` with ``logprobs``), once it has begun."""
+        return self.handles[prompt].prompt_logprobs
 
     def cancel(self) -> None:
         """Free the backend's slots (the client went away or the request is over)."""

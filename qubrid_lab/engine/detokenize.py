@@ -63,7 +63,9 @@ class TextAssembler(StopFilter):
         super().__init__(stop)
         self._backend = backend_tokenizer
         self._stream = DecodeStream(skip_special_tokens=True)
+        self.piece = ""  # the text the last token added (before any stop string cut it)
 
     def push(self, token: int) -> str:
         """Add a token; returns new sendable text. Sets ``stopped`` when a stop string appeared."""
-        return self.push_text(self._stream.step(self._backend, token) or "")
+        self.piece = self._stream.step(self._backend, token) or ""
+        return self.push_text(self.piece)

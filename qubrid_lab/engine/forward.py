@@ -1,4 +1,5 @@
-"""One forward pass of a causal LM over a :class:`~qubrid_lab.engine.kv.KVWriter`, returning last-token logits.
+"""One forward pass of a causal LM over a :class:`~qubrid_lab.engine.kv.KVWriter`, returning last-token logits
+(every position's with ``every_position``, which a prompt's own log probabilities need).
 
 Two implementations:
   * :func:`transformers_forward` runs any transformers model through its own ``forward``.
@@ -20,16 +21,17 @@ from torch import nn
 from qubrid_lab.engine.kv import KVWriter, as_transformers_cache
 from qubrid_lab.models.device import Precision, quantize_linear_int8, release_freed_memory
 
-Forward = Callable[[torch.Tensor, torch.Tensor, KVWriter, "torch.Tensor | None"], torch.Tensor]
+Forward = Callable[..., torch.Tensor]  # (input_ids, position_ids, kv, attention_mask, every_position=False)
 
 
 def transformers_forward(model) -> Forward:
     layers = model.config.get_text_config().num_hidden_layers
 
-    def forward(input_ids, position_ids, kv, attention_mask):
+    def forward(input_ids, position_ids, kv, attention_mask, every_position=False):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=as_transformers_cache(kv, layers), use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+                    past_key_values=as_transformers_cache(kv, layers), use_cache=True,
+                    logits_to_keep=0 if every_position else 1)
+        return out.logits if every_position else out.logits[:, -1]
 
     return forward
 
@@ -76,7 +78,7 @@ class FusedLlama:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
-    def __call__(self, input_ids, position_ids, kv: KVWriter, attention_mask):
+    def __call__(self, input_ids, position_ids, kv: KVWriter, attention_mask, every_position: bool = False):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         inner = self.model.model
@@ -105,7 +107,7 @@ class FusedLlama:
             x = x + attention.o_proj(attended.transpose(1, 2).reshape(rows, width, -1))
             gate, up = mlp.gate_up_proj(self._norm(x, layer.post_attention_layernorm.weight)).chunk(2, dim=-1)
             x = x + mlp.down_proj(self.act(gate) * up)
-        return self.model.lm_head(self._norm(x[:, -1], inner.norm.weight))
+        return self.model.lm_head(self._norm(x if every_position else x[:, -1], inner.norm.weight))
 
 
 def prepare_forward(model, fused: bool) -> Forward:

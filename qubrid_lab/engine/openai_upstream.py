@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 
 from qubrid_lab.engine.base import Delta, Event, Failure, Finish, GenerationRequest, run_metrics
+from qubrid_lab.engine.logprobs import TokenLogprob
 from qubrid_lab.errors import InvalidRequestError, QubridError, UpstreamError
 from qubrid_lab.models.catalogue import ModelEntry
 
@@ -247,15 +248,17 @@ class UpstreamRun:
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                    logprobs = _logprobs_of(choice.get("logprobs")) if self.request.params.logprobs is not None \
+                        else None
                     self.finished_at = time.perf_counter()
                     if text:
                         self.first_token_at = self.first_token_at or self.finished_at
                         if 0 <= choice["index"] < self.choices:
                             pieces[choice["index"]].append(text)
                     if choice.get("finish_reason"):
-                        finishes.append(Finish(choice["index"], choice["finish_reason"], text, 0))
-                    elif text:
-                        yield Delta(choice["index"], text)
+                        finishes.append(Finish(choice["index"], choice["finish_reason"], text, 0, logprobs))
+                    elif text or logprobs:
+                        yield Delta(choice["index"], text, logprobs)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             yield self._failure(f"broke off mid-stream: {type(exc).__name__}: {exc}")
             return
@@ -289,6 +292,20 @@ class UpstreamRun:
         return run_metrics(self.submitted_at, self.first_token_at, self.finished_at, completion_tokens)
 
 
+def _logprobs_of(upstream: dict | None) -> list[TokenLogprob] | None:
+    """An upstream chunk's ``logprobs``, chat's (``content``) or text completions' (parallel arrays)."""
+    if not upstream:
+        return None
+    if "content" in upstream:
+        return [TokenLogprob(-1, item["token"], bytes(item.get("bytes") or item["token"].encode()), item["logprob"],
+                             [(top["token"], bytes(top.get("bytes") or top["token"].encode()), top["logprob"])
+                              for top in item.get("top_logprobs") or []])
+                for item in upstream["content"] or []]
+    return [TokenLogprob(-1, token, token.encode(), logprob, [(t, t.encode(), lp) for t, lp in (top or {}).items()])
+            for token, logprob, top in zip(upstream.get("tokens") or [], upstream.get("token_logprobs") or [],
+                                           upstream.get("top_logprobs") or [])]
+
+
 class OpenAIUpstreamChat(_Upstream):
     """A chat model served by an OpenAI-compatible upstream: chat and text completions."""
 
@@ -311,6 +328,14 @@ class OpenAIUpstreamChat(_Upstream):
             body["stop"] = params.stop
         if params.seed is not None:
             body["seed"] = params.seed
+        if params.echo_logprobs:
+            raise InvalidRequestError(f"Model '{self.model_id}' is served by the 'openai' backend, which does not "
+                                      "return the prompt's log probabilities: send echo or logprobs, not both.",
+                                      param="echo")
+        if params.logprobs is not None and request.messages is not None:
+            body["logprobs"], body["top_logprobs"] = True, params.logprobs
+        elif params.logprobs is not None:
+            body["logprobs"] = params.logprobs
         if request.messages is not None:
             path, body["messages"], choices = "/chat/completions", request.messages, request.n
         else:

@@ -22,6 +22,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: no log probabilities; k: the chosen token's and its k best rivals'
+    echo_logprobs: bool = False  # the prompt's own tokens' log probabilities too (text completions' echo)
 
     @property
     def greedy(self) -> bool:

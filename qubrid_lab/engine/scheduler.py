@@ -10,7 +10,8 @@ at a time, so other models' work (embeddings) interleaves between decode steps. 
   1. drops rows whose client went away,
   2. prefills waiting requests (reusing cached prefix keys/values) and merges them into the batch,
   3. runs one decode step for every row and samples each row with its own parameters,
-  4. streams text deltas and retires finished rows.
+  4. streams text deltas (with the log probabilities of their tokens, for rows that ask) and retires
+     finished rows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationHandle
 from qubrid_lab.engine.detokenize import TextAssembler
 from qubrid_lab.engine.forward import Forward
 from qubrid_lab.engine.kv import BatchKV, PrefillKV
+from qubrid_lab.engine.logprobs import TokenLogprob, TokenTexts, chosen_logprobs, prompt_logprobs
 from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.sampling import RowSampler, sample_next
 from qubrid_lab.engine.thread import ModelThread
@@ -48,6 +50,24 @@ class _Row:
     next_token: int = -1
     generated: int = 0
     done: bool = False
+    # with logprobs asked for: tokens decoded but not yet sent, as (start, end) in the row's text and logprob
+    pending: list[tuple[int, int, TokenLogprob]] | None = None
+    decoded: int = 0  # characters of text the row's tokens have produced
+    released: int = 0  # characters of it sent
+
+    def taken_logprobs(self, sent: str, final: bool) -> list[TokenLogprob] | None:
+        """The pending tokens the text sent so far covers; at the end, every token it begins in (the one a
+        stop string cut included), not the end-of-sequence token."""
+        if self.pending is None:
+            return None
+        self.released += len(sent)
+        taken = 0
+        for start, end, _ in self.pending:
+            if (start >= self.released) if final else (end > self.released):
+                break
+            taken += 1
+        entries, self.pending = [entry for *_, entry in self.pending[:taken]], self.pending[taken:]
+        return entries
 
 
 class PrefixCache:
@@ -90,6 +110,7 @@ class BatchScheduler:
         self.forward = forward
         self.lora = lora
         self.decoder = copy.deepcopy(tokenizer.backend_tokenizer)  # a private copy: decoding runs on this thread
+        self.texts = TokenTexts(tokenizer)
         self.device = device
         self.eos_ids = eos_ids
         self.max_batch_size = max_batch_size
@@ -189,7 +210,8 @@ class BatchScheduler:
     def _prefill(self, handle: GenerationHandle) -> None:
         ids = torch.tensor([handle.prompt_ids], dtype=torch.long, device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)[None]
-        split = handle.shared_prefix
+        echo = handle.params.echo_logprobs
+        split = 0 if echo else handle.shared_prefix  # the prompt's logprobs need every position's logits
         prefill = PrefillKV()
         with self._adapters([handle.adapter]):
             if split:
@@ -200,7 +222,10 @@ class BatchScheduler:
                     self.forward(ids[:, :split], positions[:, :split], prefix, None)
                     self.prefixes.put(key, prefix)
                 prefill = PrefillKV(prefix.keys, prefix.values)
-            logits = self.forward(ids[:, split:], positions[:, split:], prefill, None)
+            logits = self.forward(ids[:, split:], positions[:, split:], prefill, None, every_position=echo)
+        if echo:
+            handle.prompt_logprobs = self._prompt_logprobs(handle, logits[0])
+            logits = logits[:, -1]
         # n choices share the prompt: its cache is copied n times
         prefill.keys = [k.expand(handle.n, -1, -1, -1) for k in prefill.keys]
         prefill.values = [v.expand(handle.n, -1, -1, -1) for v in prefill.values]
@@ -209,11 +234,33 @@ class BatchScheduler:
         new_rows = [
             _Row(handle, handle.first_index + i, handle.adapter,
                  RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),
-                 TextAssembler(self.decoder, handle.params.stop))
+                 TextAssembler(self.decoder, handle.params.stop),
+                 pending=[] if handle.params.logprobs is not None else None)
             for i in range(handle.n)
         ]
         self._rows.extend(new_rows)
-        self._accept(new_rows, sample_next(logits, [r.sampler for r in new_rows]))
+        tokens = sample_next(logits, [r.sampler for r in new_rows])
+        self._accept(new_rows, tokens, self._logprobs(logits, new_rows, tokens))
+
+    def _prompt_logprobs(self, handle: GenerationHandle, logits: torch.Tensor) -> list[TokenLogprob]:
+        """The prompt's tokens with their log probabilities given the tokens before them (the first: None)."""
+        ids, top = handle.prompt_ids, handle.params.logprobs or 0
+        text = TextAssembler(self.decoder, [])  # no stop strings: each push returns its token's text
+        found = [(None, [])] + prompt_logprobs(logits, ids, top)
+        return [self.texts.logprob(text.push(token), token, lp, alternatives)
+                for token, (lp, alternatives) in zip(ids, found)]
+
+    def _logprobs(self, logits: torch.Tensor, rows: list[_Row], tokens: list[int]) -> list | None:
+        """Per row, (logprob, top rivals) of its chosen token when it asked for logprobs, else None."""
+        wanted = [i for i, row in enumerate(rows) if row.pending is not None]
+        if not wanted:
+            return None
+        top = max(rows[i].handle.params.logprobs for i in wanted)
+        found = chosen_logprobs(logits, wanted, [tokens[i] for i in wanted], top)
+        per_row: list = [None] * len(rows)
+        for i, (logprob, rivals) in zip(wanted, found):
+            per_row[i] = (logprob, rivals[:rows[i].handle.params.logprobs])
+        return per_row
 
     # 3. decode
     def _decode_step(self) -> None:
@@ -222,7 +269,8 @@ class BatchScheduler:
         with self._adapters([row.adapter for row in self._rows]):
             logits = self.forward(ids, positions, self._kv, mask)
         self._kv.commit_step()
-        self._accept(self._rows, sample_next(logits, [r.sampler for r in self._rows]))
+        tokens = sample_next(logits, [r.sampler for r in self._rows])
+        self._accept(self._rows, tokens, self._logprobs(logits, self._rows, tokens))
 
     def _adapters(self, rows: list[str | None]):
         """Row i of the next forward passes uses LoRA adapter ``rows[i]`` (None: the base model alone)."""
@@ -231,9 +279,9 @@ class BatchScheduler:
         return self.lora.rows(rows)
 
     # 4. stream and retire
-    def _accept(self, rows: list[_Row], tokens: list[int]) -> None:
+    def _accept(self, rows: list[_Row], tokens: list[int], logprobs: list | None = None) -> None:
         now = time.perf_counter()
-        for row, token in zip(rows, tokens):
+        for i, (row, token) in enumerate(zip(rows, tokens)):
             handle = row.handle
             handle.first_token_at = handle.first_token_at or now
             row.generated += 1
@@ -242,16 +290,21 @@ class BatchScheduler:
                 self._finish(row, "stop", row.text.flush())
                 continue
             delta = row.text.push(token)
+            if row.pending is not None:
+                piece = row.text.piece
+                row.pending.append((row.decoded, row.decoded + len(piece), self.texts.logprob(piece, token,
+                                                                                              *logprobs[i])))
+                row.decoded += len(piece)
             if row.text.stopped:
                 self._finish(row, "stop", delta)
             elif row.generated >= handle.max_new_tokens:
                 self._finish(row, "length", delta + row.text.flush())
             elif delta:
-                handle.emit(Delta(row.index, delta))
+                handle.emit(Delta(row.index, delta, row.taken_logprobs(delta, final=False)))
 
     def _finish(self, row: _Row, reason: str, delta: str) -> None:
         row.done = True
-        row.handle.emit(Finish(row.index, reason, delta, row.generated))
+        row.handle.emit(Finish(row.index, reason, delta, row.generated, row.taken_logprobs(delta, final=True)))
 
     def _retire(self, cancelled_only: bool = False) -> None:
         keep = [i for i, row in enumerate(self._rows) if not row.handle.cancelled and (cancelled_only or not row.done)]

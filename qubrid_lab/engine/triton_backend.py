@@ -128,6 +128,10 @@ class TritonChat:
 
     def _refuse_unsupported(self, request: GenerationRequest, declared: dict) -> None:
         params, interface = request.params, self.entry.interface
+        if params.logprobs is not None:
+            raise InvalidRequestError(
+                f"Model '{self.model_id}' is served by the 'triton' backend, whose tensor interfaces return no log "
+                "probabilities; leave logprobs unset for this model.", param="logprobs")
         used = [field for field, is_set in (
             ("temperature", params.temperature != 1.0), ("top_p", params.top_p != 1.0),
             ("seed", params.seed is not None), ("presence_penalty", params.presence_penalty != 0.0),

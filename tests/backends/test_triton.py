@@ -114,6 +114,12 @@ def test_a_field_the_model_takes_no_tensor_for_is_refused_by_name(client):
     assert "'triton' backend" in refused.value.body["message"]
 
 
+def test_logprobs_are_refused_by_name_on_triton(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, max_tokens=4, logprobs=True)
+    assert refused.value.body["param"] == "logprobs" and "'triton' backend" in refused.value.body["message"]
+
+
 def test_an_unreachable_triton_is_a_502_and_the_server_stays_up(client, front):
     with pytest.raises(openai.APIStatusError) as failed:
         client.chat.completions.create(model="team/nowhere", messages=QUESTION, max_tokens=4)

@@ -145,6 +145,23 @@ def test_n_seed_stop_and_penalties_reach_the_upstream(via, client):
     assert proxied.usage.completion_tokens == direct.usage.completion_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_pass_through(via, client, stream):
+    kwargs = dict(messages=STORY, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+    direct = client.chat.completions.create(model=CHAT_MODEL, **kwargs).choices[0].logprobs.content
+    if stream:
+        proxied = [token for chunk in via.chat.completions.create(model="team/smol", **kwargs, stream=True)
+                   for choice in chunk.choices if choice.logprobs for token in choice.logprobs.content]
+    else:
+        proxied = via.chat.completions.create(model="team/smol", **kwargs).choices[0].logprobs.content
+    assert [t.model_dump() for t in proxied] == [t.model_dump() for t in direct]
+    text = via.completions.create(model="team/smol", prompt="One, two,", max_tokens=4, temperature=0, logprobs=2)
+    assert text.choices[0].logprobs.tokens and "".join(text.choices[0].logprobs.tokens) == text.choices[0].text
+    with pytest.raises(openai.BadRequestError) as refused:
+        via.completions.create(model="team/smol", prompt="One, two,", max_tokens=4, logprobs=2, echo=True)
+    assert refused.value.body["param"] == "echo"
+
+
 def test_text_completions_with_a_prompt_list_and_echo(via, client):
     kwargs = dict(prompt=["The capital of France is", "One, two,"], max_tokens=8, temperature=0, echo=True)
     direct = client.completions.create(model=CHAT_MODEL, **kwargs)

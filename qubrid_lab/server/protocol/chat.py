@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
+from qubrid_lab.engine.logprobs import MAX_TOP_LOGPROBS
 from qubrid_lab.server.protocol.common import Metrics, SamplingFields, Usage, WireModel
+from qubrid_lab.server.protocol.logprobs import ChatLogprobs
 
 
 class ImageURL(WireModel):
@@ -37,6 +39,21 @@ class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    logprobs: bool | None = Field(False, description="Return each output token's log probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="With logprobs: this many most likely tokens at each position.")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return value
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        """How many rivals per token to return, or None for no log probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -55,6 +72,7 @@ class ChatChoice(WireModel):
     index: int
     message: AssistantMessage
     finish_reason: str
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(WireModel):

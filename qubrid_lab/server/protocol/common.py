@@ -50,7 +50,8 @@ class SamplingFields(WireModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
+                        echo_logprobs: bool = False) -> SamplingParams:
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -59,6 +60,8 @@ class SamplingFields(WireModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed,
             stop=self.stop_list(),
+            logprobs=logprobs,
+            echo_logprobs=echo_logprobs,
         )
 
     @property

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from qubrid_lab.server.protocol.common import Metrics, SamplingFields, Usage, WireModel
+from qubrid_lab.server.protocol.logprobs import CompletionLogprobs
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the legacy endpoint
 
 
 class CompletionRequest(SamplingFields):
     model: str
     prompt: str | list[str]
     echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS, description=(
+        "Return each token's log probability and this many most likely tokens at each position (with echo: "
+        "the prompt's tokens too)."))
 
     @field_validator("prompt")
     @classmethod
@@ -28,7 +34,7 @@ class CompletionRequest(SamplingFields):
 class CompletionChoice(WireModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 

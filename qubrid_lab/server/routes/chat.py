@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.server.protocol.chat import ChatCompletion, ChatCompletionRequest
+from qubrid_lab.server.protocol.logprobs import chat_logprobs
 from qubrid_lab.server.access import chat_backend
 from qubrid_lab.server.routes.generation import (
     StreamFormat,
@@ -49,14 +50,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     _reject_images(body, vision=getattr(getattr(backend, "entry", None), "vision", False))
     messages = body.template_messages()
     run, charge = await start_metered(
-        request, body.model, GenerationRequest(body.sampling_params(body.token_limit), body.choices_per_prompt,
-                                               messages=messages), _characters(messages), backend)
+        request, body.model, GenerationRequest(body.sampling_params(body.token_limit, body.logprobs_wanted),
+                                               body.choices_per_prompt, messages=messages),
+        _characters(messages), backend)
     request_id = completion_id("chatcmpl")
     if body.stream:
         fmt = StreamFormat(
             opening=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
-            piece=lambda i, text, finish: {"index": i, "delta": {"content": text} if text else {},
-                                           "finish_reason": finish},
+            piece=lambda i, text, finish, logprobs: {"index": i, "delta": {"content": text} if text else {},
+                                                     "logprobs": chat_logprobs(logprobs), "finish_reason": finish},
             envelope=envelope("chat.completion.chunk", request_id, body.model),
         )
         return sse_response(stream(run, fmt, body.include_usage, charge))
@@ -65,8 +67,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         id=request_id,
         created=int(time.time()),
         model=body.model,
-        choices=[{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                 for i, (text, reason) in enumerate(zip(done.texts, done.reasons))],
+        choices=[{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                  "logprobs": chat_logprobs(logprobs)}
+                 for i, (text, reason, logprobs) in enumerate(zip(done.texts, done.reasons, done.logprobs))],
         usage=done.usage,
         x_metrics=done.metrics,
     )

@@ -11,6 +11,7 @@ from typing import AsyncIterator, Callable
 from fastapi import Request
 
 from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationRequest, GenerationRun
+from qubrid_lab.engine.logprobs import TokenLogprob
 from qubrid_lab.errors import InternalError
 from qubrid_lab.server.access import chat_backend
 from qubrid_lab.server.auth import key_of
@@ -26,13 +27,15 @@ def completion_id(prefix: str) -> str:
 
 @dataclass
 class Collected:
-    """A finished request: every choice's text and finish reason, and the usage."""
+    """A finished request: every choice's text, finish reason and (when asked for) tokens' log probabilities,
+    and the usage."""
 
     texts: list[str]
     reasons: list[str]
     prompt_tokens: int
     completion_tokens: int
     metrics: dict = field(default_factory=dict)
+    logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
 
     @property
     def usage(self) -> dict:
@@ -68,12 +71,15 @@ async def settled(recorded, seconds: float = RECORD_WAIT_SECONDS) -> None:
 async def collect(run: GenerationRun, charge: Charge) -> Collected:
     """Wait for every choice of ``run``; a backend failure becomes a 500 with its reason."""
     texts, reasons, tokens = [""] * run.choices, ["stop"] * run.choices, 0
+    logprobs: list[list[TokenLogprob] | None] = [None] * run.choices
     recorded = None
     try:
         async for event in run.events():
             if isinstance(event, Failure):
                 raise event.error or InternalError(event.message)
             texts[event.index] += event.text
+            if event.logprobs is not None:
+                logprobs[event.index] = (logprobs[event.index] or []) + event.logprobs
             if isinstance(event, Finish):
                 reasons[event.index] = event.reason
                 tokens += event.completion_tokens
@@ -81,16 +87,18 @@ async def collect(run: GenerationRun, charge: Charge) -> Collected:
         run.cancel()
         recorded = charge.settle(run.prompt_tokens, tokens, run.metrics(tokens)["ttft_seconds"])
     await settled(recorded)
-    return Collected(texts, reasons, run.prompt_tokens, tokens, run.metrics(tokens))
+    return Collected(texts, reasons, run.prompt_tokens, tokens, run.metrics(tokens), logprobs)
 
 
 @dataclass
 class StreamFormat:
-    """How one endpoint spells its chunks: ``opening(index)`` may be None, ``piece(index, text, finish)``."""
+    """How one endpoint spells its chunks: ``opening(index)`` (may be None), ``piece(index, text, finish,
+    logprobs)``; ``late_opening``: the openings wait for the first event (the prompt's logprobs come with it)."""
 
     opening: Callable[[int], dict] | None
-    piece: Callable[[int, str, str | None], dict]
+    piece: Callable[[int, str, str | None, list[TokenLogprob] | None], dict]
     envelope: Callable[[list[dict]], dict]
+    late_opening: bool = False
 
 
 async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool, charge: Charge) -> AsyncIterator[str]:
@@ -107,25 +115,30 @@ async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool, cha
         body.update(extra)
         return sse_event(body)
 
-    tokens, open_choices = 0, run.choices
+    tokens, open_choices, opened = 0, run.choices, not fmt.opening
     try:
-        if fmt.opening:
+        if fmt.opening and not fmt.late_opening:
             for index in range(run.choices):
                 yield chunk([fmt.opening(index)])
+            opened = True
         async for event in run.events():
             if isinstance(event, Failure):
                 yield sse_event((event.error or InternalError(event.message)).to_body())
                 return
+            if not opened:
+                for index in range(run.choices):
+                    yield chunk([fmt.opening(index)])
+                opened = True
             if isinstance(event, Delta):
-                yield chunk([fmt.piece(event.index, event.text, None)])
+                yield chunk([fmt.piece(event.index, event.text, None, event.logprobs)])
                 continue
             tokens += event.completion_tokens
             open_choices -= 1
-            if event.text:
-                yield chunk([fmt.piece(event.index, event.text, None)])
+            if event.text or event.logprobs:
+                yield chunk([fmt.piece(event.index, event.text, None, event.logprobs)])
             last = open_choices == 0 and not include_usage
             extra = {"x_metrics": run.metrics(tokens)} if last else {}
-            yield chunk([fmt.piece(event.index, "", event.reason)], **extra)
+            yield chunk([fmt.piece(event.index, "", event.reason, None)], **extra)
         if include_usage:
             usage = {"prompt_tokens": run.prompt_tokens, "completion_tokens": tokens,
                      "total_tokens": run.prompt_tokens + tokens}
