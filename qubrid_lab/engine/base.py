@@ -85,8 +85,9 @@ class GenerationRun:
     """All prompts of one API request, submitted to one backend; events of every choice on one queue."""
 
     def __init__(self, backend: ChatBackend, prompts: list[list[int]], params: SamplingParams, n: int,
-                 prompt_field: str = "messages"):
+                 prompt_field: str = "messages", prompt_texts: list[str] | None = None):
         self.submitted_at = time.perf_counter()
+        self.prompt_texts = prompt_texts or []
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.handles = [
@@ -105,6 +106,10 @@ class GenerationRun:
     def events(self) -> AsyncIterator[Event]:
         """Yields events until every choice has finished, or the backend failed."""
         return drain(self.queue, self.choices)
+
+    def prompt_text(self, prompt: int) -> str:
+        """Prompt ``prompt`` as text (what ``echo`` repeats), decoded when it was sent as token ids."""
+        return self.prompt_texts[prompt]
 
     def prompt_logprobs(self, prompt: int) -> list[TokenLogprob] | None:
         """Prompt ``prompt``'s own tokens with log probabilities (``echo`` with ``logprobs``), once it has begun."""
@@ -150,17 +155,28 @@ class GenerationRequest:
     """One validated chat or text-completion request, whole, as every chat backend receives it.
 
     Chat requests carry ``messages`` (the backend applies the chat template, or its upstream does); text
-    completions carry ``prompts``, one or more, each answered with ``n`` choices numbered prompt by prompt.
+    completions carry ``prompts``, one or more (each text or token ids), each answered with ``n`` choices
+    numbered prompt by prompt.
     """
 
     params: SamplingParams
     n: int = 1
     messages: list[dict] | None = None
-    prompts: list[str] | None = None
+    prompts: list[str | list[int]] | None = None
+    echo: bool = False  # text completions: each choice starts with its prompt's text (the route adds it)
 
-    @property
-    def prompt_field(self) -> str:
-        return "messages" if self.messages is not None else "prompt"
+
+class RemoteRun:
+    """What a remote backend's run answers about its prompts: they were sent as text (backends refuse echo of
+    token ids at start), and no prompt log probabilities (refused at start too)."""
+
+    request: GenerationRequest
+
+    def prompt_text(self, prompt: int) -> str:
+        return self.request.prompts[prompt]
+
+    def prompt_logprobs(self, prompt: int) -> None:
+        return None
 
 
 class ChatBackend(Protocol):
@@ -177,12 +193,16 @@ class ChatBackend(Protocol):
 
 
 def start_local(backend, request: GenerationRequest) -> GenerationRun:
-    """A run on an engine that takes token ids: the request's prompts tokenized by ``backend``."""
+    """A run on an engine that takes token ids: the request's prompts tokenized (or their ids checked) by
+    ``backend``."""
     if request.messages is not None:
-        prompts = [backend.encode_chat(request.messages)]
-    else:
-        prompts = [backend.encode_text(prompt) for prompt in request.prompts]
-    return GenerationRun(backend, prompts, request.params, request.n, prompt_field=request.prompt_field)
+        return GenerationRun(backend, [backend.encode_chat(request.messages)], request.params, request.n)
+    several = len(request.prompts) > 1
+    prompts = [backend.encode_text(prompt) if isinstance(prompt, str)
+               else backend.checked_ids(prompt, f"prompt[{i}]" if several else "prompt")
+               for i, prompt in enumerate(request.prompts)]
+    texts = [prompt if isinstance(prompt, str) else backend.decode(prompt) for prompt in request.prompts]
+    return GenerationRun(backend, prompts, request.params, request.n, prompt_field="prompt", prompt_texts=texts)
 
 
 class EmbeddingBackend(Protocol):
@@ -190,6 +210,8 @@ class EmbeddingBackend(Protocol):
 
     model_id: str
 
-    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]: ...
+    async def embed(self, inputs: list[str | list[int]]) -> tuple[np.ndarray, int]:
+        """One vector per input (all texts, or all token ids) and the tokens they took."""
+        ...
 
     def close(self) -> None: ...

@@ -41,6 +41,15 @@ def _config_dir(location: str) -> str:
     return str(Path(cached_file(location, "config.json")).parent)
 
 
+def checked_ids(ids: list[int], vocabulary: int, model_id: str, field: str) -> list[int]:
+    """``ids`` when every one is a token of a ``vocabulary``-token model; else a 400 naming the first that is not."""
+    outside = next((i for i, token in enumerate(ids) if not 0 <= token < vocabulary), None)
+    if outside is not None:
+        raise InvalidRequestError(f"{field}[{outside}] is token id {ids[outside]}, outside model '{model_id}''s "
+                                  f"vocabulary (ids 0 to {vocabulary - 1}).", param=field)
+    return ids
+
+
 class LocalChatEngine:
     """A causal LM loaded with transformers and served through the continuous-batching scheduler."""
 
@@ -132,6 +141,15 @@ class LocalChatEngine:
         with self._encode_lock:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
 
+    def checked_ids(self, ids: list[int], field: str) -> list[int]:
+        """A prompt sent as token ids, each within the vocabulary."""
+        return checked_ids(ids, min(len(self.tokenizer), self.model.config.get_text_config().vocab_size),
+                           self.model_id, field)
+
+    def decode(self, ids: list[int]) -> str:
+        with self._encode_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     async def start(self, request: GenerationRequest) -> GenerationRun:
         return start_local(self, request)
 
@@ -199,6 +217,12 @@ class FineTunedChat:
     def encode_text(self, prompt: str) -> list[int]:
         return self.base.encode_text(prompt)
 
+    def checked_ids(self, ids: list[int], field: str) -> list[int]:
+        return self.base.checked_ids(ids, field)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.base.decode(ids)
+
     async def start(self, request: GenerationRequest) -> GenerationRun:
         return start_local(self, request)
 
@@ -238,14 +262,32 @@ class LocalEmbeddingEngine:
         with torch.inference_mode():
             outputs = self.model.encode(texts, batch_size=64, output_value=None)
             vectors = torch.stack([output["sentence_embedding"] for output in outputs]).float()
-            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
             tokens = sum(int(output["attention_mask"].sum()) for output in outputs)
-        return vectors.numpy(), tokens
+        return torch.nn.functional.normalize(vectors, p=2, dim=1).numpy(), tokens
 
-    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """Embeddings of ``texts`` (float32, one row each) and how many tokens they took (after truncation
-        to the model's limit)."""
-        return await asyncio.wrap_future(self._thread.submit(self._embed, texts))
+    def _embed_ids(self, inputs: list[list[int]]) -> tuple[np.ndarray, int]:
+        """Inputs sent as token ids go to the model as they are (no special tokens added), cut to its limit."""
+        rows = [ids[:self.max_input_tokens] for ids in inputs]
+        width = max(map(len, rows))
+        pad = self.model.tokenizer.pad_token_id or 0
+        features = {"input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in rows]),
+                    "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])}
+        if "token_type_ids" in self.model.tokenizer.model_input_names:
+            features["token_type_ids"] = torch.zeros_like(features["input_ids"])
+        with torch.inference_mode():
+            features = {name: tensor.to(self.device) for name, tensor in features.items()}
+            vectors = self.model(features)["sentence_embedding"].float().cpu()
+        return torch.nn.functional.normalize(vectors, p=2, dim=1).numpy(), sum(map(len, rows))
+
+    async def embed(self, inputs: list[str | list[int]]) -> tuple[np.ndarray, int]:
+        """Embeddings of ``inputs`` (texts, or token ids; float32, one row each) and how many tokens they took
+        (after truncation to the model's limit)."""
+        if isinstance(inputs[0], str):
+            return await asyncio.wrap_future(self._thread.submit(self._embed, inputs))
+        vocabulary = len(self.model.tokenizer)
+        for i, ids in enumerate(inputs):
+            checked_ids(ids, vocabulary, self.model_id, f"input[{i}]" if len(inputs) > 1 else "input")
+        return await asyncio.wrap_future(self._thread.submit(self._embed_ids, inputs))
 
     def close(self) -> None:
         if self._own_thread:

@@ -24,7 +24,7 @@ import aiohttp
 import httpx
 import numpy as np
 
-from qubrid_lab.engine.base import Delta, Event, Failure, Finish, GenerationRequest, run_metrics
+from qubrid_lab.engine.base import Delta, Event, Failure, Finish, GenerationRequest, RemoteRun, run_metrics
 from qubrid_lab.engine.logprobs import TokenLogprob
 from qubrid_lab.errors import InvalidRequestError, QubridError, UpstreamError
 from qubrid_lab.models.catalogue import ModelEntry
@@ -104,7 +104,7 @@ class TokenCounter:
     def prompt(self, request: GenerationRequest) -> int:
         """The request's prompt tokens: its messages through the chat template, or each prompt once."""
         if request.messages is None:
-            return sum(self.text(prompt) for prompt in request.prompts)
+            return sum(self.text(prompt) if isinstance(prompt, str) else len(prompt) for prompt in request.prompts)
         if self.tokenizer is not None and self.tokenizer.chat_template:
             ids = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)
@@ -216,7 +216,7 @@ async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         yield pending
 
 
-class UpstreamRun:
+class UpstreamRun(RemoteRun):
     """One request streaming from the upstream; the same interface as :class:`GenerationRun`."""
 
     def __init__(self, upstream: _Upstream, request: GenerationRequest, response: aiohttp.ClientResponse,
@@ -328,6 +328,10 @@ class OpenAIUpstreamChat(_Upstream):
             body["stop"] = params.stop
         if params.seed is not None:
             body["seed"] = params.seed
+        if request.echo and any(not isinstance(prompt, str) for prompt in request.prompts or []):
+            raise InvalidRequestError(f"Model '{self.model_id}' is served by the 'openai' backend, which cannot "
+                                      "echo a prompt sent as token ids; send the prompt as text, or leave echo unset.",
+                                      param="echo")
         if params.echo_logprobs:
             raise InvalidRequestError(f"Model '{self.model_id}' is served by the 'openai' backend, which does not "
                                       "return the prompt's log probabilities: send echo or logprobs, not both.",
@@ -348,8 +352,8 @@ class OpenAIUpstreamChat(_Upstream):
 class OpenAIUpstreamEmbedding(_Upstream):
     """An embedding model served by an OpenAI-compatible upstream."""
 
-    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        response = await self.open("/embeddings", {"model": self.entry.upstream_model, "input": texts,
+    async def embed(self, inputs: list[str | list[int]]) -> tuple[np.ndarray, int]:
+        response = await self.open("/embeddings", {"model": self.entry.upstream_model, "input": inputs,
                                                    "encoding_format": "float"})
         try:
             body = await response.json(content_type=None)
@@ -357,7 +361,8 @@ class OpenAIUpstreamEmbedding(_Upstream):
             vectors = np.asarray([row["embedding"] for row in rows], dtype=np.float32)
             usage = body.get("usage") or {}
             tokens = int(usage["prompt_tokens"]) if "prompt_tokens" in usage else \
-                sum(self.counter.text(text, special_tokens=True) for text in texts)
+                sum(self.counter.text(item, special_tokens=True) if isinstance(item, str) else len(item)
+                    for item in inputs)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise self.failure(f"broke off its embeddings answer: {type(exc).__name__}: {exc}") from exc
         except (ValueError, KeyError, TypeError) as exc:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from qubrid_lab.engine.base import Delta, Event, Failure, Finish, GenerationRequest, drain, run_metrics
+from qubrid_lab.engine.base import Delta, Event, Failure, Finish, GenerationRequest, RemoteRun, drain, run_metrics
 from qubrid_lab.engine.detokenize import StopFilter
 from qubrid_lab.errors import InvalidRequestError, UpstreamError
 from qubrid_lab.models.catalogue import ModelEntry
@@ -128,6 +128,10 @@ class TritonChat:
 
     def _refuse_unsupported(self, request: GenerationRequest, declared: dict) -> None:
         params, interface = request.params, self.entry.interface
+        if any(not isinstance(prompt, str) for prompt in request.prompts or []):
+            raise InvalidRequestError(
+                f"Model '{self.model_id}' is served by the 'triton' backend, whose models take prompt text; send "
+                "the prompt as text, not token ids.", param="prompt")
         if params.logprobs is not None:
             raise InvalidRequestError(
                 f"Model '{self.model_id}' is served by the 'triton' backend, whose tensor interfaces return no log "
@@ -213,7 +217,7 @@ class TritonChat:
         """Clients close with the process."""
 
 
-class TritonRun:
+class TritonRun(RemoteRun):
     """The Triton requests of one API request (one per choice), their events on one queue."""
 
     def __init__(self, chat: TritonChat, jobs: list, request: GenerationRequest, submitted_at: float):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import openai
 import pytest
 
-from tests.e2e.conftest import CHAT_MODEL
+from tests.e2e.conftest import CHAT_MODEL, EMBEDDING_MODEL
 
 pytestmark = pytest.mark.e2e
 
@@ -94,3 +95,73 @@ def test_completion_logprobs_bounded_at_five(client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.completions.create(model=CHAT_MODEL, prompt="Hi", max_tokens=2, logprobs=6)
     assert refused.value.body["param"] == "logprobs"
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from tests.smollm2 import smollm2_checkpoint
+
+    return AutoTokenizer.from_pretrained(smollm2_checkpoint())
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from qubrid_lab.models.loading import bundled_path
+
+    return AutoTokenizer.from_pretrained(bundled_path("all-minilm-l6-v2"))
+
+
+def test_a_prompt_of_token_ids_answers_as_its_text(client, smollm2_tokenizer):
+    prompts = ["The capital of France is", "One, two, three,"]
+    ids = [smollm2_tokenizer.encode(prompt) for prompt in prompts]
+    kwargs = dict(model=CHAT_MODEL, max_tokens=6, temperature=0, echo=True)
+    as_text = client.completions.create(prompt=prompts, **kwargs)
+    as_ids = client.completions.create(prompt=ids, **kwargs)
+    assert [c.text for c in as_ids.choices] == [c.text for c in as_text.choices]
+    assert as_ids.usage == as_text.usage
+    single = client.completions.create(prompt=ids[0], **kwargs)
+    assert single.choices[0].text == as_text.choices[0].text
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(client, http):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=CHAT_MODEL, prompt=[[1, 2], [3, 10**6]], max_tokens=2)
+    assert refused.value.body["param"] == "prompt[1]" and "vocabulary" in refused.value.body["message"]
+    response = http.post("/v1/embeddings", json={"model": EMBEDDING_MODEL, "input": [101, 10**7, 102]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "input"
+
+
+def test_embeddings_of_token_ids_equal_those_of_their_text(client, minilm_tokenizer):
+    texts = ["A cat sits on the mat.", "The stock market fell sharply today."]
+    ids = [minilm_tokenizer.encode(text) for text in texts]  # with [CLS] and [SEP], as the model reads text
+    from_text = client.embeddings.create(model=EMBEDDING_MODEL, input=texts)
+    from_ids = client.embeddings.create(model=EMBEDDING_MODEL, input=ids)
+    assert np.allclose([d.embedding for d in from_ids.data], [d.embedding for d in from_text.data], atol=1e-5)
+    assert from_ids.usage.prompt_tokens == from_text.usage.prompt_tokens == sum(map(len, ids))
+    one = client.embeddings.create(model=EMBEDDING_MODEL, input=ids[0])
+    assert np.allclose(one.data[0].embedding, from_text.data[0].embedding, atol=1e-5)
+
+
+def test_stream_options_without_stream_is_refused(client):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=2,
+                                       stream_options={"include_usage": True})
+    assert refused.value.body["param"] == "stream_options"
+
+
+def test_each_choice_streams_at_most_max_tokens_content_chunks_then_its_finish(client):
+    counts, finishes = [0, 0, 0], [[], [], []]
+    for chunk in client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=5, n=3,
+                                                temperature=1.0, seed=2, stream=True):
+        for choice in chunk.choices:
+            counts[choice.index] += bool(choice.delta.content)
+            if choice.finish_reason:
+                finishes[choice.index].append(choice.finish_reason)
+            else:
+                assert not finishes[choice.index], "a chunk after the choice's finish"
+    assert all(1 <= count <= 5 for count in counts)
+    assert all(len(f) == 1 and f[0] in ("stop", "length") for f in finishes)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 from qubrid_lab.engine.sampling import SamplingParams
 
 
+TokenIds = list[Annotated[int, Field(ge=0)]]  # a prompt or input given as token ids (OpenAI accepts both)
 MAX_STOP_LENGTH = 1024  # streaming holds back as many characters as the longest stop sequence has
 StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_LENGTH)]
 
@@ -43,6 +44,13 @@ class SamplingFields(WireModel):
     def _at_most_four(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError(f"at most 4 stop sequences are allowed, got {len(value)}")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream set to true")
         return value
 
     def stop_list(self) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from qubrid_lab.server.protocol.common import Metrics, SamplingFields, Usage, WireModel
+from qubrid_lab.server.protocol.common import Metrics, SamplingFields, TokenIds, Usage, WireModel
 from qubrid_lab.server.protocol.logprobs import CompletionLogprobs
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the legacy endpoint
@@ -14,7 +14,8 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the legacy endpoint
 
 class CompletionRequest(SamplingFields):
     model: str
-    prompt: str | list[str]
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        description="Text, texts, token ids, or lists of token ids (one prompt each).")
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS, description=(
         "Return each token's log probability and this many most likely tokens at each position (with echo: "
@@ -22,13 +23,17 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt must be a string or a non-empty array of strings")
+    def _not_empty(cls, value):
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+            raise ValueError("prompt must be a string, a non-empty array of strings, or non-empty arrays of "
+                             "token ids")
         return value
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: its text, or its token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 class CompletionChoice(WireModel):

@@ -6,30 +6,36 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from qubrid_lab.server.protocol.common import WireModel
+from qubrid_lab.server.protocol.common import TokenIds, WireModel
+
+MAX_INPUTS = 2048
 
 
 class EmbeddingRequest(WireModel):
     model: str
-    input: str | list[str]
+    input: str | list[str] | TokenIds | list[TokenIds]
     encoding_format: Literal["float", "base64"] | None = "float"
     user: str | None = None
 
     @field_validator("input")
     @classmethod
-    def _no_empty_text(cls, value: str | list[str]) -> str | list[str]:
-        texts = [value] if isinstance(value, str) else value
-        if not texts:
-            raise ValueError("input must be a string or a non-empty array of strings")
-        if len(texts) > 2048:
-            raise ValueError(f"at most 2048 inputs per request, got {len(texts)}")
-        empty = [i for i, text in enumerate(texts) if not text]
+    def _no_empty_input(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("input must be a string, a non-empty array of strings, or arrays of token ids")
+        inputs = [value] if isinstance(value, str) or isinstance(value[0], int) else value
+        if len(inputs) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} inputs per request, got {len(inputs)}")
+        empty = [i for i, item in enumerate(inputs) if not item]
         if empty:
-            raise ValueError(f"input contains empty strings (at positions {empty[:10]}); each input must have text")
+            raise ValueError(f"input contains empty inputs (at positions {empty[:10]}); each input must have text "
+                             "or token ids")
         return value
 
-    def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per input: its text, or its token ids."""
+        if isinstance(self.input, str) or isinstance(self.input[0], int):
+            return [self.input]
+        return list(self.input)
 
 
 class EmbeddingObject(WireModel):

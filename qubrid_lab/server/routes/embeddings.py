@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 
 from qubrid_lab.server.access import embedding_backend
 from qubrid_lab.server.auth import key_of
+from qubrid_lab.server.metering import CHARS_PER_TOKEN
 from qubrid_lab.server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from qubrid_lab.server.routes.generation import settled
 
@@ -17,11 +18,12 @@ router = APIRouter()
 @router.post("/embeddings")
 async def create_embedding(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     backend = embedding_backend(request, body.model)
-    texts = body.texts()
-    charge = request.app.state.meter.admit(key_of(request), body.model, sum(len(text) for text in texts), 0)
+    inputs = body.inputs()
+    characters = sum(len(item) if isinstance(item, str) else CHARS_PER_TOKEN * len(item) for item in inputs)
+    charge = request.app.state.meter.admit(key_of(request), body.model, characters, 0)
     tokens, recorded = 0, None
     try:
-        vectors, tokens = await backend.embed(texts)
+        vectors, tokens = await backend.embed(inputs)
     finally:
         recorded = charge.settle(tokens, 0)
     await settled(recorded)
