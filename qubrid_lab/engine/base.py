@@ -65,6 +65,7 @@ class GenerationHandle:
     adapter: str | None = None  # the LoRA adapter (fine-tuned model) to decode with; None: the base model
     shared_prefix: int = 0  # leading prompt tokens many prompts share (a chat template's system block), set by the backend
     prompt_logprobs: list[TokenLogprob] | None = None  # with echo and logprobs: the prompt's tokens, set before any event
+    matchers: list | None = None  # structured outputs: one grammar matcher per choice, set by the backend
     first_token_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False
@@ -164,6 +165,7 @@ class GenerationRequest:
     messages: list[dict] | None = None
     prompts: list[str | list[int]] | None = None
     echo: bool = False  # text completions: each choice starts with its prompt's text (the route adds it)
+    response_format: dict | None = None  # as the client sent it, for backends that enforce it themselves
 
 
 class RemoteRun:

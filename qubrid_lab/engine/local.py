@@ -21,6 +21,7 @@ from qubrid_lab.engine.base import GenerationHandle, GenerationRequest, Generati
 from qubrid_lab.engine.forward import load_causal_lm
 from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.scheduler import BatchScheduler
+from qubrid_lab.engine.structured import matchers
 from qubrid_lab.engine.thread import ModelThread
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.models.catalogue import ModelEntry
@@ -76,7 +77,8 @@ class LocalChatEngine:
         eos_ids.add(self.tokenizer.eos_token_id)
         eos_ids.discard(None)
         self.scheduler = BatchScheduler(forward, self.tokenizer, self.device, eos_ids, max_batch_size, self._thread,
-                                        self.lora)
+                                        self.lora, vocab_size=self.model.config.get_text_config().vocab_size)
+        self._thread.submit(lambda: self.scheduler.texts.ll_tokenizer).result()  # built now, not on a request
         log.info("loaded %s on %s in %s, in %.1fs", entry.id, self.device, self.precision_choice.summary(),
                  time.perf_counter() - started)
 
@@ -171,6 +173,8 @@ class LocalChatEngine:
             wanted = room
         handle.max_new_tokens = wanted
         handle.shared_prefix = self._shared_prefix(handle.prompt_ids)
+        if handle.params.grammar is not None:
+            handle.matchers = matchers(self.scheduler.texts, handle.params.grammar, handle.n, self.model_id)
         self.scheduler.submit(handle)
 
     @property

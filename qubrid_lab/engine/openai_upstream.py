@@ -336,6 +336,8 @@ class OpenAIUpstreamChat(_Upstream):
             raise InvalidRequestError(f"Model '{self.model_id}' is served by the 'openai' backend, which does not "
                                       "return the prompt's log probabilities: send echo or logprobs, not both.",
                                       param="echo")
+        if request.response_format is not None:
+            body["response_format"] = request.response_format
         if params.logprobs is not None and request.messages is not None:
             body["logprobs"], body["top_logprobs"] = True, params.logprobs
         elif params.logprobs is not None:

@@ -24,6 +24,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no log probabilities; k: the chosen token's and its k best rivals'
     echo_logprobs: bool = False  # the prompt's own tokens' log probabilities too (text completions' echo)
+    grammar: str | None = None  # an llguidance grammar the output must match (structured outputs); None: free
 
     @property
     def greedy(self) -> bool:

@@ -33,6 +33,7 @@ from qubrid_lab.engine.kv import BatchKV, PrefillKV
 from qubrid_lab.engine.logprobs import TokenLogprob, TokenTexts, chosen_logprobs, prompt_logprobs
 from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.sampling import RowSampler, sample_next
+from qubrid_lab.engine.structured import advance, constrain
 from qubrid_lab.engine.thread import ModelThread
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class _Row:
     next_token: int = -1
     generated: int = 0
     done: bool = False
+    matcher: object | None = None  # structured outputs: the llguidance matcher its tokens must satisfy
     # with logprobs asked for: tokens decoded but not yet sent, as (start, end) in the row's text and logprob
     pending: list[tuple[int, int, TokenLogprob]] | None = None
     decoded: int = 0  # characters of text the row's tokens have produced
@@ -106,11 +108,11 @@ class BatchScheduler:
     """Owns a model's forward pass and decodes every submitted request in one shared batch."""
 
     def __init__(self, forward: Forward, tokenizer, device: torch.device, eos_ids: set[int], max_batch_size: int,
-                 model_thread: ModelThread, lora: LoraSet | None = None):
+                 model_thread: ModelThread, lora: LoraSet | None = None, vocab_size: int | None = None):
         self.forward = forward
         self.lora = lora
         self.decoder = copy.deepcopy(tokenizer.backend_tokenizer)  # a private copy: decoding runs on this thread
-        self.texts = TokenTexts(tokenizer)
+        self.texts = TokenTexts(tokenizer, vocab_size, eos_ids)
         self.device = device
         self.eos_ids = eos_ids
         self.max_batch_size = max_batch_size
@@ -235,12 +237,17 @@ class BatchScheduler:
             _Row(handle, handle.first_index + i, handle.adapter,
                  RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),
                  TextAssembler(self.decoder, handle.params.stop),
+                 matcher=handle.matchers[i] if handle.matchers else None,
                  pending=[] if handle.params.logprobs is not None else None)
             for i in range(handle.n)
         ]
         self._rows.extend(new_rows)
-        tokens = sample_next(logits, [r.sampler for r in new_rows])
+        tokens = self._sample(logits, new_rows)
         self._accept(new_rows, tokens, self._logprobs(logits, new_rows, tokens))
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """Each row's next token, constrained rows within what their grammar allows next."""
+        return sample_next(constrain(logits, [row.matcher for row in rows]), [row.sampler for row in rows])
 
     def _prompt_logprobs(self, handle: GenerationHandle, logits: torch.Tensor) -> list[TokenLogprob]:
         """The prompt's tokens with their log probabilities given the tokens before them (the first: None)."""
@@ -269,7 +276,7 @@ class BatchScheduler:
         with self._adapters([row.adapter for row in self._rows]):
             logits = self.forward(ids, positions, self._kv, mask)
         self._kv.commit_step()
-        tokens = sample_next(logits, [r.sampler for r in self._rows])
+        tokens = self._sample(logits, self._rows)
         self._accept(self._rows, tokens, self._logprobs(logits, self._rows, tokens))
 
     def _adapters(self, rows: list[str | None]):
@@ -295,7 +302,9 @@ class BatchScheduler:
                 row.pending.append((row.decoded, row.decoded + len(piece), self.texts.logprob(piece, token,
                                                                                               *logprobs[i])))
                 row.decoded += len(piece)
-            if row.text.stopped:
+            if row.matcher is not None and advance(row.matcher, token):  # the grammar is complete
+                self._finish(row, "stop", delta + row.text.flush())
+            elif row.text.stopped:
                 self._finish(row, "stop", delta)
             elif row.generated >= handle.max_new_tokens:
                 self._finish(row, "length", delta + row.text.flush())

@@ -132,6 +132,10 @@ class TritonChat:
             raise InvalidRequestError(
                 f"Model '{self.model_id}' is served by the 'triton' backend, whose models take prompt text; send "
                 "the prompt as text, not token ids.", param="prompt")
+        if request.response_format is not None:
+            raise InvalidRequestError(
+                f"Model '{self.model_id}' is served by the 'triton' backend, which cannot constrain its output to a "
+                "format; leave response_format unset (or 'text') for this model.", param="response_format")
         if params.logprobs is not None:
             raise InvalidRequestError(
                 f"Model '{self.model_id}' is served by the 'triton' backend, whose tensor interfaces return no log "

@@ -114,10 +114,12 @@ def test_a_field_the_model_takes_no_tensor_for_is_refused_by_name(client):
     assert "'triton' backend" in refused.value.body["message"]
 
 
-def test_logprobs_are_refused_by_name_on_triton(client):
+@pytest.mark.parametrize(("extra", "field"), [({"logprobs": True}, "logprobs"),
+                                              ({"response_format": {"type": "json_object"}}, "response_format")])
+def test_fields_triton_cannot_honour_are_refused_by_name(client, extra, field):
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, max_tokens=4, logprobs=True)
-    assert refused.value.body["param"] == "logprobs" and "'triton' backend" in refused.value.body["message"]
+        client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, max_tokens=4, **extra)
+    assert refused.value.body["param"] == field and "'triton' backend" in refused.value.body["message"]
 
 
 def test_an_unreachable_triton_is_a_502_and_the_server_stays_up(client, front):

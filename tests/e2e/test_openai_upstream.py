@@ -162,6 +162,15 @@ def test_logprobs_pass_through(via, client, stream):
     assert refused.value.body["param"] == "echo"
 
 
+def test_response_format_passes_through(via, client):
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon", "Nice"]}}, "required": ["city"]}
+    kwargs = dict(messages=[{"role": "user", "content": "Name the capital city of France."}], max_tokens=20,
+                  temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    direct = client.chat.completions.create(model=CHAT_MODEL, **kwargs)
+    proxied = via.chat.completions.create(model="team/smol", **kwargs)
+    assert proxied.choices[0].message.content == direct.choices[0].message.content == '{"city":"Paris"}'
+
+
 def test_text_completions_with_a_prompt_list_and_echo(via, client):
     kwargs = dict(prompt=["The capital of France is", "One, two,"], max_tokens=8, temperature=0, echo=True)
     direct = client.completions.create(model=CHAT_MODEL, **kwargs)

@@ -3,6 +3,7 @@ the session's real server (the bundled SmolLM2): log probabilities first."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -165,3 +166,77 @@ def test_each_choice_streams_at_most_max_tokens_content_chunks_then_its_finish(c
                 assert not finishes[choice.index], "a chunk after the choice's finish"
     assert all(1 <= count <= 5 for count in counts)
     assert all(len(f) == 1 and f[0] in ("stop", "length") for f in finishes)
+
+
+CITY_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                                "country": {"type": "string", "maxLength": 40},
+                                                "population": {"type": "integer", "minimum": 0}},
+               "required": ["name", "country", "population"], "additionalProperties": False}
+CITY_QUESTION = [{"role": "user", "content": "Give the capital of France as JSON with name, country and population."}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_answers_are_valid_against_the_schema(client, stream):
+    import jsonschema
+
+    kwargs = dict(model=CHAT_MODEL, messages=CITY_QUESTION, max_tokens=120, temperature=0.8, seed=3, n=2,
+                  response_format={"type": "json_schema",
+                                   "json_schema": {"name": "city", "schema": CITY_SCHEMA, "strict": True}})
+    if stream:
+        texts, reasons = ["", ""], ["", ""]
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+                reasons[choice.index] = choice.finish_reason or reasons[choice.index]
+    else:
+        answer = client.chat.completions.create(**kwargs)
+        texts, reasons = [c.message.content for c in answer.choices], [c.finish_reason for c in answer.choices]
+    assert reasons == ["stop", "stop"]
+    for text in texts:
+        jsonschema.validate(json.loads(text), CITY_SCHEMA)
+
+
+def test_a_json_schema_answer_parses_into_a_pydantic_model(client):
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        country: str
+        population: int
+
+    answer = client.chat.completions.parse(model=CHAT_MODEL, messages=CITY_QUESTION, response_format=City,
+                                           max_tokens=80, temperature=0)
+    city = answer.choices[0].message.parsed
+    assert isinstance(city, City) and city.name == "Paris"
+
+
+def test_json_object_answers_are_json_objects(client):
+    answer = client.chat.completions.create(model=CHAT_MODEL, messages=CITY_QUESTION, max_tokens=80,
+                                            temperature=0, response_format={"type": "json_object"})
+    assert answer.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize(("response_format", "field"), [
+    ({"type": "xml"}, "response_format.type"),
+    ({"type": "json_schema"}, "response_format.json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": ["not", "an", "object"]}},
+     "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "strng"}}},
+     "response_format.json_schema.schema"),
+    ({"type": "json_schema", "json_schema": {"name": "a", "strict": True,
+                                             "schema": {"type": "object", "dependentSchemas": {"a": {}}}}},
+     "response_format.json_schema"),
+])
+def test_an_unusable_response_format_is_refused_by_name_before_any_work(http, response_format, field):
+    response = http.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": QUESTION,
+                                                       "response_format": response_format})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field
+
+
+def test_text_response_format_is_free_text(client):
+    plain = client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=10, temperature=0)
+    text = client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=10, temperature=0,
+                                          response_format={"type": "text"})
+    assert text.choices[0].message.content == plain.choices[0].message.content

@@ -6,9 +6,11 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.engine.logprobs import MAX_TOP_LOGPROBS
 from qubrid_lab.server.protocol.common import Metrics, SamplingFields, Usage, WireModel
 from qubrid_lab.server.protocol.logprobs import ChatLogprobs
+from qubrid_lab.server.protocol.response_format import ResponseFormat
 
 
 class ImageURL(WireModel):
@@ -43,6 +45,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                      description="With logprobs: this many most likely tokens at each position.")
 
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object, or json_schema (structured outputs, enforced while decoding).")
+
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -54,6 +59,15 @@ class ChatCompletionRequest(SamplingFields):
     def logprobs_wanted(self) -> int | None:
         """How many rivals per token to return, or None for no log probabilities."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def generation_request(self) -> GenerationRequest:
+        """The request as every chat backend receives it."""
+        params = self.sampling_params(self.token_limit, self.logprobs_wanted)
+        structured = self.response_format is not None and self.response_format.type != "text"
+        if structured:
+            params.grammar = self.response_format.grammar()
+        return GenerationRequest(params, self.choices_per_prompt, messages=self.template_messages(),
+                                 response_format=self.response_format.wire() if structured else None)
 
     def template_messages(self) -> list[dict]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]

@@ -6,7 +6,6 @@ import time
 
 from fastapi import APIRouter, Request
 
-from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.server.protocol.chat import ChatCompletion, ChatCompletionRequest
 from qubrid_lab.server.protocol.logprobs import chat_logprobs
@@ -48,11 +47,8 @@ def _characters(messages: list[dict]) -> int:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     backend = chat_backend(request, body.model)
     _reject_images(body, vision=getattr(getattr(backend, "entry", None), "vision", False))
-    messages = body.template_messages()
-    run, charge = await start_metered(
-        request, body.model, GenerationRequest(body.sampling_params(body.token_limit, body.logprobs_wanted),
-                                               body.choices_per_prompt, messages=messages),
-        _characters(messages), backend)
+    generation = body.generation_request()
+    run, charge = await start_metered(request, body.model, generation, _characters(generation.messages), backend)
     request_id = completion_id("chatcmpl")
     if body.stream:
         fmt = StreamFormat(
