@@ -8,6 +8,11 @@ server against the same model called in-process.
 
     python benchmarks/serve_throughput.py
     python benchmarks/serve_throughput.py --servers transformers baseline --requests 4 --concurrency 1 4
+    python benchmarks/serve_throughput.py --servers ours --surface-rounds 3 --concurrency 1 --skip-embeddings
+
+``--surface-rounds N`` adds, on our server, N rounds of two c = 16 runs of 48 requests in turns (after one
+untimed mixed run): plain requests, and a mix where half ask for ``json_schema`` output and a quarter for
+``top_logprobs: 5``; the mix should keep at least 0.85x the plain aggregate tokens/s (medians over the rounds).
 """
 
 from __future__ import annotations
@@ -47,6 +52,20 @@ GIB = 1024**3
 RSS_TARGET_GIB = 1.5
 BACKGROUND_WARNING_CORES = 0.2
 EMBEDDING_OVERHEAD_TARGET = 0.10
+SURFACE_CONCURRENCY = 16
+SURFACE_TARGET = 0.85
+SURFACE_WAVES = 3  # requests per run, in batches' worth: finished rows are replaced, as under a steady load
+STORY_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+                "required": ["title", "story"]}
+
+
+def surface_extra(index: int) -> dict:
+    """The mixed load's request ``index``: half structured output, a quarter top-5 logprobs, a quarter plain."""
+    if index % 2 == 0:
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "story", "schema": STORY_SCHEMA}}}
+    if index % 4 == 1:
+        return {"logprobs": True, "top_logprobs": 5}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,8 @@ class ServerResult:
     levels: dict[int, LevelResult] = field(default_factory=dict)
     embeddings_inputs_per_s: float | None = None
     embeddings_direct_inputs_per_s: float | None = None  # the same batches in this process, measured in turns
+    surface_plain_tokens_per_s: list[float] = field(default_factory=list)  # --surface-rounds, per round
+    surface_mixed_tokens_per_s: list[float] = field(default_factory=list)
     error: str | None = None
 
 
@@ -295,8 +316,8 @@ def stop_process_group(process: subprocess.Popen) -> None:
             continue
 
 
-async def stream_one(client: AsyncOpenAI, model: str, max_tokens: int) -> RequestResult:
-    """Send one streamed chat request and time its content chunks."""
+async def stream_one(client: AsyncOpenAI, model: str, max_tokens: int, extra: dict | None = None) -> RequestResult:
+    """Send one streamed chat request (with ``extra`` request fields) and time its content chunks."""
     sent = time.perf_counter()
     arrivals: list[float] = []
     usage_tokens = None
@@ -307,6 +328,7 @@ async def stream_one(client: AsyncOpenAI, model: str, max_tokens: int) -> Reques
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        **(extra or {}),
     )
     async for chunk in stream:
         if chunk.usage is not None:
@@ -324,17 +346,19 @@ async def stream_one(client: AsyncOpenAI, model: str, max_tokens: int) -> Reques
 
 
 async def run_level(
-    client: AsyncOpenAI, model: str, concurrency: int, requests: int, max_tokens: int, timeout_s: float
+    client: AsyncOpenAI, model: str, concurrency: int, requests: int, max_tokens: int, timeout_s: float,
+    extra_of=lambda index: None,
 ) -> tuple[LevelResult, list[RequestResult]]:
-    """Send ``requests`` streamed requests, at most ``concurrency`` in flight, and aggregate them."""
+    """Send ``requests`` streamed requests (request i with fields ``extra_of(i)``), at most ``concurrency`` in
+    flight, and aggregate them."""
     slots = asyncio.Semaphore(concurrency)
 
-    async def bounded() -> RequestResult:
+    async def bounded(index: int) -> RequestResult:
         async with slots:
-            return await asyncio.wait_for(stream_one(client, model, max_tokens), timeout_s)
+            return await asyncio.wait_for(stream_one(client, model, max_tokens, extra_of(index)), timeout_s)
 
     started = time.perf_counter()
-    results = await asyncio.gather(*(bounded() for _ in range(requests)))
+    results = await asyncio.gather(*(bounded(index) for index in range(requests)))
     wall_s = time.perf_counter() - started
     output_tokens = sum(result.tokens for result in results)
     ttfts = [result.ttft_s for result in results]
@@ -482,6 +506,21 @@ async def load_server(
             result.levels[concurrency] = level
             counted_by_usage += [request.tokens_from_usage for request in requests_done]
             print(f"  {spec.name} c={concurrency}: {level.tokens_per_s:.1f} tok/s", flush=True)
+        surface_requests = SURFACE_WAVES * SURFACE_CONCURRENCY
+        if args.surface_rounds and spec.name == "ours":
+            # untimed: the mixed load's batch sizes vary as structured answers end early, and each new batch
+            # size costs the CPU kernels a first-time setup that a running server has long paid
+            await run_level(client, spec.chat_model, SURFACE_CONCURRENCY, surface_requests, args.max_tokens,
+                            args.request_timeout, surface_extra)
+        for round_index in range(args.surface_rounds if spec.name == "ours" else 0):
+            # plain and mixed in turns, the order alternating, so drift on a shared machine hits both alike
+            order = [("plain", lambda index: None), ("mixed", surface_extra)]
+            for kind, extra_of in order if round_index % 2 == 0 else order[::-1]:
+                level, _ = await run_level(client, spec.chat_model, SURFACE_CONCURRENCY, surface_requests,
+                                           args.max_tokens, args.request_timeout, extra_of)
+                getattr(result, f"surface_{kind}_tokens_per_s").append(level.tokens_per_s)
+                print(f"  {spec.name} surface round {round_index + 1} {kind}: {level.tokens_per_s:.1f} tok/s",
+                      flush=True)
         result.token_counting = (
             "usage.completion_tokens"
             if all(counted_by_usage)
@@ -601,6 +640,16 @@ def print_memory(results: dict[str, ServerResult]) -> None:
         print(line)
 
 
+def print_surface(result: ServerResult) -> None:
+    plain, mixed = result.surface_plain_tokens_per_s, result.surface_mixed_tokens_per_s
+    if not plain or not mixed:
+        return
+    ratio = statistics.median(mixed) / statistics.median(plain)
+    print(f"\nrequest surface at c={SURFACE_CONCURRENCY} ({len(plain)} rounds; half json_schema, a quarter "
+          f"top_logprobs 5): plain {statistics.median(plain):.1f} tok/s, mixed {statistics.median(mixed):.1f} "
+          f"tok/s, ratio {ratio:.2f}x (target >= {SURFACE_TARGET}: {'PASS' if ratio >= SURFACE_TARGET else 'FAIL'})")
+
+
 def print_embeddings(served: float | None, direct: float) -> None:
     print(f"\nEmbeddings ({EMBEDDING_MODEL}): direct {direct:.0f} inputs/s", end="")
     if served is None:
@@ -637,6 +686,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--embedding-requests", type=int, default=20)
     parser.add_argument("--embedding-batch", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--surface-rounds", type=int, default=0,
+                        help="rounds of plain against mixed (json_schema, top_logprobs) load at c=16 on our server")
     return parser.parse_args()
 
 
@@ -656,6 +707,8 @@ def main() -> int:
     print_levels(results)
     print_ratios(rows)
     print_memory(results)
+    if "ours" in results:
+        print_surface(results["ours"])
     if direct is not None:
         print_embeddings(results["ours"].embeddings_inputs_per_s, direct)
     if args.json:

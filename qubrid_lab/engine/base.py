@@ -8,6 +8,7 @@ thread; the server's routes read them with ``async for`` and turn them into JSON
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
@@ -33,10 +34,11 @@ class Finish:
     """One choice ended; ``completion_tokens`` counts every token it generated."""
 
     index: int
-    reason: str  # "stop" or "length"
+    reason: str  # "stop", "length" or "tool_calls"
     text: str
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[dict] | None = None  # reason "tool_calls": the calls, in OpenAI's shape (ids, JSON arguments)
 
 
 @dataclass
@@ -166,6 +168,9 @@ class GenerationRequest:
     prompts: list[str | list[int]] | None = None
     echo: bool = False  # text completions: each choice starts with its prompt's text (the route adds it)
     response_format: dict | None = None  # as the client sent it, for backends that enforce it themselves
+    tools: list[dict] | None = None  # function tools, as the client sent them
+    tool_choice: str | dict = "auto"  # "none", "auto", "required", or {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
 
 
 class RemoteRun:
@@ -198,7 +203,12 @@ def start_local(backend, request: GenerationRequest) -> GenerationRun:
     """A run on an engine that takes token ids: the request's prompts tokenized (or their ids checked) by
     ``backend``."""
     if request.messages is not None:
-        return GenerationRun(backend, [backend.encode_chat(request.messages)], request.params, request.n)
+        from qubrid_lab.engine.tool_calls import ToolCallRun, plan
+
+        tools = plan(request, backend.native_tools)
+        params = dataclasses.replace(request.params, grammar=tools.grammar) if tools.grammar else request.params
+        run = GenerationRun(backend, [backend.encode_chat(tools.messages, tools.template_tools)], params, request.n)
+        return ToolCallRun(run, tools.functions) if tools.functions else run
     several = len(request.prompts) > 1
     prompts = [backend.encode_text(prompt) if isinstance(prompt, str)
                else backend.checked_ids(prompt, f"prompt[{i}]" if several else "prompt")

@@ -97,14 +97,19 @@ class LocalChatEngine:
         model, forward = load_causal_lm(location, choice.precision, self.device, fused)
         return tokenizer, model, forward, registered_at(config_dir), choice
 
-    def _render(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+    def _render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    @property
+    def native_tools(self) -> bool:
+        """Whether the chat template renders tools itself (else the fallback prompt describes them)."""
+        return "tools" in (self.tokenizer.chat_template or "")
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of the conversation rendered by the model's own chat template, ready for the reply."""
         with self._encode_lock:
-            ids = self._render(messages)
+            ids = self._render(messages, tools)
             self._learn_template_prefix(messages)
             return ids
 
@@ -215,8 +220,12 @@ class FineTunedChat:
         self.context_length = base.context_length
         base.add_adapter(model_id, adapter_dir)
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.base.encode_chat(messages)
+    @property
+    def native_tools(self) -> bool:
+        return self.base.native_tools
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.base.encode_chat(messages, tools)
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.base.encode_text(prompt)

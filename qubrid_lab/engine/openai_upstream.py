@@ -233,6 +233,7 @@ class UpstreamRun(RemoteRun):
         """Deltas as they arrive; the finishes at the end, when the usage chunk has given the token counts."""
         finishes: list[Finish] = []
         usage, pieces = None, [[] for _ in range(self.choices)]  # each choice's text, for a count of our own
+        calls: list[dict[int, dict]] = [{} for _ in range(self.choices)]  # each choice's tool calls, by index
         try:
             async for line in _lines(self.response):
                 if not line.startswith(b"data:"):
@@ -247,7 +248,10 @@ class UpstreamRun(RemoteRun):
                     return
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") or choice.get("text") or ""
+                    if delta.get("tool_calls") and 0 <= choice["index"] < self.choices:
+                        _gather_calls(calls[choice["index"]], delta["tool_calls"])
                     logprobs = _logprobs_of(choice.get("logprobs")) if self.request.params.logprobs is not None \
                         else None
                     self.finished_at = time.perf_counter()
@@ -256,7 +260,9 @@ class UpstreamRun(RemoteRun):
                         if 0 <= choice["index"] < self.choices:
                             pieces[choice["index"]].append(text)
                     if choice.get("finish_reason"):
-                        finishes.append(Finish(choice["index"], choice["finish_reason"], text, 0, logprobs))
+                        gathered = calls[choice["index"]] if 0 <= choice["index"] < self.choices else {}
+                        finishes.append(Finish(choice["index"], choice["finish_reason"], text, 0, logprobs,
+                                               tool_calls=[gathered[k] for k in sorted(gathered)] or None))
                     elif text or logprobs:
                         yield Delta(choice["index"], text, logprobs)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
@@ -290,6 +296,17 @@ class UpstreamRun(RemoteRun):
 
     def metrics(self, completion_tokens: int) -> dict:
         return run_metrics(self.submitted_at, self.first_token_at, self.finished_at, completion_tokens)
+
+
+def _gather_calls(calls: dict[int, dict], fragments: list[dict]) -> None:
+    """Add a chunk's tool-call fragments (the id and name first, then pieces of the arguments) to ``calls``."""
+    for fragment in fragments:
+        call = calls.setdefault(fragment.get("index", 0), {"id": "", "type": "function",
+                                                          "function": {"name": "", "arguments": ""}})
+        call["id"] = fragment.get("id") or call["id"]
+        function = fragment.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
 
 
 def _logprobs_of(upstream: dict | None) -> list[TokenLogprob] | None:
@@ -338,6 +355,9 @@ class OpenAIUpstreamChat(_Upstream):
                                       param="echo")
         if request.response_format is not None:
             body["response_format"] = request.response_format
+        if request.tools:
+            body.update(tools=request.tools, tool_choice=request.tool_choice,
+                        parallel_tool_calls=request.parallel_tool_calls)
         if params.logprobs is not None and request.messages is not None:
             body["logprobs"], body["top_logprobs"] = True, params.logprobs
         elif params.logprobs is not None:

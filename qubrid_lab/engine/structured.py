@@ -17,6 +17,27 @@ from qubrid_lab.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
+ANY_OBJECT = {"type": "object"}
+# compact JSON: a small model left free to add whitespace can spend its whole budget on newlines
+GRAMMAR_DEFAULTS = {"whitespace_flexible": False}
+
+
+def json_grammar(schema: dict, strict: bool) -> str:
+    """The llguidance grammar for JSON valid against ``schema``; ValueError saying why when it cannot be."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(schema, defaults=GRAMMAR_DEFAULTS,
+                                                     overrides=None if strict else {"lenient": True})
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"the schema cannot be used: {exc}") from exc
+    problem = LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise ValueError(f"the schema cannot be enforced: {problem}" +
+                         (" (strict mode enforces every keyword; leave strict unset to ignore those it cannot)"
+                          if strict else ""))
+    return grammar
+
 
 def matchers(texts: TokenTexts, grammar: str, n: int, model_id: str):
     """One matcher per choice for ``grammar``; a grammar this model's tokenizer cannot serve is a 400."""

@@ -132,6 +132,10 @@ class TritonChat:
             raise InvalidRequestError(
                 f"Model '{self.model_id}' is served by the 'triton' backend, whose models take prompt text; send "
                 "the prompt as text, not token ids.", param="prompt")
+        if request.tools and request.tool_choice != "none":
+            raise InvalidRequestError(
+                f"Model '{self.model_id}' is served by the 'triton' backend, which cannot call tools; leave tools "
+                "unset (or tool_choice 'none') for this model.", param="tools")
         if request.response_format is not None:
             raise InvalidRequestError(
                 f"Model '{self.model_id}' is served by the 'triton' backend, which cannot constrain its output to a "

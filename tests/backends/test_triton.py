@@ -115,7 +115,9 @@ def test_a_field_the_model_takes_no_tensor_for_is_refused_by_name(client):
 
 
 @pytest.mark.parametrize(("extra", "field"), [({"logprobs": True}, "logprobs"),
-                                              ({"response_format": {"type": "json_object"}}, "response_format")])
+                                              ({"response_format": {"type": "json_object"}}, "response_format"),
+                                              ({"tools": [{"type": "function", "function": {"name": "f"}}]},
+                                               "tools")])
 def test_fields_triton_cannot_honour_are_refused_by_name(client, extra, field):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, max_tokens=4, **extra)

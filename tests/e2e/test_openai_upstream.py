@@ -171,6 +171,22 @@ def test_response_format_passes_through(via, client):
     assert proxied.choices[0].message.content == direct.choices[0].message.content == '{"city":"Paris"}'
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_pass_through(via, client, stream):
+    from tests.e2e.test_request_surface import ASK_WEATHER, WEATHER, streamed_calls
+
+    kwargs = dict(messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
+    direct = client.chat.completions.create(model=CHAT_MODEL, **kwargs).choices[0].message.tool_calls
+    expected = [(call.function.name, call.function.arguments) for call in direct]
+    if stream:
+        (calls,), reasons = streamed_calls(via.chat.completions.create(model="team/smol", **kwargs, stream=True))
+        assert reasons == ["tool_calls"] and [(c["name"], c["arguments"]) for c in calls] == expected
+    else:
+        answer = via.chat.completions.create(model="team/smol", **kwargs).choices[0]
+        assert answer.finish_reason == "tool_calls"
+        assert [(c.function.name, c.function.arguments) for c in answer.message.tool_calls] == expected
+
+
 def test_text_completions_with_a_prompt_list_and_echo(via, client):
     kwargs = dict(prompt=["The capital of France is", "One, two,"], max_tokens=8, temperature=0, echo=True)
     direct = client.completions.create(model=CHAT_MODEL, **kwargs)

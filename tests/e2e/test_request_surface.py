@@ -240,3 +240,112 @@ def test_text_response_format_is_free_text(client):
     text = client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=10, temperature=0,
                                           response_format={"type": "text"})
     assert text.choices[0].message.content == plain.choices[0].message.content
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The current time in a time zone.",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}},
+                   "required": ["zone"], "additionalProperties": False}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+def streamed_calls(stream) -> tuple[list[dict], list[str]]:
+    """Reassemble streamed tool calls per choice as an SDK does: id and name first, then argument fragments."""
+    calls: dict[int, dict[int, dict]] = {}
+    reasons: dict[int, str] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                entry = calls.setdefault(choice.index, {}).setdefault(call.index, {"arguments": ""})
+                if call.id:
+                    assert "id" not in entry, "a call's id came twice"
+                    entry.update(id=call.id, name=call.function.name)
+                else:
+                    assert "id" in entry, "arguments before the call's id and name"
+                entry["arguments"] += call.function.arguments or ""
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    return [list(calls.get(i, {}).values()) for i in sorted(reasons)], [reasons[i] for i in sorted(reasons)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_choice_always_gives_well_formed_calls(client, stream):
+    import jsonschema
+
+    kwargs = dict(model=CHAT_MODEL, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice="required", n=2,
+                  temperature=0.9, seed=6, max_tokens=80)
+    if stream:
+        per_choice, reasons = streamed_calls(client.chat.completions.create(**kwargs, stream=True))
+    else:
+        answer = client.chat.completions.create(**kwargs)
+        reasons = [c.finish_reason for c in answer.choices]
+        per_choice = [[{"id": t.id, "name": t.function.name, "arguments": t.function.arguments}
+                       for t in c.message.tool_calls] for c in answer.choices]
+        assert all(c.message.content is None for c in answer.choices)
+    assert reasons == ["tool_calls", "tool_calls"]
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
+    for calls in per_choice:
+        assert calls
+        for call in calls:
+            assert call["id"].startswith("call_")
+            jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])
+
+
+def test_a_named_function_is_the_one_called(client):
+    answer = client.chat.completions.create(model=CHAT_MODEL, messages=ASK_WEATHER, tools=[WEATHER, TIME],
+                                            tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                            max_tokens=60, temperature=0)
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and set(json.loads(call.function.arguments)) == {"zone"}
+    assert answer.choices[0].finish_reason == "tool_calls"
+
+
+def test_a_tool_call_round_trip(client):
+    first = client.chat.completions.create(model=CHAT_MODEL, messages=ASK_WEATHER, tools=[WEATHER],
+                                           tool_choice="required", parallel_tool_calls=False, max_tokens=60,
+                                           temperature=0)
+    message = first.choices[0].message
+    (call,) = message.tool_calls
+    history = ASK_WEATHER + [message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'}]
+    second = client.chat.completions.create(model=CHAT_MODEL, messages=history, tools=[WEATHER], max_tokens=40,
+                                            temperature=0)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    reply = second.choices[0].message
+    assert reply.content or reply.tool_calls
+    plain = client.chat.completions.create(model=CHAT_MODEL, messages=history, tools=[WEATHER], tool_choice="none",
+                                           max_tokens=40, temperature=0)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
+
+
+def test_auto_answers_prose_as_text_streamed_as_it_comes(client):
+    kwargs = dict(model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+                  tools=[WEATHER], max_tokens=30, temperature=0)
+    whole = client.chat.completions.create(**kwargs)
+    assert whole.choices[0].message.tool_calls is None and whole.choices[0].finish_reason == "length"
+    chunks = [c.choices[0].delta.content for c in client.chat.completions.create(**kwargs, stream=True)
+              if c.choices and c.choices[0].delta.content]
+    assert "".join(chunks) == whole.choices[0].message.content and len(chunks) > 5
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strng"}}}]},
+     "tools[0].function.parameters"),
+])
+def test_bad_tool_fields_are_refused_by_name(http, extra, field):
+    response = http.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": QUESTION, **extra})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+
+
+def test_a_tool_message_without_its_call_id_is_refused(http):
+    response = http.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": QUESTION + [
+        {"role": "tool", "content": "21 degrees"}]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[1]"

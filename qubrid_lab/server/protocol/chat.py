@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.engine.logprobs import MAX_TOP_LOGPROBS
 from qubrid_lab.server.protocol.common import Metrics, SamplingFields, Usage, WireModel
 from qubrid_lab.server.protocol.logprobs import ChatLogprobs
+from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.server.protocol.response_format import ResponseFormat
+from qubrid_lab.server.protocol.tools import NamedToolChoice, Tool, ToolCall, ToolChoice
 
 
 class ImageURL(WireModel):
@@ -24,17 +26,36 @@ class ContentPart(WireModel):
 
 
 class ChatMessage(WireModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's calls.")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs tool_call_id, the id of the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a message with role '{self.role}' needs content")
+        return self
 
     def has_image(self) -> bool:
         return isinstance(self.content, list) and any(part.type == "image_url" for part in self.content)
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(part.text or "" for part in self.content if part.type == "text")
+
+    def template_message(self) -> dict:
+        """The message as backends receive it: text content, and its tool calls or the call it answers."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -47,6 +68,20 @@ class ChatCompletionRequest(SamplingFields):
 
     response_format: ResponseFormat | None = Field(
         None, description="text, json_object, or json_schema (structured outputs, enforced while decoding).")
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _names_a_tool(cls, value, info: ValidationInfo):
+        tools = info.data.get("tools") or []
+        if value in ("required",) or isinstance(value, NamedToolChoice):
+            if not tools:
+                raise ValueError("tool_choice needs tools: declare the functions the model may call")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names function '{value.function.name}', which is not among the tools")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
@@ -66,11 +101,19 @@ class ChatCompletionRequest(SamplingFields):
         structured = self.response_format is not None and self.response_format.type != "text"
         if structured:
             params.grammar = self.response_format.grammar()
-        return GenerationRequest(params, self.choices_per_prompt, messages=self.template_messages(),
-                                 response_format=self.response_format.wire() if structured else None)
+        if structured and self.tools and self.tool_choice not in (None, "none"):
+            raise InvalidRequestError("response_format and tools cannot be combined: a tool call is JSON of its "
+                                      "own shape; drop one, or set tool_choice to 'none'.", param="response_format")
+        tool_choice = self.tool_choice or "auto"
+        return GenerationRequest(
+            params, self.choices_per_prompt, messages=self.template_messages(),
+            response_format=self.response_format.wire() if structured else None,
+            tools=[tool.model_dump() for tool in self.tools] if self.tools else None,
+            tool_choice=tool_choice.model_dump() if isinstance(tool_choice, NamedToolChoice) else tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls is not False)
 
     def template_messages(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [m.template_message() for m in self.messages]
 
     @property
     def token_limit(self) -> int | None:
@@ -79,7 +122,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class AssistantMessage(WireModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(WireModel):

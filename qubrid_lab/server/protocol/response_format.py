@@ -12,28 +12,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from qubrid_lab.engine.structured import ANY_OBJECT, json_grammar
 from qubrid_lab.server.protocol.common import WireModel
-
-ANY_OBJECT = {"type": "object"}
-# compact JSON: a small model left free to add whitespace can spend its whole budget on newlines
-GRAMMAR_DEFAULTS = {"whitespace_flexible": False}
-
-
-def json_grammar(schema: dict, strict: bool) -> str:
-    """The llguidance grammar for JSON valid against ``schema``; ValueError saying why when it cannot be."""
-    from llguidance import LLMatcher
-
-    try:
-        grammar = LLMatcher.grammar_from_json_schema(schema, defaults=GRAMMAR_DEFAULTS,
-                                                     overrides=None if strict else {"lenient": True})
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"the schema cannot be used: {exc}") from exc
-    problem = LLMatcher.validate_grammar(grammar)
-    if problem:
-        raise ValueError(f"the schema cannot be enforced: {problem}" +
-                         (" (strict mode enforces every keyword; leave strict unset to ignore those it cannot)"
-                          if strict else ""))
-    return grammar
 
 
 class JsonSchemaFormat(WireModel):

@@ -43,6 +43,24 @@ def _characters(messages: list[dict]) -> int:
     return total
 
 
+ARGUMENT_FRAGMENT = 16  # characters of a call's arguments per streamed chunk
+
+
+def _call_chunks(index: int, calls: list[dict]) -> list[dict]:
+    """A choice's tool calls as OpenAI streams them: each call's id and name first, then its arguments in
+    fragments."""
+    chunks = []
+    for k, call in enumerate(calls):
+        chunks.append({"index": index, "finish_reason": None, "logprobs": None, "delta": {"tool_calls": [
+            {"index": k, "id": call["id"], "type": "function",
+             "function": {"name": call["function"]["name"], "arguments": ""}}]}})
+        arguments = call["function"]["arguments"]
+        for start in range(0, len(arguments), ARGUMENT_FRAGMENT):
+            chunks.append({"index": index, "finish_reason": None, "logprobs": None, "delta": {"tool_calls": [
+                {"index": k, "function": {"arguments": arguments[start:start + ARGUMENT_FRAGMENT]}}]}})
+    return chunks
+
+
 @router.post("/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     backend = chat_backend(request, body.model)
@@ -56,6 +74,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             piece=lambda i, text, finish, logprobs: {"index": i, "delta": {"content": text} if text else {},
                                                      "logprobs": chat_logprobs(logprobs), "finish_reason": finish},
             envelope=envelope("chat.completion.chunk", request_id, body.model),
+            calls=_call_chunks,
         )
         return sse_response(stream(run, fmt, body.include_usage, charge))
     done = await collect(run, charge)
@@ -63,9 +82,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         id=request_id,
         created=int(time.time()),
         model=body.model,
-        choices=[{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                  "logprobs": chat_logprobs(logprobs)}
-                 for i, (text, reason, logprobs) in enumerate(zip(done.texts, done.reasons, done.logprobs))],
+        choices=[{"index": i, "finish_reason": reason, "logprobs": chat_logprobs(logprobs),
+                  "message": {"role": "assistant", "content": None, "tool_calls": calls} if calls
+                  else {"role": "assistant", "content": text}}
+                 for i, (text, reason, logprobs, calls)
+                 in enumerate(zip(done.texts, done.reasons, done.logprobs, done.tool_calls))],
         usage=done.usage,
         x_metrics=done.metrics,
     )

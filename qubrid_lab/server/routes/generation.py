@@ -36,6 +36,7 @@ class Collected:
     completion_tokens: int
     metrics: dict = field(default_factory=dict)
     logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
+    tool_calls: list[list[dict] | None] = field(default_factory=list)
 
     @property
     def usage(self) -> dict:
@@ -72,6 +73,7 @@ async def collect(run: GenerationRun, charge: Charge) -> Collected:
     """Wait for every choice of ``run``; a backend failure becomes a 500 with its reason."""
     texts, reasons, tokens = [""] * run.choices, ["stop"] * run.choices, 0
     logprobs: list[list[TokenLogprob] | None] = [None] * run.choices
+    tool_calls: list[list[dict] | None] = [None] * run.choices
     recorded = None
     try:
         async for event in run.events():
@@ -82,23 +84,26 @@ async def collect(run: GenerationRun, charge: Charge) -> Collected:
                 logprobs[event.index] = (logprobs[event.index] or []) + event.logprobs
             if isinstance(event, Finish):
                 reasons[event.index] = event.reason
+                tool_calls[event.index] = event.tool_calls
                 tokens += event.completion_tokens
     finally:
         run.cancel()
         recorded = charge.settle(run.prompt_tokens, tokens, run.metrics(tokens)["ttft_seconds"])
     await settled(recorded)
-    return Collected(texts, reasons, run.prompt_tokens, tokens, run.metrics(tokens), logprobs)
+    return Collected(texts, reasons, run.prompt_tokens, tokens, run.metrics(tokens), logprobs, tool_calls)
 
 
 @dataclass
 class StreamFormat:
     """How one endpoint spells its chunks: ``opening(index)`` (may be None), ``piece(index, text, finish,
-    logprobs)``; ``late_opening``: the openings wait for the first event (the prompt's logprobs come with it)."""
+    logprobs)``, ``calls(index, tool_calls)`` (the chunks that stream a choice's tool calls); ``late_opening``:
+    the openings wait for the first event (the prompt's logprobs come with it)."""
 
     opening: Callable[[int], dict] | None
     piece: Callable[[int, str, str | None, list[TokenLogprob] | None], dict]
     envelope: Callable[[list[dict]], dict]
     late_opening: bool = False
+    calls: Callable[[int, list[dict]], list[dict]] | None = None
 
 
 async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool, charge: Charge) -> AsyncIterator[str]:
@@ -136,6 +141,8 @@ async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool, cha
             open_choices -= 1
             if event.text or event.logprobs:
                 yield chunk([fmt.piece(event.index, event.text, None, event.logprobs)])
+            for call_chunk in fmt.calls(event.index, event.tool_calls) if event.tool_calls and fmt.calls else ():
+                yield chunk([call_chunk])
             last = open_choices == 0 and not include_usage
             extra = {"x_metrics": run.metrics(tokens)} if last else {}
             yield chunk([fmt.piece(event.index, "", event.reason, None)], **extra)
