@@ -115,11 +115,21 @@ def _forcing_grammar(offered: dict[str, dict], choice, parallel: bool) -> str | 
         return None
     named = choice["function"]["name"] if isinstance(choice, dict) else None
     calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-              "properties": {"name": {"const": name}, "arguments": f.get("parameters") or NO_PARAMETERS}}
+              "properties": {"name": {"const": name}, "arguments": _closed(f.get("parameters") or NO_PARAMETERS)}}
              for name, f in offered.items() if named in (None, name)]
     one = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    return json_grammar({"type": "array", "items": one, "minItems": 1} if parallel and not named else one,
-                        strict=False)
+    # several calls are an array; one call may stay a bare object, which ends the answer when it closes (an
+    # array left to the model tends to repeat its call until max_tokens)
+    several = {"anyOf": [one, {"type": "array", "items": one, "minItems": 1}]}
+    return json_grammar(several if parallel and not named else one, strict=False)
+
+
+def _closed(parameters: dict) -> dict:
+    """The arguments a call may hold: the declared ones only, unless the schema says otherwise (left open, a
+    small model fills a forced call with invented keys until it runs out of tokens)."""
+    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
 
 
 def parse_calls(text: str, functions: dict[str, dict]) -> list[dict] | None:
@@ -145,7 +155,7 @@ def parse_calls(text: str, functions: dict[str, dict]) -> list[dict] | None:
                 except ValueError:
                     return None
             try:
-                jsonschema.validate(arguments, functions[item["name"]].get("parameters") or NO_PARAMETERS)
+                jsonschema.validate(arguments, _closed(functions[item["name"]].get("parameters") or NO_PARAMETERS))
             except (jsonschema.ValidationError, jsonschema.SchemaError):
                 return None
             calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",

@@ -47,6 +47,7 @@ def test_calls_are_read_from_json_fences_and_tags(text):
     "It is sunny in Paris.",
     '{"name": "get_time", "arguments": {}}',  # not a declared function
     '{"name": "get_weather", "arguments": {"town": "Paris"}}',  # arguments invalid against the schema
+    '{"name": "get_weather", "arguments": {"city": "Paris", "sky": "blue"}}',  # an argument not declared
     '{"name": "get_weather", "arguments": {"city": "Par',  # cut short
     '{"answer": 42}',
 ])
@@ -78,7 +79,8 @@ def test_tool_choice_none_offers_no_function():
 
 
 @pytest.mark.parametrize(("choice", "parallel", "accepted", "refused"), [
-    ("required", True, '[{"name":"get_weather","arguments":{"city":"Paris"}}]', '{"name":"get_weather"'),
+    ("required", True, '[{"name":"get_weather","arguments":{"city":"Paris"}}]', '[{"name":"other"'),
+    ("required", True, '{"name":"get_weather","arguments":{"city":"Paris"}}', '{"name":"get_weather","x"'),
     ("required", False, '{"name":"get_weather","arguments":{"city":"Paris"}}', '[{"name":"get_weather"'),
     ({"type": "function", "function": {"name": "get_weather"}}, True,
      '{"name":"get_weather","arguments":{"city":"Paris"}}', '{"name":"other"'),
