@@ -28,6 +28,7 @@ from qubrid_lab.server.routes import (
     fine_tuning_jobs,
     fine_tuning_models,
     models,
+    responses,
     usage,
 )
 from qubrid_lab.settings import Settings
@@ -98,7 +99,7 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
     meter.metrics = metrics
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: every response gets its request id
 
-    for router in (chat.router, completions.router, embeddings.router, models.router, usage.router):
+    for router in (chat.router, completions.router, responses.router, embeddings.router, models.router, usage.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(auth)])
     for prefix in FINE_TUNING_PREFIXES:
         for router in (fine_tuning_datasets.router, fine_tuning_jobs.router, fine_tuning_models.router):

@@ -33,6 +33,7 @@ GENERATION = (400, 402, 404, 413, 502, 503)
 ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/chat/completions"): GENERATION,
     ("post", "/v1/completions"): GENERATION,
+    ("post", "/v1/responses"): GENERATION,
     ("post", "/v1/embeddings"): (400, 402, 404, 413, 502),
     ("get", "/v1/models"): (),
     ("get", "/v1/models/{model_id}"): (404,),
@@ -49,7 +50,7 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/fine-tuning/models"): (),
     ("delete", "/fine-tuning/models/{model_id}"): (404,),
 }
-STREAMING = {"/v1/chat/completions", "/v1/completions"}
+STREAMING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 UNPROTECTED = {"/health"}
 ERROR_SCHEMA = {
     "type": "object", "required": ["error"], "additionalProperties": False,

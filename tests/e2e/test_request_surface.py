@@ -348,4 +348,4 @@ def test_bad_tool_fields_are_refused_by_name(http, extra, field):
 def test_a_tool_message_without_its_call_id_is_refused(http):
     response = http.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": QUESTION + [
         {"role": "tool", "content": "21 degrees"}]})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[1]"
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages[1].tool_call_id"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.engine.logprobs import MAX_TOP_LOGPROBS
@@ -27,18 +27,24 @@ class ContentPart(WireModel):
 
 class ChatMessage(WireModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's calls.")
-    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
+    tool_call_id: str | None = Field(None, validate_default=True, description="A tool message: the call it answers.")
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
+    name: str | None = None
 
-    @model_validator(mode="after")
-    def _complete(self) -> ChatMessage:
-        if self.role == "tool" and not self.tool_call_id:
+    @field_validator("tool_call_id", mode="after")
+    @classmethod
+    def _answers_a_call(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("role") == "tool" and not value:
             raise ValueError("a message with role 'tool' needs tool_call_id, the id of the call it answers")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a message with role '{self.role}' needs content")
-        return self
+        return value
+
+    @field_validator("content", mode="after")
+    @classmethod
+    def _present(cls, value, info: ValidationInfo):
+        if value is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError(f"a message with role '{info.data.get('role', '?')}' needs content")
+        return value
 
     def has_image(self) -> bool:
         return isinstance(self.content, list) and any(part.type == "image_url" for part in self.content)

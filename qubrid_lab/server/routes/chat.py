@@ -31,7 +31,7 @@ def _reject_images(request: ChatCompletionRequest, vision: bool) -> None:
                 "Send text parts only, or use a vision model.", param=f"messages[{i}].content")
 
 
-def _characters(messages: list[dict]) -> int:
+def prompt_characters(messages: list[dict]) -> int:
     """The text the prompt holds, for the token estimate admission reserves before the backend counts it."""
     total = 0
     for message in messages:
@@ -66,7 +66,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     backend = chat_backend(request, body.model)
     _reject_images(body, vision=getattr(getattr(backend, "entry", None), "vision", False))
     generation = body.generation_request()
-    run, charge = await start_metered(request, body.model, generation, _characters(generation.messages), backend)
+    run, charge = await start_metered(request, body.model, generation, prompt_characters(generation.messages), backend)
     request_id = completion_id("chatcmpl")
     if body.stream:
         fmt = StreamFormat(
