@@ -131,6 +131,7 @@ class ServerResult:
     embeddings_direct_inputs_per_s: float | None = None  # the same batches in this process, measured in turns
     surface_plain_tokens_per_s: list[float] = field(default_factory=list)  # --surface-rounds, per round
     surface_mixed_tokens_per_s: list[float] = field(default_factory=list)
+    surface_control_tokens_per_s: list[float] = field(default_factory=list)  # mixed's lengths, no features
     error: str | None = None
 
 
@@ -322,14 +323,8 @@ async def stream_one(client: AsyncOpenAI, model: str, max_tokens: int, extra: di
     arrivals: list[float] = []
     usage_tokens = None
     stream = await client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": PROMPT}],
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-        **(extra or {}),
-    )
+        **{"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})})
     async for chunk in stream:
         if chunk.usage is not None:
             usage_tokens = chunk.usage.completion_tokens
@@ -512,12 +507,18 @@ async def load_server(
             # size costs the CPU kernels a first-time setup that a running server has long paid
             await run_level(client, spec.chat_model, SURFACE_CONCURRENCY, surface_requests, args.max_tokens,
                             args.request_timeout, surface_extra)
+        lengths = [args.max_tokens] * surface_requests  # the mixed run's answer lengths, for the control
         for round_index in range(args.surface_rounds if spec.name == "ours" else 0):
-            # plain and mixed in turns, the order alternating, so drift on a shared machine hits both alike
-            order = [("plain", lambda index: None), ("mixed", surface_extra)]
+            # in turns, the order alternating, so drift on a shared machine hits them alike; the control sends
+            # plain requests as long as the last mixed run's answers (structured ones end when the JSON closes),
+            # which separates what the features cost from what shorter answers cost
+            order = [("plain", lambda index: None), ("mixed", surface_extra),
+                     ("control", lambda index: {"max_tokens": lengths[index]})]
             for kind, extra_of in order if round_index % 2 == 0 else order[::-1]:
-                level, _ = await run_level(client, spec.chat_model, SURFACE_CONCURRENCY, surface_requests,
-                                           args.max_tokens, args.request_timeout, extra_of)
+                level, done = await run_level(client, spec.chat_model, SURFACE_CONCURRENCY, surface_requests,
+                                              args.max_tokens, args.request_timeout, extra_of)
+                if kind == "mixed":
+                    lengths = [max(1, request.tokens) for request in done]
                 getattr(result, f"surface_{kind}_tokens_per_s").append(level.tokens_per_s)
                 print(f"  {spec.name} surface round {round_index + 1} {kind}: {level.tokens_per_s:.1f} tok/s",
                       flush=True)
@@ -648,6 +649,11 @@ def print_surface(result: ServerResult) -> None:
     print(f"\nrequest surface at c={SURFACE_CONCURRENCY} ({len(plain)} rounds; half json_schema, a quarter "
           f"top_logprobs 5): plain {statistics.median(plain):.1f} tok/s, mixed {statistics.median(mixed):.1f} "
           f"tok/s, ratio {ratio:.2f}x (target >= {SURFACE_TARGET}: {'PASS' if ratio >= SURFACE_TARGET else 'FAIL'})")
+    control = result.surface_control_tokens_per_s
+    if control:
+        print(f"control (plain requests as long as the mixed answers): {statistics.median(control):.1f} tok/s; "
+              f"mixed / control {statistics.median(mixed) / statistics.median(control):.2f}x (the features' own "
+              f"cost), control / plain {statistics.median(control) / statistics.median(plain):.2f}x (shorter answers)")
 
 
 def print_embeddings(served: float | None, direct: float) -> None:
