@@ -78,11 +78,11 @@ class Meter:
         entry = self.entries.get(model_id)
         if entry is None and model_id.startswith("ft:"):
             entry = self.entries.get(model_id.split(":")[1])
-        settings = self.settings
-        inp = entry.price_input_per_mtok if entry and entry.price_input_per_mtok is not None else None
-        out = entry.price_output_per_mtok if entry and entry.price_output_per_mtok is not None else None
-        return Price(settings.default_price_input_per_mtok if inp is None else inp,
-                     settings.default_price_output_per_mtok if out is None else out)
+        def priced(side: str) -> float:
+            own = getattr(entry, f"price_{side}_per_mtok", None)
+            return getattr(self.settings, f"default_price_{side}_per_mtok") if own is None else own
+
+        return Price(priced("input"), priced("output"))
 
     # --- admission ----------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from qubrid_lab.models.catalogue import Catalogue
 from qubrid_lab.settings import Settings
 from qubrid_lab.storage.datasets import DatasetStore
 from qubrid_lab.storage.jobs import ACTIVE_STATUSES, FineTunedModelRecord, JobRecord, JobStore
+from qubrid_lab.training.gpu_share import GpuReservations, TrainingGpus, gpu_count
 from qubrid_lab.training.hyperparameters import Hyperparameters
 from qubrid_lab.training.worker import GPU_SHARE_VARIABLE, LOG_FILE, RESULT_FILE, resume_step
 
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 STOP_GRACE_SECONDS = 10.0  # a worker asked to stop that is still alive after this is killed
 POLL_SECONDS = 0.5
-MIN_TRAINING_GPU_SHARE = 0.15  # a job waits while a managed vLLM leaves less of its GPU than this
-GPU_SHARE_MARGIN = 0.03  # left free beside vLLM's share for the CUDA contexts
-GpuReservations = Callable[[], dict[str, tuple[float, str]]]  # device -> (fraction held, by which models)
 
 ModelReady = Callable[[str, str, Path, int], None]  # (model_id, base_model, adapter_dir, created)
 ModelRemoved = Callable[[str], None]  # (model_id)
@@ -110,7 +108,7 @@ class JobManager:
                  on_trained: Callable[[JobRecord, int], None] | None = None):
         self.settings = settings
         self.on_trained = on_trained
-        self.gpu_reservations = gpu_reservations or dict
+        self.gpus = TrainingGpus(settings.training_device, gpu_reservations)
         self.catalogue = catalogue
         self.datasets = datasets
         self.jobs = jobs
@@ -304,7 +302,7 @@ class JobManager:
             if not queued:
                 return
             job = queued[0]
-            waiting = self._gpu_wait_reason()
+            waiting = self.gpus.wait_reason()
             if waiting:
                 if self._waiting_reported.get(job.id) != waiting:
                     self._waiting_reported[job.id] = waiting
@@ -340,55 +338,22 @@ class JobManager:
                 worker.stop()
         log.info("job %s: training in process %d", job.id, process.pid)
 
-    def _training_gpus(self) -> list[str]:
-        """The CUDA devices a worker would train on ("cuda:N" names as this process counts them)."""
-        device = self.settings.training_device
-        if device.startswith("cuda:"):
-            return [device]
-        if device in ("auto", "cuda"):
-            return [f"cuda:{i}" for i in range(self._gpu_count())]
-        return []
-
-    def _gpu_wait_reason(self) -> str | None:
-        """Why no job can start now: a managed vLLM leaves too little of a training GPU (None: train)."""
-        held = self.gpu_reservations()
-        for device in self._training_gpus():
-            fraction, holder = held.get(device, (0.0, ""))
-            if 1.0 - fraction < MIN_TRAINING_GPU_SHARE:
-                return (f"vLLM serving {holder} holds {fraction:.0%} of {device}'s memory, which leaves less than "
-                        f"the {MIN_TRAINING_GPU_SHARE:.0%} a job needs; lower that entry's gpu_memory_utilization, "
-                        "or train on another device (--training-device)")
-        return None
-
     def _command(self, job: JobRecord, model_dir: str) -> tuple[list[str], dict[str, str]]:
         """The worker's command line and environment: torchrun over every GPU when the device is 'auto' or
         'cuda' and there are several; ``cuda:N`` trains on GPU N alone (made the worker's only visible GPU)."""
-        device, environment = self.settings.training_device, {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if device.startswith("cuda:"):
-            index = device.partition(":")[2]
-            visible = [d.strip() for d in environment.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-            if index.isdigit() and int(index) < len(visible):  # already restricted: N counts the visible GPUs
-                index = visible[int(index)]
-            environment["CUDA_VISIBLE_DEVICES"] = index
-            device = "cuda"
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        device = self.gpus.visible(environment)
         worker = ["-m", "qubrid_lab.training.worker", "--database", str(self.jobs.db.path),
                   "--files-dir", str(self.datasets.files_dir), "--job-id", job.id, "--model-dir", model_dir,
                   "--job-dir", str(self.job_dir(job.id)), "--device", device, "--server-pid", str(os.getpid())]
-        held = self.gpu_reservations()
-        shares = [1.0 - held[d][0] for d in self._training_gpus() if d in held]
-        if shares:  # train in what a managed vLLM leaves (its share is fixed when it starts)
-            environment[GPU_SHARE_VARIABLE] = f"{min(shares) - GPU_SHARE_MARGIN:.3f}"
-        gpus = self._gpu_count() if device in ("auto", "cuda") else 0
+        share = self.gpus.share()
+        if share is not None:  # train in what a managed vLLM leaves (its share is fixed when it starts)
+            environment[GPU_SHARE_VARIABLE] = f"{share:.3f}"
+        gpus = gpu_count() if device in ("auto", "cuda") else 0
         if gpus > 1:
             return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
                     *worker], environment
         return [sys.executable, *worker], environment
-
-    @staticmethod
-    def _gpu_count() -> int:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
     # --- outcomes -----------------------------------------------------------------------------------
 

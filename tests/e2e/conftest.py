@@ -32,6 +32,12 @@ class RunningServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        stop_server(self)  # ``with start_server(...) as server:`` stops it however the block ends
+
 
 def free_port() -> int:
     with socket.socket() as probe:
