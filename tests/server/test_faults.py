@@ -18,6 +18,9 @@ from tests.e2e.conftest import start_tiny_server
 from tests.server.test_fine_tuning_jobs import ENDLESS, QA_CSV
 
 KEY = "qbt_faults-test-key"
+# long enough to still be running after the restart (three epochs of the small dataset ended, now and then,
+# before the test saw the resumed job running)
+LONG = {**ENDLESS, "epochs": 100}
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -70,7 +73,7 @@ def test_a_server_killed_mid_training_restarts_with_everything_intact(tmp_path, 
                 "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
             assert chat.status_code == 200
             job = client.post("/v1/fine-tuning/jobs", json={"base_model": "tiny", "dataset_id": dataset_id,
-                                                           "task_type": "qa", "hyperparameters": ENDLESS})
+                                                           "task_type": "qa", "hyperparameters": LONG})
             job_id = job.json()["id"]
             wait_for(client, job_id, lambda j: j["training_metrics"]["steps_completed"] >= 3)
             datasets = client.get("/v1/fine-tuning/datasets").json()
