@@ -109,14 +109,8 @@ class TokenCounter:
             ids = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
                                                      return_dict=False)
             return len(ids)
-        return sum(self.text(_message_text(message)) for message in request.messages)
-
-
-def _message_text(message: dict) -> str:
-    content = message.get("content") or ""
-    if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return f"{message.get('role', '')}\n{content}\n"
+        # no template to render with: each message's role and text (the protocol has made the content text)
+        return sum(self.text(f"{message['role']}\n{message.get('content') or ''}\n") for message in request.messages)
 
 
 class _Upstream:
@@ -248,23 +242,24 @@ class UpstreamRun(RemoteRun):
                     return
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
-                    delta = choice.get("delta") or {}
+                    index, delta = choice["index"], choice.get("delta") or {}
+                    own = 0 <= index < self.choices  # a choice this run asked for (others are not counted)
                     text = delta.get("content") or choice.get("text") or ""
-                    if delta.get("tool_calls") and 0 <= choice["index"] < self.choices:
-                        _gather_calls(calls[choice["index"]], delta["tool_calls"])
+                    if delta.get("tool_calls") and own:
+                        _gather_calls(calls[index], delta["tool_calls"])
                     logprobs = _logprobs_of(choice.get("logprobs")) if self.request.params.logprobs is not None \
                         else None
                     self.finished_at = time.perf_counter()
                     if text:
                         self.first_token_at = self.first_token_at or self.finished_at
-                        if 0 <= choice["index"] < self.choices:
-                            pieces[choice["index"]].append(text)
+                        if own:
+                            pieces[index].append(text)
                     if choice.get("finish_reason"):
-                        gathered = calls[choice["index"]] if 0 <= choice["index"] < self.choices else {}
-                        finishes.append(Finish(choice["index"], choice["finish_reason"], text, 0, logprobs,
+                        gathered = calls[index] if own else {}
+                        finishes.append(Finish(index, choice["finish_reason"], text, 0, logprobs,
                                                tool_calls=[gathered[k] for k in sorted(gathered)] or None))
                     elif text or logprobs:
-                        yield Delta(choice["index"], text, logprobs)
+                        yield Delta(index, text, logprobs)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             yield self._failure(f"broke off mid-stream: {type(exc).__name__}: {exc}")
             return

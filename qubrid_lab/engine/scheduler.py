@@ -242,12 +242,13 @@ class BatchScheduler:
             for i in range(handle.n)
         ]
         self._rows.extend(new_rows)
-        tokens = self._sample(logits, new_rows)
-        self._accept(new_rows, tokens, self._logprobs(logits, new_rows, tokens))
+        self._take_next(logits, new_rows)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """Each row's next token, constrained rows within what their grammar allows next."""
-        return sample_next(constrain(logits, [row.matcher for row in rows]), [row.sampler for row in rows])
+    def _take_next(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """Sample each row's next token (constrained rows within what their grammar allows next) and accept it,
+        with its log probability for rows that asked."""
+        tokens = sample_next(constrain(logits, [row.matcher for row in rows]), [row.sampler for row in rows])
+        self._accept(rows, tokens, self._logprobs(logits, rows, tokens))
 
     def _prompt_logprobs(self, handle: GenerationHandle, logits: torch.Tensor) -> list[TokenLogprob]:
         """The prompt's tokens with their log probabilities given the tokens before them (the first: None)."""
@@ -276,8 +277,7 @@ class BatchScheduler:
         with self._adapters([row.adapter for row in self._rows]):
             logits = self.forward(ids, positions, self._kv, mask)
         self._kv.commit_step()
-        tokens = self._sample(logits, self._rows)
-        self._accept(self._rows, tokens, self._logprobs(logits, self._rows, tokens))
+        self._take_next(logits, self._rows)
 
     def _adapters(self, rows: list[str | None]):
         """Row i of the next forward passes uses LoRA adapter ``rows[i]`` (None: the base model alone)."""

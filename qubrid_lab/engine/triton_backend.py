@@ -128,22 +128,19 @@ class TritonChat:
 
     def _refuse_unsupported(self, request: GenerationRequest, declared: dict) -> None:
         params, interface = request.params, self.entry.interface
-        if any(not isinstance(prompt, str) for prompt in request.prompts or []):
-            raise InvalidRequestError(
-                f"Model '{self.model_id}' is served by the 'triton' backend, whose models take prompt text; send "
-                "the prompt as text, not token ids.", param="prompt")
-        if request.tools and request.tool_choice != "none":
-            raise InvalidRequestError(
-                f"Model '{self.model_id}' is served by the 'triton' backend, which cannot call tools; leave tools "
-                "unset (or tool_choice 'none') for this model.", param="tools")
-        if request.response_format is not None:
-            raise InvalidRequestError(
-                f"Model '{self.model_id}' is served by the 'triton' backend, which cannot constrain its output to a "
-                "format; leave response_format unset (or 'text') for this model.", param="response_format")
-        if params.logprobs is not None:
-            raise InvalidRequestError(
-                f"Model '{self.model_id}' is served by the 'triton' backend, whose tensor interfaces return no log "
-                "probabilities; leave logprobs unset for this model.", param="logprobs")
+        refused = [(field, why) for field, why, asked in (
+            ("prompt", "whose models take prompt text; send the prompt as text, not token ids",
+             any(not isinstance(prompt, str) for prompt in request.prompts or [])),
+            ("tools", "which cannot call tools; leave tools unset (or tool_choice 'none') for this model",
+             request.tools and request.tool_choice != "none"),
+            ("response_format", "which cannot constrain its output to a format; leave response_format unset (or "
+             "'text') for this model", request.response_format is not None),
+            ("logprobs", "whose tensor interfaces return no log probabilities; leave logprobs unset for this model",
+             params.logprobs is not None)) if asked]
+        if refused:
+            field, why = refused[0]
+            raise InvalidRequestError(f"Model '{self.model_id}' is served by the 'triton' backend, {why}.",
+                                      param=field)
         used = [field for field, is_set in (
             ("temperature", params.temperature != 1.0), ("top_p", params.top_p != 1.0),
             ("seed", params.seed is not None), ("presence_penalty", params.presence_penalty != 0.0),

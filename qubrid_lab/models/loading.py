@@ -86,12 +86,11 @@ def weights_location(entry: ModelEntry, cache_dir: Path) -> str:
 
 
 def tokenizer_location(entry: ModelEntry, cache_dir: Path | None) -> str:
-    """Where a remote entry's tokenizer loads from: its ``tokenizer`` (a catalogue-style source such as
-    ``bundled:``, ``dir:``, or a directory or Hub id), else its ``source``; "" when it names neither."""
-    spec = entry.tokenizer or entry.source
-    if spec.split(":", 1)[0] in SOURCE_SCHEMES:
-        return weights_location(ModelEntry(entry.id, "chat", spec), cache_dir)
-    return spec
+    """Where a remote entry's ``tokenizer`` loads from: a catalogue-style source (``bundled:``, ``dir:``, ...),
+    else the directory or Hub id it names."""
+    if entry.tokenizer.split(":", 1)[0] in SOURCE_SCHEMES:
+        return weights_location(ModelEntry(entry.id, "chat", entry.tokenizer), cache_dir)
+    return entry.tokenizer
 
 
 def source_status(entry: ModelEntry, cache_dir: Path) -> str:

@@ -37,6 +37,12 @@ def estimate_tokens(characters: int) -> int:
     return max(1, math.ceil(characters / CHARS_PER_TOKEN))
 
 
+def input_characters(inputs: list[str | list[int]]) -> int:
+    """The characters of prompts or inputs for the admission estimate; one sent as token ids counts as the
+    characters its tokens are estimated at."""
+    return sum(len(item) if isinstance(item, str) else CHARS_PER_TOKEN * len(item) for item in inputs)
+
+
 @dataclass
 class Charge:
     """One admitted request: settle it once with the tokens it used (a second settle does nothing)."""

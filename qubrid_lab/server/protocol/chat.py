@@ -10,9 +10,15 @@ from qubrid_lab.engine.base import GenerationRequest
 from qubrid_lab.engine.logprobs import MAX_TOP_LOGPROBS
 from qubrid_lab.server.protocol.common import Metrics, SamplingFields, Usage, WireModel
 from qubrid_lab.server.protocol.logprobs import ChatLogprobs
-from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.server.protocol.response_format import ResponseFormat
-from qubrid_lab.server.protocol.tools import NamedToolChoice, Tool, ToolCall, ToolChoice
+from qubrid_lab.server.protocol.tools import (
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    check_tool_choice,
+    format_and_tools,
+)
 
 
 class ImageURL(WireModel):
@@ -81,12 +87,8 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("tool_choice")
     @classmethod
     def _names_a_tool(cls, value, info: ValidationInfo):
-        tools = info.data.get("tools") or []
-        if value in ("required",) or isinstance(value, NamedToolChoice):
-            if not tools:
-                raise ValueError("tool_choice needs tools: declare the functions the model may call")
-        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
-            raise ValueError(f"tool_choice names function '{value.function.name}', which is not among the tools")
+        check_tool_choice(value, value.function.name if isinstance(value, NamedToolChoice) else None,
+                          {tool.function.name for tool in info.data.get("tools") or []})
         return value
 
     @field_validator("top_logprobs")
@@ -104,19 +106,12 @@ class ChatCompletionRequest(SamplingFields):
     def generation_request(self) -> GenerationRequest:
         """The request as every chat backend receives it."""
         params = self.sampling_params(self.token_limit, self.logprobs_wanted)
-        structured = self.response_format is not None and self.response_format.type != "text"
-        if structured:
-            params.grammar = self.response_format.grammar()
-        if structured and self.tools and self.tool_choice not in (None, "none"):
-            raise InvalidRequestError("response_format and tools cannot be combined: a tool call is JSON of its "
-                                      "own shape; drop one, or set tool_choice to 'none'.", param="response_format")
-        tool_choice = self.tool_choice or "auto"
-        return GenerationRequest(
-            params, self.choices_per_prompt, messages=self.template_messages(),
-            response_format=self.response_format.wire() if structured else None,
-            tools=[tool.model_dump() for tool in self.tools] if self.tools else None,
-            tool_choice=tool_choice.model_dump() if isinstance(tool_choice, NamedToolChoice) else tool_choice,
-            parallel_tool_calls=self.parallel_tool_calls is not False)
+        choice = self.tool_choice or "auto"
+        return GenerationRequest(params, self.choices_per_prompt, messages=self.template_messages(),
+                                 **format_and_tools(params, self.response_format,
+                                                    [tool.model_dump() for tool in self.tools or []],
+                                                    choice.model_dump() if isinstance(choice, NamedToolChoice)
+                                                    else choice, self.parallel_tool_calls is not False))
 
     def template_messages(self) -> list[dict]:
         return [m.template_message() for m in self.messages]

@@ -10,6 +10,14 @@ from qubrid_lab.engine.sampling import SamplingParams
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]  # a prompt or input given as token ids (OpenAI accepts both)
+
+
+def one_per_input(value: str | list) -> list[str | list[int]]:
+    """A ``prompt`` or ``input`` field (a text, texts, token ids, or lists of them) as one entry per input."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        return [value]
+    return list(value)
+
 MAX_STOP_LENGTH = 1024  # streaming holds back as many characters as the longest stop sequence has
 StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_LENGTH)]
 

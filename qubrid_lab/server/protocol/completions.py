@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from qubrid_lab.server.protocol.common import Metrics, SamplingFields, TokenIds, Usage, WireModel
+from qubrid_lab.server.protocol.common import Metrics, SamplingFields, TokenIds, Usage, WireModel, one_per_input
 from qubrid_lab.server.protocol.logprobs import CompletionLogprobs
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the legacy endpoint
@@ -31,9 +31,7 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: its text, or its token ids."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return list(self.prompt)
+        return one_per_input(self.prompt)
 
 
 class CompletionChoice(WireModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from qubrid_lab.server.protocol.common import TokenIds, WireModel
+from qubrid_lab.server.protocol.common import TokenIds, WireModel, one_per_input
 
 MAX_INPUTS = 2048
 
@@ -22,7 +22,7 @@ class EmbeddingRequest(WireModel):
     def _no_empty_input(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("input must be a string, a non-empty array of strings, or arrays of token ids")
-        inputs = [value] if isinstance(value, str) or isinstance(value[0], int) else value
+        inputs = one_per_input(value)
         if len(inputs) > MAX_INPUTS:
             raise ValueError(f"at most {MAX_INPUTS} inputs per request, got {len(inputs)}")
         empty = [i for i, item in enumerate(inputs) if not item]
@@ -33,9 +33,7 @@ class EmbeddingRequest(WireModel):
 
     def inputs(self) -> list[str | list[int]]:
         """One entry per input: its text, or its token ids."""
-        if isinstance(self.input, str) or isinstance(self.input[0], int):
-            return [self.input]
-        return list(self.input)
+        return one_per_input(self.input)
 
 
 class EmbeddingObject(WireModel):

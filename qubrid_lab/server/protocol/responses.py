@@ -17,7 +17,7 @@ from qubrid_lab.engine.sampling import SamplingParams
 from qubrid_lab.engine.structured import json_grammar
 from qubrid_lab.server.protocol.common import WireModel
 from qubrid_lab.server.protocol.response_format import ResponseFormat
-from qubrid_lab.server.protocol.tools import FunctionDefinition
+from qubrid_lab.server.protocol.tools import FunctionDefinition, check_tool_choice, format_and_tools
 
 
 class InputText(WireModel):
@@ -120,11 +120,8 @@ class ResponseRequest(WireModel):
     @field_validator("tool_choice")
     @classmethod
     def _names_a_tool(cls, value, info: ValidationInfo):
-        names = {tool.name for tool in info.data.get("tools") or []}
-        if (value == "required" or isinstance(value, NamedFunctionChoice)) and not names:
-            raise ValueError("tool_choice needs tools: declare the functions the model may call")
-        if isinstance(value, NamedFunctionChoice) and value.name not in names:
-            raise ValueError(f"tool_choice names function '{value.name}', which is not among the tools")
+        check_tool_choice(value, value.name if isinstance(value, NamedFunctionChoice) else None,
+                          {tool.name for tool in info.data.get("tools") or []})
         return value
 
     def messages(self) -> list[dict]:
@@ -148,17 +145,12 @@ class ResponseRequest(WireModel):
     def generation_request(self) -> GenerationRequest:
         params = SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
                                 top_p=1.0 if self.top_p is None else self.top_p, max_tokens=self.max_output_tokens)
-        response_format = self.text.format.response_format() if self.text else None
-        structured = response_format is not None and response_format.type != "text"
-        if structured:
-            params.grammar = response_format.grammar()
         choice = self.tool_choice or "auto"
-        return GenerationRequest(
-            params, 1, messages=self.messages(), response_format=response_format.wire() if structured else None,
-            tools=[{"type": "function", "function": tool.wire()} for tool in self.tools] if self.tools else None,
-            tool_choice={"type": "function", "function": {"name": choice.name}}
-            if isinstance(choice, NamedFunctionChoice) else choice,
-            parallel_tool_calls=self.parallel_tool_calls is not False)
+        return GenerationRequest(params, 1, messages=self.messages(), **format_and_tools(
+            params, self.text.format.response_format() if self.text else None,
+            [{"type": "function", "function": tool.wire()} for tool in self.tools or []],
+            {"type": "function", "function": {"name": choice.name}} if isinstance(choice, NamedFunctionChoice)
+            else choice, self.parallel_tool_calls is not False))
 
     def echoed(self) -> dict:
         """The request's settings as a response object repeats them."""

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Request
 
 from qubrid_lab.engine.base import GenerationRequest
-from qubrid_lab.server.metering import CHARS_PER_TOKEN
+from qubrid_lab.server.metering import input_characters
 from qubrid_lab.server.protocol.completions import Completion, CompletionRequest
 from qubrid_lab.server.protocol.logprobs import completion_logprobs
 from qubrid_lab.server.routes.generation import (
@@ -31,7 +31,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     echo_logprobs = bool(body.echo) and with_logprobs
     run, charge = await start_metered(request, body.model, GenerationRequest(
         body.sampling_params(body.max_tokens, body.logprobs, echo_logprobs), n, prompts=prompts, echo=bool(body.echo)),
-        sum(len(prompt) if isinstance(prompt, str) else CHARS_PER_TOKEN * len(prompt) for prompt in prompts))
+        input_characters(prompts))
     request_id = completion_id("cmpl")
 
     def echoed(index: int) -> str:

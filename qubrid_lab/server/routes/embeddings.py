@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from qubrid_lab.server.access import embedding_backend
 from qubrid_lab.server.auth import key_of
-from qubrid_lab.server.metering import CHARS_PER_TOKEN
+from qubrid_lab.server.metering import input_characters
 from qubrid_lab.server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from qubrid_lab.server.routes.generation import settled
 
@@ -19,8 +19,7 @@ router = APIRouter()
 async def create_embedding(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     backend = embedding_backend(request, body.model)
     inputs = body.inputs()
-    characters = sum(len(item) if isinstance(item, str) else CHARS_PER_TOKEN * len(item) for item in inputs)
-    charge = request.app.state.meter.admit(key_of(request), body.model, characters, 0)
+    charge = request.app.state.meter.admit(key_of(request), body.model, input_characters(inputs), 0)
     tokens, recorded = 0, None
     try:
         vectors, tokens = await backend.embed(inputs)

@@ -37,10 +37,13 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "output_tokens_details": {"reasoning_tokens": 0}}
 
 
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
 def _message(message_id: str, text: str, status: str) -> dict:
     return {"type": "message", "id": message_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress"
-            else []}
+            "content": [] if status == "in_progress" else [_text_part(text)]}
 
 
 def _function_call(call: dict, arguments: str | None = None) -> dict:
@@ -87,7 +90,6 @@ async def _stream(run: GenerationRun, charge: Charge, shape: ResponseShape) -> A
         return f"event: {kind}\n" + sse_event({"type": kind, "sequence_number": next(numbers), **fields})
 
     message_id, text, tokens, output = _id("msg"), "", 0, []
-    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     where = {"item_id": message_id, "output_index": 0, "content_index": 0}
     try:
         yield event("response.created", response=shape("in_progress", []))
@@ -104,7 +106,7 @@ async def _stream(run: GenerationRun, charge: Charge, shape: ResponseShape) -> A
             if not opened and not calls:  # a text answer (even an empty one) is one message item
                 opened = True
                 yield event("response.output_item.added", output_index=0, item=_message(message_id, "", "in_progress"))
-                yield event("response.content_part.added", **where, part=part)
+                yield event("response.content_part.added", **where, part=_text_part(""))
             if item.text:
                 text += item.text
                 yield event("response.output_text.delta", **where, delta=item.text, logprobs=[])
@@ -126,7 +128,7 @@ async def _stream(run: GenerationRun, charge: Charge, shape: ResponseShape) -> A
             else:
                 status = "incomplete" if reason == "length" else "completed"
                 yield event("response.output_text.done", **where, text=text, logprobs=[])
-                yield event("response.content_part.done", **where, part={**part, "text": text})
+                yield event("response.content_part.done", **where, part=_text_part(text))
                 output.append(_message(message_id, text, status))
                 yield event("response.output_item.done", output_index=0, item=output[-1])
         final = shape("incomplete" if reason == "length" else "completed", output,
