@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-dataset-bytes", type=int, help="largest CSV dataset upload (default 100 MB)")
     serve.add_argument("--training-device", help="where fine-tuning jobs train: auto, cpu, cuda or cuda:N")
     serve.add_argument("--max-running-jobs", type=int, help="fine-tuning jobs trained at once (default 1)")
+    serve.add_argument("--image-url-hosts", help="hosts whose http(s) image URLs are fetched, comma-separated "
+                                                 "('*': any public host; default: any public host on loopback, "
+                                                 "none beyond)")
     serve.add_argument("--allow-open", action="store_true", help="serve a non-loopback address without keys")
     serve.add_argument("--log-level", help="debug, info, warning")
     serve.add_argument("--owner-pid", type=int, help="stop when this process exits (set by start_server())")

@@ -7,6 +7,7 @@ adapters, worker logs) and the API key file.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated
 
@@ -64,14 +65,33 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(
         1, ge=0, le=64, description="Fine-tuning jobs that train at once; the rest wait queued (0 pauses the queue)."
     )
+    max_images_per_request: int = Field(8, ge=0, le=64, description="Most image_url parts one chat request may hold.")
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image, decoded from a data URL "
+                                 "or fetched from an http(s) URL.")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="Largest image area (width x height) accepted.")
+    image_fetch_timeout: float = Field(10.0, gt=0, le=300, description="Seconds an http(s) image may take to fetch.")
+    image_url_hosts: Annotated[list[str] | None, NoDecode] = Field(
+        None, description="Hosts whose http(s) image URLs the server fetches (comma-separated in the environment; "
+        "'*': any public host; a listed host may be private). Unset: any public host when the server is bound to "
+        "loopback, none otherwise. Data URLs are always accepted.")
     log_level: str = Field("info", description="Uvicorn and qubrid_lab log level.")
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", "api_keys", "image_url_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether the server is bound to a loopback address, so only this machine reaches it."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def model_cache_dir(self) -> Path:

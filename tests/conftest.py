@@ -172,6 +172,15 @@ def chat_engine(engine_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_vision_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny vision-language models (see ``tests/vision_models.py``) as transformers directories, by family."""
+    from tests.vision_models import build_idefics3, build_llava
+
+    return {"llava": build_llava(_train_tokenizer(), tmp_path_factory.mktemp("tiny-llava")),
+            "idefics3": build_idefics3(_train_tokenizer(), tmp_path_factory.mktemp("tiny-idefics3"))}
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The bundled SmolLM2-135M-Instruct as a transformers directory (converted once, cached across runs)."""
     from tests.smollm2 import smollm2_checkpoint

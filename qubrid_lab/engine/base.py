@@ -68,6 +68,7 @@ class GenerationHandle:
     shared_prefix: int = 0  # leading prompt tokens many prompts share (a chat template's system block), set by the backend
     prompt_logprobs: list[TokenLogprob] | None = None  # with echo and logprobs: the prompt's tokens, set before any event
     matchers: list | None = None  # structured outputs: one grammar matcher per choice, set by the backend
+    images: object | None = None  # a vision model's prompt: what its images add to the prefill (vision.ImageInputs)
     first_token_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False
@@ -88,13 +89,14 @@ class GenerationRun:
     """All prompts of one API request, submitted to one backend; events of every choice on one queue."""
 
     def __init__(self, backend: ChatBackend, prompts: list[list[int]], params: SamplingParams, n: int,
-                 prompt_field: str = "messages", prompt_texts: list[str] | None = None):
+                 prompt_field: str = "messages", prompt_texts: list[str] | None = None, images: object | None = None):
         self.submitted_at = time.perf_counter()
         self.prompt_texts = prompt_texts or []
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.handles = [
-            GenerationHandle(ids, params, self.queue, loop, n=n, first_index=i * n, prompt_field=prompt_field)
+            GenerationHandle(ids, params, self.queue, loop, n=n, first_index=i * n, prompt_field=prompt_field,
+                             images=images)
             for i, ids in enumerate(prompts)
         ]
         self.choices = n * len(prompts)
@@ -171,6 +173,15 @@ class GenerationRequest:
     tools: list[dict] | None = None  # function tools, as the client sent them
     tool_choice: str | dict = "auto"  # "none", "auto", "required", or {"type": "function", "function": {"name"}}
     parallel_tool_calls: bool = True
+    images: list | None = None  # the messages' images (PIL, in order) for backends that read them here
+
+
+def message_text(message: dict) -> str:
+    """A backend message's text: its content, or its text parts joined (an image part has none)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content)
+    return content or ""
 
 
 class RemoteRun:
@@ -207,7 +218,11 @@ def start_local(backend, request: GenerationRequest) -> GenerationRun:
 
         tools = plan(request, backend.native_tools)
         params = dataclasses.replace(request.params, grammar=tools.grammar) if tools.grammar else request.params
-        run = GenerationRun(backend, [backend.encode_chat(tools.messages, tools.template_tools)], params, request.n)
+        if request.images:
+            ids, images = backend.encode_vision_chat(tools.messages, tools.template_tools, request.images)
+        else:
+            ids, images = backend.encode_chat(tools.messages, tools.template_tools), None
+        run = GenerationRun(backend, [ids], params, request.n, images=images)
         return ToolCallRun(run, tools.functions) if tools.functions else run
     several = len(request.prompts) > 1
     prompts = [backend.encode_text(prompt) if isinstance(prompt, str)

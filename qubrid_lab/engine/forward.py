@@ -12,6 +12,7 @@ Two implementations:
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -21,16 +22,20 @@ from torch import nn
 from qubrid_lab.engine.kv import KVWriter, as_transformers_cache
 from qubrid_lab.models.device import Precision, quantize_linear_int8, release_freed_memory
 
-Forward = Callable[..., torch.Tensor]  # (input_ids, position_ids, kv, attention_mask, every_position=False)
+# (input_ids, position_ids, kv, attention_mask, every_position=False, **inputs): ``inputs`` are what a vision
+# model's processor made of a prompt's images (pixel values, ...), passed at its prefill only.
+Forward = Callable[..., torch.Tensor]
 
 
 def transformers_forward(model) -> Forward:
     layers = model.config.get_text_config().num_hidden_layers
+    # transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name warns, then goes in 5.40)
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    def forward(input_ids, position_ids, kv, attention_mask, every_position=False):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=as_transformers_cache(kv, layers), use_cache=True,
-                    logits_to_keep=0 if every_position else 1)
+    def forward(input_ids, position_ids, kv, attention_mask, every_position=False, **inputs):
+        inputs[cache_argument] = as_transformers_cache(kv, layers)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                    logits_to_keep=0 if every_position else 1, **inputs)
         return out.logits if every_position else out.logits[:, -1]
 
     return forward

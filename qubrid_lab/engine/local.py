@@ -23,9 +23,10 @@ from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.scheduler import BatchScheduler
 from qubrid_lab.engine.structured import matchers
 from qubrid_lab.engine.thread import ModelThread
+from qubrid_lab.engine.vision import encode, is_vision_model, load_vision_lm, render
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.models.catalogue import ModelEntry
-from qubrid_lab.models.device import Precision, pick_device, pick_precision
+from qubrid_lab.models.device import Precision, pick_device, pick_precision, precision_candidates
 from qubrid_lab.models.loading import registered_at, weights_location
 
 log = logging.getLogger(__name__)
@@ -67,11 +68,13 @@ class LocalChatEngine:
         self._encode_lock = threading.Lock()
         self._template_prefixes: collections.OrderedDict[str | None, tuple[int, ...]] = collections.OrderedDict()
         started = time.perf_counter()
+        self.processor = None  # a vision model's processor (images, and the chat template it renders them with)
         self.tokenizer, self.model, forward, self.created, self.precision_choice = self._thread.submit(
             self._load, cache_dir, explicit, fused).result()
+        self.vision = self.processor is not None
         self.precision: Precision = self.precision_choice.precision
         self.lora = LoraSet(self.model)
-        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.context_length = int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 2048))
         generation_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         eos_ids.add(self.tokenizer.eos_token_id)
@@ -87,6 +90,11 @@ class LocalChatEngine:
 
         location = weights_location(self.entry, cache_dir)
         config_dir = _config_dir(location)
+        if is_vision_model(config_dir):
+            return self._load_vision(location, config_dir, explicit)
+        if self.entry.vision:
+            raise InvalidRequestError(f"Model '{self.model_id}' is marked vision: true, but its config has no "
+                                      "vision tower (vision_config): it reads text only. Remove the key.")
         tokenizer = AutoTokenizer.from_pretrained(location)
         if tokenizer.chat_template is None:
             raise InvalidRequestError(f"Model '{self.model_id}' has no chat template; it cannot serve chat.")
@@ -97,7 +105,20 @@ class LocalChatEngine:
         model, forward = load_causal_lm(location, choice.precision, self.device, fused)
         return tokenizer, model, forward, registered_at(config_dir), choice
 
+    def _load_vision(self, location: str, config_dir: str, explicit: Precision | None):
+        """A vision-language model. ``dtype auto`` serves it in the device's default precision: the accuracy
+        measurement behind auto decodes text with causal LMs only."""
+        choice = PrecisionChoice(explicit, "set") if explicit else PrecisionChoice(
+            precision_candidates(self.device)[0], "default (vision models are not measured)")
+        processor, model, forward = load_vision_lm(location, choice.precision, self.device)
+        if not (processor.chat_template or processor.tokenizer.chat_template):
+            raise InvalidRequestError(f"Model '{self.model_id}' has no chat template; it cannot serve chat.")
+        self.processor = processor
+        return processor.tokenizer, model, forward, registered_at(config_dir), choice
+
     def _render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        if self.processor is not None:
+            return self.tokenizer.encode(render(self.processor, messages, tools), add_special_tokens=False)
         return list(self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                        tokenize=True, return_dict=False))
 
@@ -112,6 +133,15 @@ class LocalChatEngine:
             ids = self._render(messages, tools)
             self._learn_template_prefix(messages)
             return ids
+
+    def encode_vision_chat(self, messages: list[dict], tools: list[dict] | None, images: list) -> tuple:
+        """A conversation holding images: its token ids (each image's placeholder expanded) and what the images
+        add to its prefill (:class:`~qubrid_lab.engine.vision.ImageInputs`)."""
+        if self.processor is None:
+            raise InvalidRequestError(f"Model '{self.model_id}' reads text only; send text parts only, or use a "
+                                      "vision model.", param="messages")
+        with self._encode_lock:
+            return encode(self.processor, self.model, render(self.processor, messages, tools), images)
 
     def _learn_template_prefix(self, messages: list[dict]) -> None:
         """Remember what the template renders before the first non-system message's content.

@@ -24,7 +24,16 @@ import aiohttp
 import httpx
 import numpy as np
 
-from qubrid_lab.engine.base import Delta, Event, Failure, Finish, GenerationRequest, RemoteRun, run_metrics
+from qubrid_lab.engine.base import (
+    Delta,
+    Event,
+    Failure,
+    Finish,
+    GenerationRequest,
+    RemoteRun,
+    message_text,
+    run_metrics,
+)
 from qubrid_lab.engine.logprobs import TokenLogprob
 from qubrid_lab.errors import InvalidRequestError, QubridError, UpstreamError
 from qubrid_lab.models.catalogue import ModelEntry
@@ -105,12 +114,13 @@ class TokenCounter:
         """The request's prompt tokens: its messages through the chat template, or each prompt once."""
         if request.messages is None:
             return sum(self.text(prompt) if isinstance(prompt, str) else len(prompt) for prompt in request.prompts)
+        # the text only: an image's tokens depend on the upstream model's processor
         if self.tokenizer is not None and self.tokenizer.chat_template:
-            ids = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
-            return len(ids)
-        # no template to render with: each message's role and text (the protocol has made the content text)
-        return sum(self.text(f"{message['role']}\n{message.get('content') or ''}\n") for message in request.messages)
+            messages = [{**message, "content": message_text(message)} for message in request.messages]
+            return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=False))
+        # no template to render with: each message's role and text
+        return sum(self.text(f"{message['role']}\n{message_text(message)}\n") for message in request.messages)
 
 
 class _Upstream:

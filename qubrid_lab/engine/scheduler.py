@@ -55,16 +55,21 @@ class _Row:
     # with logprobs asked for: tokens decoded but not yet sent, as (start, end) in the row's text and logprob
     pending: list[tuple[int, int, TokenLogprob]] | None = None
     decoded: int = 0  # characters of text the row's tokens have produced
+    position_offset: int = 0  # added to every decode position (a multimodal-rope prompt's images shift them)
     released: int = 0  # characters of it sent
 
     def taken_logprobs(self, sent: str, final: bool) -> list[TokenLogprob] | None:
-        """The pending tokens the text sent so far covers; at the end, every token it begins in (the one a
-        stop string cut included), not the end-of-sequence token."""
+        """The pending tokens the text sent so far covers. At the end, every one (a token of an unfinished
+        character included), except after a stop string: the tokens the sent text begins in (the one the stop
+        string cut included). Never the end-of-sequence token."""
         if self.pending is None:
             return None
         self.released += len(sent)
         taken = 0
         for start, end, _ in self.pending:
+            if final and not self.text.stopped:
+                taken = len(self.pending)
+                break
             if (start >= self.released) if final else (end > self.released):
                 break
             taken += 1
@@ -213,7 +218,15 @@ class BatchScheduler:
         ids = torch.tensor([handle.prompt_ids], dtype=torch.long, device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)[None]
         echo = handle.params.echo_logprobs
-        split = 0 if echo else handle.shared_prefix  # the prompt's logprobs need every position's logits
+        images = handle.images
+        # The prompt's logprobs need every position's logits; an image's placeholder tokens are the same for
+        # every image, so a prefix holding one cannot be cached by its token ids.
+        split = 0 if echo or images else handle.shared_prefix
+        extra = {}
+        if images is not None:
+            extra = images.to(self.device)
+            if images.positions is not None:
+                positions = images.positions.to(self.device)
         prefill = PrefillKV()
         with self._adapters([handle.adapter]):
             if split:
@@ -224,7 +237,7 @@ class BatchScheduler:
                     self.forward(ids[:, :split], positions[:, :split], prefix, None)
                     self.prefixes.put(key, prefix)
                 prefill = PrefillKV(prefix.keys, prefix.values)
-            logits = self.forward(ids[:, split:], positions[:, split:], prefill, None, every_position=echo)
+            logits = self.forward(ids[:, split:], positions[..., split:], prefill, None, every_position=echo, **extra)
         if echo:
             handle.prompt_logprobs = self._prompt_logprobs(handle, logits[0])
             logits = logits[:, -1]
@@ -238,7 +251,8 @@ class BatchScheduler:
                  RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),
                  TextAssembler(self.decoder, handle.params.stop),
                  matcher=handle.matchers[i] if handle.matchers else None,
-                 pending=[] if handle.params.logprobs is not None else None)
+                 pending=[] if handle.params.logprobs is not None else None,
+                 position_offset=images.position_offset if images is not None else 0)
             for i in range(handle.n)
         ]
         self._rows.extend(new_rows)
@@ -273,6 +287,8 @@ class BatchScheduler:
     # 3. decode
     def _decode_step(self) -> None:
         mask, positions = self._kv.step_inputs()
+        if any(row.position_offset for row in self._rows):
+            positions = positions + torch.tensor([[row.position_offset] for row in self._rows], device=self.device)
         ids = torch.tensor([[row.next_token] for row in self._rows], dtype=torch.long, device=self.device)
         with self._adapters([row.adapter for row in self._rows]):
             logits = self.forward(ids, positions, self._kv, mask)

@@ -239,6 +239,9 @@ def _entry_from(item: object, where: str) -> ModelEntry:
             raise InvalidRequestError(f"{where}: key '{key}' must be {_KEY_CHECKS[key][0]}; got {value!r}.")
         if key not in _KEY_CHECKS and not isinstance(value, str):
             raise InvalidRequestError(f"{where}: key '{key}' must be a string; got {value!r}.")
+    if item.get("vision") and (backend == "triton" or item["kind"] != "chat"):
+        raise InvalidRequestError(f"{where}: 'vision: true' is for chat models served by the local, openai or vllm "
+                                  "backend; Triton's tensor interfaces take text only.")
     required = {"local": ("source", "owned_by"), "vllm": ("source",), "triton": ("url", "tokenizer")}
     for key in required.get(backend, ()):
         if not item.get(key):

@@ -22,3 +22,8 @@ def chat_backend(request: Request, model_id: str):
 
 def embedding_backend(request: Request, model_id: str):
     return request.app.state.registry.embedding_model(model_id, hidden_models(request))
+
+
+def reads_images(backend) -> bool:
+    """Whether a chat model takes ``image_url`` parts: what a loaded embedded model is, else its entry's ``vision``."""
+    return bool(getattr(backend, "vision", backend.entry.vision))

@@ -20,6 +20,7 @@ from qubrid_lab.server.metering import Meter
 from qubrid_lab.server.observability import Metrics, RequestObserver
 from qubrid_lab.server.openapi import document_errors
 from qubrid_lab.server.errors import error_response, install_error_handlers
+from qubrid_lab.server.images import ImagePolicy
 from qubrid_lab.server.routes import (
     chat,
     completions,
@@ -88,6 +89,7 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
     app.state.datasets = datasets
     app.state.job_manager = job_manager
     app.state.meter = meter
+    app.state.image_policy = ImagePolicy.from_settings(settings)
     auth = BearerAuth(keys, settings.load_api_keys(), meter)
     app.state.auth = auth
     install_error_handlers(app)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
@@ -22,15 +21,6 @@ from qubrid_lab.settings import Settings
 
 log = logging.getLogger("qubrid_lab")
 OWNER_CHECK_SECONDS = 1.0
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _free_port(host: str) -> int:
@@ -54,7 +44,7 @@ def serve(settings: Settings, *, allow_open: bool = False, owner_pid: int | None
     configure_logging(settings.log_level)
     keys = settings.load_api_keys()
     stored = _stored_keys(settings)
-    if not keys and not stored and not _is_loopback(settings.host) and not allow_open:
+    if not keys and not stored and not settings.loopback_only and not allow_open:
         raise InvalidRequestError(
             f"Refusing to serve on {settings.host} with no API keys: anyone on the network could use it. "
             "Create a key with `qubrid-lab keys create --admin`, or pass --allow-open.")

@@ -45,6 +45,8 @@ def test_a_triton_entry_defaults_its_model_by_interface(tmp_path):
     ({"backend": "triton", "url": "h:1", "tokenizer": "t", "protocol": "udp"}, "protocol 'udp'"),
     ({"backend": "triton", "url": "h:1", "tokenizer": "t", "interface": "onnx"}, "interface 'onnx'"),
     ({"backend": "triton", "url": "h:1", "tokenizer": "t", "base_url": "x"}, "unknown key 'base_url'"),
+    ({"backend": "triton", "url": "h:1", "tokenizer": "t", "vision": True}, "take text only"),
+    ({"backend": "openai", "base_url": "http://h/v1", "vision": "yes"}, "'vision' must be true or false"),
 ])
 def test_a_bad_entry_is_refused_naming_the_entry_and_key(tmp_path, item, words):
     with pytest.raises(InvalidRequestError) as refused:

@@ -22,13 +22,26 @@ from qubrid_lab.server.protocol.tools import (
 
 
 class ImageURL(WireModel):
-    url: str
+    url: str = Field(description="An http(s) URL or a data URL (data:image/png;base64,...).")
+    detail: Literal["auto", "low", "high"] | None = None
 
 
 class ContentPart(WireModel):
     type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
+    text: str | None = Field(None, validate_default=True)
+    image_url: ImageURL | None = Field(None, validate_default=True)
+
+    @field_validator("text", "image_url", mode="after")
+    @classmethod
+    def _has_its_field(cls, value, info: ValidationInfo):
+        if value is None and info.data.get("type") == info.field_name:
+            raise ValueError(f"a content part of type '{info.field_name}' needs its '{info.field_name}' field")
+        return value
+
+    def backend_part(self) -> dict:
+        if self.type == "text":
+            return {"type": "text", "text": self.text}
+        return {"type": "image_url", "image_url": self.image_url.model_dump(exclude_none=True)}
 
 
 class ChatMessage(WireModel):
@@ -61,8 +74,10 @@ class ChatMessage(WireModel):
         return "".join(part.text or "" for part in self.content if part.type == "text")
 
     def template_message(self) -> dict:
-        """The message as backends receive it: text content, and its tool calls or the call it answers."""
-        message = {"role": self.role, "content": self.text()}
+        """The message as backends receive it: its content (text, or OpenAI's parts when it holds an image), and
+        its tool calls or the call it answers."""
+        content = [part.backend_part() for part in self.content] if self.has_image() else self.text()
+        message = {"role": self.role, "content": content}
         if self.tool_calls:
             message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         if self.tool_call_id:

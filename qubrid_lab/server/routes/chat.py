@@ -9,7 +9,9 @@ from fastapi import APIRouter, Request
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.server.protocol.chat import ChatCompletion, ChatCompletionRequest
 from qubrid_lab.server.protocol.logprobs import chat_logprobs
-from qubrid_lab.server.access import chat_backend
+from qubrid_lab.engine.base import GenerationRequest, message_text
+from qubrid_lab.server.access import chat_backend, reads_images
+from qubrid_lab.server.images import check_fetchable, load_images
 from qubrid_lab.server.routes.generation import (
     StreamFormat,
     collect,
@@ -23,24 +25,26 @@ from qubrid_lab.server.sse import sse_response
 router = APIRouter()
 
 
-def _reject_images(request: ChatCompletionRequest, vision: bool) -> None:
-    for i, message in enumerate(request.messages):
-        if message.has_image() and not vision:
-            raise InvalidRequestError(
-                f"messages[{i}].content has an image_url part, but model '{request.model}' reads text only. "
-                "Send text parts only, or use a vision model.", param=f"messages[{i}].content")
+async def _read_images(body: ChatCompletionRequest, generation: GenerationRequest, backend, request: Request) -> None:
+    """Check the request's images against the model and the server's image policy; for a backend that takes
+    them decoded (the embedded engine), read them (data URLs) or fetch them (http(s) URLs)."""
+    with_image = [i for i, message in enumerate(body.messages) if message.has_image()]
+    if not with_image:
+        return
+    if not reads_images(backend):
+        raise InvalidRequestError(
+            f"messages[{with_image[0]}].content has an image_url part, but model '{body.model}' reads text only. "
+            "Send text parts only, or use a vision model.", param=f"messages[{with_image[0]}].content")
+    policy = request.app.state.image_policy
+    if hasattr(backend, "encode_vision_chat"):
+        generation.images = await load_images(generation.messages, policy)
+    else:
+        check_fetchable(generation.messages, policy)
 
 
 def prompt_characters(messages: list[dict]) -> int:
     """The text the prompt holds, for the token estimate admission reserves before the backend counts it."""
-    total = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            total += len(content)
-        elif isinstance(content, list):
-            total += sum(len(part.get("text") or "") for part in content if isinstance(part, dict))
-    return total
+    return sum(len(message_text(message)) for message in messages)
 
 
 ARGUMENT_FRAGMENT = 16  # characters of a call's arguments per streamed chunk
@@ -64,8 +68,8 @@ def _call_chunks(index: int, calls: list[dict]) -> list[dict]:
 @router.post("/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     backend = chat_backend(request, body.model)
-    _reject_images(body, vision=getattr(getattr(backend, "entry", None), "vision", False))
     generation = body.generation_request()
+    await _read_images(body, generation, backend, request)
     run, charge = await start_metered(request, body.model, generation, prompt_characters(generation.messages), backend)
     request_id = completion_id("chatcmpl")
     if body.stream:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from qubrid_lab.server.access import hidden_models
+from qubrid_lab.server.access import hidden_models, reads_images
 from qubrid_lab.server.protocol.models import Model, ModelList
 
 router = APIRouter()
@@ -13,7 +13,7 @@ router = APIRouter()
 def _describe(backend) -> Model:
     entry = backend.entry
     return Model(id=backend.model_id, created=backend.created, owned_by=entry.owned_by, kind=entry.kind,
-                 vision=entry.vision)
+                 vision=reads_images(backend))
 
 
 @router.get("/models")
