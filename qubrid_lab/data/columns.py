@@ -1,4 +1,5 @@
-"""Which columns of a dataset feed a fine-tuning task: a question/answer pair (qa) or a text column (not_qa).
+"""Which columns of a dataset feed a fine-tuning task: a question/answer pair (qa), a text column (not_qa), or
+the conversations of a JSONL chat dataset (chat, its one ``messages`` column).
 
 Columns are found by the common names below, compared ignoring case and surrounding spaces. For each role
 the first name in its list that the dataset has wins, and a column serves one role only; so
@@ -14,7 +15,7 @@ from typing import Literal
 
 from qubrid_lab.errors import InvalidRequestError
 
-TASK_TYPES = ("qa", "not_qa")
+TASK_TYPES = ("qa", "not_qa", "chat")
 
 # role -> accepted column names, in order of preference; a role is required unless listed in OPTIONAL_ROLES.
 ACCEPTED_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -26,11 +27,15 @@ ACCEPTED_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "not_qa": {
         "text": ("text", "content", "document"),
     },
+    "chat": {
+        "messages": ("messages",),
+    },
 }
 OPTIONAL_ROLES = frozenset({"context"})
 MAPPING_EXAMPLES = {
     "qa": '{"question": "my_question_column", "answer": "my_answer_column"}',
     "not_qa": '{"text": "my_text_column"}',
+    "chat": '{"messages": "messages"} (chat datasets are JSONL files, one {"messages": [...]} per line)',
 }
 
 
@@ -38,11 +43,12 @@ MAPPING_EXAMPLES = {
 class ColumnPlan:
     """The dataset columns a job trains on, by role; names are spelled as in the dataset's header."""
 
-    task_type: Literal["qa", "not_qa"]
+    task_type: Literal["qa", "not_qa", "chat"]
     question: str | None = None  # qa: the prompt column (question / prompt / instruction)
     answer: str | None = None  # qa: the target column (answer / completion / output / response)
     context: str | None = None  # qa, optional: extra input appended to the question (input / context)
     text: str | None = None  # not_qa: the text column
+    messages: str | None = None  # chat: the conversations (a JSONL dataset's one column)
 
 
 class ColumnError(InvalidRequestError):
@@ -129,3 +135,16 @@ def _explain(task_type: str, problems: list[str], columns: list[str]) -> str:
 
 def _key(name: str) -> str:
     return name.strip().casefold()
+
+
+def infer_task_type(columns: list[str]) -> str:
+    """The task a dataset with ``columns`` trains without being told (OpenAI's API has no task type): ``chat``
+    for a JSONL chat dataset, ``qa`` when it has question and answer columns, else ``not_qa`` (its text column
+    is checked when the job is)."""
+    for task_type in ("chat", "qa"):
+        try:
+            plan_columns(columns, task_type)
+        except ColumnError:
+            continue
+        return task_type
+    return "not_qa"

@@ -12,6 +12,10 @@ forge turns or end the answer early.
 not_qa: causal language modelling on the text, encoded as the completions endpoint encodes a prompt, plus EOS;
 every token takes the loss.
 
+chat (JSONL conversations): each assistant turn with weight 1 takes the loss as a qa answer does, after its
+history rendered as the chat endpoint would render it for that turn; everything else (system, user, weight-0
+assistant turns, the template's turn headers) takes none.
+
 Cells are stripped of surrounding whitespace; a row whose required cell is then empty is skipped.
 """
 
@@ -46,14 +50,20 @@ def build_examples(
         raise ValueError(f"max_seq_length must be at least 1, got {max_seq_length}")
     if plan.task_type == "qa":
         return _qa_examples(rows, plan, tokenizer, max_seq_length)
+    if plan.task_type == "chat":
+        return _chat_examples(rows, plan, tokenizer, max_seq_length)
     return _text_examples(rows, plan, tokenizer, max_seq_length)
 
 
-def _qa_examples(rows, plan: ColumnPlan, tokenizer, max_seq_length: int) -> ExampleSet:
+def _require_template(tokenizer, task_type: str) -> None:
     if not tokenizer.chat_template:
         raise ValueError(
-            "The base model's tokenizer has no chat template; qa fine-tuning needs a chat model."
+            f"The base model's tokenizer has no chat template; {task_type} fine-tuning needs a chat model."
         )
+
+
+def _qa_examples(rows, plan: ColumnPlan, tokenizer, max_seq_length: int) -> ExampleSet:
+    _require_template(tokenizer, "qa")
     result = ExampleSet()
     conversations = []
     for row in rows:
@@ -90,6 +100,47 @@ def _qa_examples(rows, plan: ColumnPlan, tokenizer, max_seq_length: int) -> Exam
         result.examples.append(
             {"input_ids": list(prompt) + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
         )
+    return result
+
+
+def _chat_examples(rows, plan: ColumnPlan, tokenizer, max_seq_length: int) -> ExampleSet:
+    _require_template(tokenizer, "chat")
+    result = ExampleSet()
+    control_ids = _control_token_ids(tokenizer)
+    for row in rows:
+        turns = row[plan.messages]
+        messages = [{"role": m["role"], "content": m["content"]} for m in turns]
+        trained = [k for k, m in enumerate(turns) if m["role"] == "assistant" and m.get("weight", 1)
+                   and m["content"].strip()]
+        if not trained:
+            result.skipped_empty += 1
+            continue
+        # 1. Each trained turn's prompt (its history, as the chat endpoint renders it) and the turn itself.
+        histories, throughs = [messages[:k] for k in trained], [messages[: k + 1] for k in trained]
+        prompts = _chat_ids(tokenizer, histories, _with_added_token_text(tokenizer, histories),
+                            add_generation_prompt=True)
+        fulls = _chat_ids(tokenizer, throughs, _with_added_token_text(tokenizer, throughs))
+        ids: list[int] = []
+        labels: list[int] = []
+        for through, prompt, full in zip(throughs, prompts, fulls):
+            # 2. A template that renders history differently from a live prompt: train this turn after its own
+            #    prompt, dropping what came before.
+            if prompt[: len(ids)] != ids:
+                ids, labels = [], []
+            completion = full[len(prompt):] if full[: len(prompt)] == prompt else _assistant_turn_apart(tokenizer,
+                                                                                                        through)
+            completion = _through_end_of_turn(completion, control_ids, tokenizer)
+            context = prompt[len(ids):]
+            ids += list(context) + completion
+            labels += [IGNORE_INDEX] * len(context) + completion
+        # 3. Cut to max_seq_length; drop the conversation when no trained token is left.
+        if len(ids) > max_seq_length:
+            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                result.skipped_too_long += 1
+                continue
+            result.truncated += 1
+        result.examples.append({"input_ids": ids, "labels": labels})
     return result
 
 

@@ -16,19 +16,21 @@ from qubrid_lab.engine.registry import ModelRegistry
 from qubrid_lab.errors import HeadersTooLargeError, PayloadTooLargeError
 from qubrid_lab.models.catalogue import Catalogue, default_catalogue
 from qubrid_lab.server.auth import BearerAuth, require_admin
+from qubrid_lab.server.errors import error_response, install_error_handlers
+from qubrid_lab.server.images import ImagePolicy
 from qubrid_lab.server.metering import Meter
 from qubrid_lab.server.observability import Metrics, RequestObserver
 from qubrid_lab.server.openapi import document_errors
-from qubrid_lab.server.errors import error_response, install_error_handlers
-from qubrid_lab.server.images import ImagePolicy
 from qubrid_lab.server.routes import (
     chat,
     completions,
     embeddings,
+    files,
     fine_tuning_datasets,
     fine_tuning_jobs,
     fine_tuning_models,
     models,
+    openai_fine_tuning,
     responses,
     usage,
 )
@@ -96,12 +98,14 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
     document_errors(app)
 
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes,
-                       streamed_paths={prefix + fine_tuning_datasets.UPLOAD_PATH for prefix in FINE_TUNING_PREFIXES})
+                       streamed_paths={prefix + fine_tuning_datasets.UPLOAD_PATH for prefix in FINE_TUNING_PREFIXES}
+                       | {"/v1" + files.UPLOAD_PATH})
     metrics = Metrics(app.state)
     meter.metrics = metrics
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: every response gets its request id
 
-    for router in (chat.router, completions.router, responses.router, embeddings.router, models.router, usage.router):
+    for router in (chat.router, completions.router, responses.router, embeddings.router, models.router, usage.router,
+                   files.router, openai_fine_tuning.router):
         app.include_router(router, prefix="/v1", dependencies=[Depends(auth)])
     for prefix in FINE_TUNING_PREFIXES:
         for router in (fine_tuning_datasets.router, fine_tuning_jobs.router, fine_tuning_models.router):

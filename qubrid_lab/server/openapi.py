@@ -47,8 +47,20 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/fine-tuning/jobs/{job_id}"): (404,),
     ("post", "/fine-tuning/jobs/{job_id}/cancel"): (404, 409),
     ("get", "/fine-tuning/jobs/{job_id}/events"): (400, 404),
+    ("get", "/fine-tuning/jobs/{job_id}/checkpoints"): (404,),
     ("get", "/fine-tuning/models"): (),
     ("delete", "/fine-tuning/models/{model_id}"): (404,),
+    ("post", "/v1/files"): (400, 413, 507),
+    ("get", "/v1/files"): (400,),
+    ("get", "/v1/files/{file_id}"): (404,),
+    ("delete", "/v1/files/{file_id}"): (404, 409),
+    ("get", "/v1/files/{file_id}/content"): (404,),
+    ("post", "/v1/fine_tuning/jobs"): (400, 402, 413),
+    ("get", "/v1/fine_tuning/jobs"): (400,),
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"): (404,),
+    ("post", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"): (404, 409),
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"): (400, 404),
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): (400, 404),
 }
 STREAMING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 UNPROTECTED = {"/health"}

@@ -1,4 +1,4 @@
-"""Uploaded CSV datasets: the file under ``<home>/files``, its summary in SQLite."""
+"""Uploaded datasets (CSV, or JSONL conversations): the file under ``<home>/files``, its summary in SQLite."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from qubrid_lab.data.csv_ingest import inspect_csv
+from qubrid_lab.data.dataset_files import dataset_suffix, inspect_dataset
 from qubrid_lab.errors import ConflictError, NotFoundError
 from qubrid_lab.storage.db import OWNED, Database, new_id
 from qubrid_lab.storage.jobs import ACTIVE_STATUSES
@@ -56,14 +56,15 @@ class DatasetStore:
         shutil.rmtree(self.files_dir / INCOMING, ignore_errors=True)
 
     def add(self, upload: Path, filename: str, name: str | None = None, owner: str | None = None) -> DatasetRecord:
-        """Check the CSV at ``upload`` and keep it as a new dataset; the upload file is gone afterwards either way.
+        """Check the file at ``upload`` (CSV, or JSONL by its ``filename``) and keep it as a new dataset; the upload
+        file is gone afterwards either way.
 
-        Raises the data package's ``DatasetError`` (400, naming the line) when the file is not a usable CSV.
+        Raises the data package's ``DatasetError`` (400, naming the line) when the file is not a usable dataset.
         """
         try:
-            summary = inspect_csv(upload, filename)
+            summary = inspect_dataset(upload, filename)
             dataset_id = new_id("ds")
-            stored_as = f"{dataset_id}.csv"
+            stored_as = f"{dataset_id}{dataset_suffix(filename)}"
             self.files_dir.mkdir(parents=True, exist_ok=True)
             os.replace(upload, self.files_dir / stored_as)
             try:

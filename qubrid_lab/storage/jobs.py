@@ -130,6 +130,12 @@ class JobStore:
             raise _no_job(job_id)
         return JobRecord.from_row(row)
 
+    def find(self, job_id: str, scope: str | None = None) -> JobRecord | None:
+        try:
+            return self.get(job_id, scope)
+        except NotFoundError:
+            return None
+
     def page(self, limit: int, offset: int, scope: str | None = None) -> tuple[list[JobRecord], int]:
         """Jobs ``scope`` may see newest first, ``limit`` of them after skipping ``offset``, and how many in all."""
         with self.db.connect() as connection:
@@ -140,6 +146,23 @@ class JobStore:
                 (scope, scope, limit, offset)).fetchall()
             connection.execute("COMMIT")
         return [JobRecord.from_row(row) for row in rows], total
+
+    def page_after(self, after: str | None, limit: int, scope: str | None = None) -> tuple[list[JobRecord], bool]:
+        """Jobs ``scope`` may see newest first, those older than job ``after`` when given, and whether more follow
+        (OpenAI's cursor paging)."""
+        with self.db.connect() as connection:
+            cursor = (float("inf"), 2**63 - 1)
+            if after:
+                row = connection.execute(f"SELECT created_at, rowid FROM jobs WHERE id = ? AND {OWNED}",
+                                         (after, scope, scope)).fetchone()
+                if row is None:
+                    raise InvalidRequestError(f"after: no fine-tuning job '{after}'.", param="after")
+                cursor = (row[0], row[1])
+            rows = connection.execute(
+                f"SELECT * FROM jobs WHERE {OWNED} AND (created_at < ? OR (created_at = ? AND rowid < ?))"
+                " ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                (scope, scope, cursor[0], cursor[0], cursor[1], limit + 1)).fetchall()
+        return [JobRecord.from_row(row) for row in rows[:limit]], len(rows) > limit
 
     def with_status(self, status: str) -> list[JobRecord]:
         """Jobs in ``status``, oldest first (the order the queue serves them)."""
@@ -190,14 +213,22 @@ class JobStore:
 
     # --- events -------------------------------------------------------------------------------------
 
-    def events(self, job_id: str, after: str | None, limit: int,
-               scope: str | None = None) -> tuple[list[EventRecord], bool]:
-        """The job's events in the order they happened, those after the event ``after`` when given."""
+    def trained_tokens(self, job_id: str) -> int:
+        """Tokens the job's training steps have trained on (every epoch's)."""
+        with self.db.connect() as connection:
+            row = connection.execute("SELECT SUM(json_extract(data, '$.tokens')) FROM job_events"
+                                     " WHERE job_id = ? AND type = 'metrics'", (job_id,)).fetchone()
+        return int(row[0] or 0)
+
+    def events(self, job_id: str, after: str | None, limit: int, scope: str | None = None,
+               newest_first: bool = False) -> tuple[list[EventRecord], bool]:
+        """The job's events in the order they happened, those after the event ``after`` when given; with
+        ``newest_first`` (OpenAI's order), the latest first, those before ``after``."""
         with self.db.connect() as connection:
             if not connection.execute(f"SELECT 1 FROM jobs WHERE id = ? AND {OWNED}",
                                       (job_id, scope, scope)).fetchone():
                 raise _no_job(job_id)
-            since = 0
+            since = 2**63 - 1 if newest_first else 0
             if after:
                 row = connection.execute("SELECT seq FROM job_events WHERE id = ? AND job_id = ?",
                                          (after, job_id)).fetchone()
@@ -205,7 +236,8 @@ class JobStore:
                     raise InvalidRequestError(f"after: job {job_id} has no event '{after}'.", param="after")
                 since = row["seq"]
             rows = connection.execute(
-                "SELECT * FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                "SELECT * FROM job_events WHERE job_id = ? AND " + ("seq < ? ORDER BY seq DESC" if newest_first
+                                                                   else "seq > ? ORDER BY seq") + " LIMIT ?",
                 (job_id, since, limit + 1)).fetchall()
         return [EventRecord.from_row(row) for row in rows[:limit]], len(rows) > limit
 

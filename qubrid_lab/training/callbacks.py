@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,10 +32,12 @@ class SinkCallback(TrainerCallback):
         self.last_training_loss: float | None = None
         self.last_validation_loss: float | None = None
         self._tokens_seen = 0
+        self._logged_at = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = True
         self._tokens_seen = state.num_input_tokens_seen  # not 0 when resuming from a checkpoint
+        self._logged_at = time.perf_counter()
 
     def on_substep_end(self, args, state, control, **kwargs):
         self._check_stop(args, state, control)
@@ -43,6 +46,8 @@ class SinkCallback(TrainerCallback):
         if "loss" not in logs:  # the end-of-training summary has train_loss instead
             return
         tokens, self._tokens_seen = state.num_input_tokens_seen - self._tokens_seen, state.num_input_tokens_seen
+        now, started = time.perf_counter(), self._logged_at
+        self._logged_at = now
         self.last_training_loss = logs["loss"]
         if state.is_world_process_zero:
             self.sink.on_train_step(
@@ -51,13 +56,16 @@ class SinkCallback(TrainerCallback):
                 loss=logs["loss"],
                 learning_rate=logs["learning_rate"],
                 tokens=tokens,
+                grad_norm=logs.get("grad_norm"),
+                tokens_per_second=tokens / (now - started) if now > started else None,
             )
         self._check_stop(args, state, control)  # after the step is reported, before its evaluation and save
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.last_validation_loss = metrics["eval_loss"]
         if state.is_world_process_zero:
-            self.sink.on_evaluation(step=state.global_step, epoch=state.epoch, validation_loss=metrics["eval_loss"])
+            self.sink.on_evaluation(step=state.global_step, epoch=state.epoch, validation_loss=metrics["eval_loss"],
+                                    token_accuracy=metrics.get("eval_mean_token_accuracy"))
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

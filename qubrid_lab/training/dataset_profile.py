@@ -169,7 +169,12 @@ def empty_rows(rows: list[dict[str, str]], plan: ColumnPlan) -> list[int]:
     """Row numbers (from 1) whose required cell for ``plan`` is empty or only spaces; training skips them."""
     required = [getattr(plan, role) for role in _required_roles(plan)]
     return [number for number, row in enumerate(rows, 1)
-            if any(not (row.get(column) or "").strip() for column in required)]
+            if any(_blank(row.get(column)) for column in required)]
+
+
+def _blank(cell: str | list | None) -> bool:
+    """An empty cell: no text but spaces, or (a chat row's messages) nothing at all."""
+    return not cell.strip() if isinstance(cell, str) else not cell
 
 
 def duplicate_rows(rows: list[dict[str, str]], columns: list[str]) -> list[int]:

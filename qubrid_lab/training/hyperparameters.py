@@ -44,6 +44,18 @@ class Hyperparameters(BaseModel):
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save GPU memory.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for the split, shuffling, LoRA init and dropout.")
+    save_total_limit: int = Field(
+        3, ge=1, le=100, description="Checkpoints kept on disk (the newest ones, plus the best by validation loss).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=1000, description="Stop when validation loss has not improved for this many evaluations "
+                                         "(needs validation data).")
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="How much validation loss must drop to count as an improvement.")
+    load_best_at_end: bool = Field(
+        False, description="Serve the checkpoint with the lowest validation loss, not the last one (needs "
+                           "validation data).")
+    report_to: str = Field("none", description="Experiment tracker the run reports to: none, tensorboard, mlflow, "
+                                               "trackio or wandb (installed separately).")
 
     @field_validator("target_modules")
     @classmethod
@@ -55,3 +67,30 @@ class Hyperparameters(BaseModel):
         if not value or any(not name.strip() for name in value):
             raise ValueError("must name at least one module, with no empty names")
         return value
+
+
+# report_to value -> the package its transformers integration needs
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
+
+
+def validation_needs(hyperparameters: Hyperparameters) -> list[tuple[str, str]]:
+    """(field, problem) for each setting that needs validation data when there is none."""
+    if hyperparameters.validation_split > 0:
+        return []
+    fix = "it needs validation data: hold some rows out with hyperparameters.validation_split (e.g. 0.1)"
+    return [(f"hyperparameters.{name}", fix) for name in ("early_stopping_patience", "load_best_at_end")
+            if getattr(hyperparameters, name)]
+
+
+def tracker_problems(report_to: str) -> list[tuple[str, str]]:
+    """(field, problem) when ``report_to`` names no tracker, or one whose package is not installed here."""
+    import importlib.util
+
+    if report_to == "none":
+        return []
+    if report_to not in TRACKERS:
+        return [("hyperparameters.report_to", f"must be none, {', '.join(TRACKERS)} (got {report_to!r})")]
+    package = TRACKERS[report_to]
+    if importlib.util.find_spec(package) is None:
+        return [("hyperparameters.report_to", f"{report_to} is not installed on the server: pip install {package}")]
+    return []

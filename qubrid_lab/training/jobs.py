@@ -29,15 +29,23 @@ from typing import IO
 from pydantic import ValidationError
 
 from qubrid_lab.data.columns import TASK_TYPES, plan_columns
-from qubrid_lab.data.csv_ingest import read_rows
-from qubrid_lab.training.dataset_profile import unusable_dataset_reason
+from qubrid_lab.data.dataset_files import read_dataset
 from qubrid_lab.errors import ConflictError, InvalidRequestError, describe_validation_errors
 from qubrid_lab.models.catalogue import Catalogue
 from qubrid_lab.settings import Settings
 from qubrid_lab.storage.datasets import DatasetStore
 from qubrid_lab.storage.jobs import ACTIVE_STATUSES, FineTunedModelRecord, JobRecord, JobStore
+from qubrid_lab.training.checkpoints import (
+    CHECKPOINTS_DIR,
+    Checkpoint,
+    checkpoint_model_id,
+    fine_tuned_model_id,
+    parse_checkpoint_model,
+    saved_checkpoints,
+)
+from qubrid_lab.training.dataset_profile import unusable_dataset_reason
 from qubrid_lab.training.gpu_share import GpuReservations, TrainingGpus, gpu_count
-from qubrid_lab.training.hyperparameters import Hyperparameters
+from qubrid_lab.training.hyperparameters import Hyperparameters, tracker_problems, validation_needs
 from qubrid_lab.training.worker import GPU_SHARE_VARIABLE, LOG_FILE, RESULT_FILE, resume_step
 
 log = logging.getLogger(__name__)
@@ -50,8 +58,16 @@ ModelReady = Callable[[str, str, Path, int], None]  # (model_id, base_model, ada
 ModelRemoved = Callable[[str], None]  # (model_id)
 
 
-def fine_tuned_model_id(base_model: str, suffix: str | None, job_id: str) -> str:
-    return f"ft:{base_model}:{suffix or ''}:{job_id}"
+def completion_message(model_id: str, result: dict) -> str:
+    """What the completed job says: its model, and which checkpoint that model holds when validation chose one."""
+    parts = [f"Job completed; fine-tuned model {model_id} is ready"]
+    if result.get("early_stopped"):
+        parts.append(f"training stopped early at step {result['steps']}: validation loss had stopped improving")
+    best, served = result.get("best_step"), result.get("served_step")
+    if best is not None:
+        parts.append(f"it holds the best checkpoint's weights (step {best})" if served == best
+                     else f"it holds step {served}'s weights; the best checkpoint by validation loss is step {best}")
+    return "; ".join(parts) + "."
 
 
 def exit_reason(returncode: int, log_path: Path) -> str:
@@ -117,6 +133,7 @@ class JobManager:
         self._workers: dict[str, _Worker] = {}
         self._waiting_reported: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._serving = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -196,7 +213,10 @@ class JobManager:
             problems.append(("dataset_id", f"no dataset '{dataset_id}'; upload one with POST /fine-tuning/datasets"))
         plan = resolved = None
         if task_type not in TASK_TYPES:
-            problems.append(("task_type", f"must be 'qa' or 'not_qa' (got {task_type!r})"))
+            problems.append(("task_type", f"must be 'qa', 'not_qa' or 'chat' (got {task_type!r})"))
+        elif dataset is not None and (task_type == "chat") != (dataset.path.suffix == ".jsonl"):
+            problems.append(("task_type", "chat jobs train on JSONL conversations and qa or not_qa jobs on CSV "
+                                          f"columns; dataset '{dataset_id}' is {dataset.path.suffix[1:].upper()}"))
         elif dataset is not None:
             try:
                 plan = plan_columns(dataset.columns, task_type, column_mapping)
@@ -213,10 +233,12 @@ class JobManager:
             problems.append(("hyperparameters.lora_rank", f"{resolved.lora_rank} is above {entry.max_lora_rank}, "
                              f"the largest LoRA rank the vLLM serving '{base_model}' loads (its entry's "
                              "max_lora_rank); lower lora_rank or raise max_lora_rank"))
+        if resolved is not None:
+            problems += validation_needs(resolved) + tracker_problems(resolved.report_to)
         if plan is not None:  # the dataset profile's check: rows the worker would find nothing to train on
             validation_split = resolved.validation_split if resolved else 0.0
             try:
-                reason = unusable_dataset_reason(read_rows(dataset.path), plan, validation_split)
+                reason = unusable_dataset_reason(read_dataset(dataset.path), plan, validation_split)
             except FileNotFoundError:  # deleted since it was looked up
                 reason = None
                 problems.append(("dataset_id", f"no dataset '{dataset_id}'; it was deleted"))
@@ -253,15 +275,39 @@ class JobManager:
         return self.jobs.get(job_id)
 
     def delete_model(self, model_id: str, scope: str | None = None) -> None:
-        """Stop serving a fine-tuned model, forget it and delete its adapter files."""
+        """Stop serving a fine-tuned model and its checkpoints, forget it and delete their files."""
         model = self.jobs.get_model(model_id, scope)
         if self.on_model_removed:
             try:
                 self.on_model_removed(model_id)
             except Exception:  # not being served (say, its base is not loaded) is no reason to keep it
                 log.warning("could not unload %s; deleting it anyway", model_id, exc_info=True)
+            for checkpoint in saved_checkpoints(self.job_dir(model.job_id) / CHECKPOINTS_DIR):
+                self.on_model_removed(checkpoint_model_id(model_id, checkpoint.step))  # a no-op unless served
         self.jobs.delete_model(model_id)
         shutil.rmtree(model.adapter_dir, ignore_errors=True)
+        shutil.rmtree(self.job_dir(model.job_id) / CHECKPOINTS_DIR, ignore_errors=True)
+
+    def checkpoints(self, job_id: str, scope: str | None = None) -> tuple[JobRecord, list[Checkpoint]]:
+        """The job (if ``scope`` may see it) and its saved checkpoints, newest first."""
+        job = self.jobs.get(job_id, scope)
+        return job, saved_checkpoints(self.job_dir(job.id) / CHECKPOINTS_DIR)
+
+    def serve_checkpoint(self, model_id: str, scope: str | None = None) -> bool:
+        """Start serving the checkpoint model ``model_id`` (``<fine-tuned model id>:ckpt-step-N``) if it names a
+        saved checkpoint of a job ``scope`` may see; False when it names none."""
+        parsed = parse_checkpoint_model(model_id)
+        if parsed is None or self.on_model_ready is None:
+            return False
+        fine_tuned, job_id, step = parsed
+        job = self.jobs.find(job_id, scope)
+        path = self.job_dir(job_id) / CHECKPOINTS_DIR / f"checkpoint-{step}"
+        if job is None or fine_tuned_model_id(job.base_model, job.suffix, job.id) != fine_tuned \
+                or not (path / "adapter_config.json").is_file():
+            return False
+        with self._serving:  # two first requests for one checkpoint load it once
+            self.on_model_ready(model_id, job.base_model, path, int(path.stat().st_mtime))
+        return True
 
     def job_dir(self, job_id: str) -> Path:
         return self.settings.jobs_dir / job_id
@@ -379,7 +425,7 @@ class JobManager:
                        "validation_loss": result.get("validation_loss", job.validation_loss)}
             # Served first, so that a client that sees the job completed can use its model at once.
             self._announce(model, report=True)
-            if not self.jobs.complete(job.id, model, f"Job completed; fine-tuned model {model.id} is ready.",
+            if not self.jobs.complete(job.id, model, completion_message(model.id, result),
                                       **metrics) and self.on_model_removed:  # cancelled meanwhile
                 try:
                     self.on_model_removed(model.id)

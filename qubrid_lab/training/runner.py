@@ -8,10 +8,8 @@ Under torchrun / accelerate launch every rank calls ``train()``; the Trainer run
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ import torch
 from qubrid_lab.data.columns import ColumnPlan
 from qubrid_lab.errors import QubridError
 from qubrid_lab.training.batches import (
+    IGNORE_INDEX,
     ExampleDataset,
     PaddingCollator,
     Split,
@@ -33,6 +32,12 @@ from qubrid_lab.training.batches import (
     steps_per_epoch,
 )
 from qubrid_lab.training.callbacks import SinkCallback
+from qubrid_lab.training.checkpoints import (
+    CHECKPOINTS_DIR,
+    TRAINER_STATE_FILE,
+    checkpoint_step,
+    latest_checkpoint,
+)
 from qubrid_lab.training.errors import TrainingError
 from qubrid_lab.training.hyperparameters import Hyperparameters
 from qubrid_lab.training.lora import (
@@ -58,9 +63,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE_FILE = "trainer_state.json"  # the Trainer writes it last, so its presence marks a complete checkpoint
 
 
 @dataclass
@@ -79,8 +81,10 @@ class ProgressSink(Protocol):
     """Receives a run's progress; ``should_stop`` is polled after every step. Called on rank 0 only."""
 
     def on_start(self, total_steps: int, train_rows: int, validation_rows: int) -> None: ...
-    def on_train_step(self, step: int, epoch: float, loss: float, learning_rate: float, tokens: int) -> None: ...
-    def on_evaluation(self, step: int, epoch: float, validation_loss: float) -> None: ...
+    def on_train_step(self, step: int, epoch: float, loss: float, learning_rate: float, tokens: int,
+                      grad_norm: float | None = None, tokens_per_second: float | None = None) -> None: ...
+    def on_evaluation(self, step: int, epoch: float, validation_loss: float,
+                      token_accuracy: float | None = None) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def should_stop(self) -> bool: ...
 
@@ -97,6 +101,9 @@ class TrainingResult:
     train_tokens: int  # non-padding tokens trained on, counting those before a resume
     seconds: float  # wall time of this call
     stopped: bool
+    best_step: int | None = None  # the checkpoint with the lowest validation loss (with validation data)
+    served_step: int | None = None  # the step whose weights the adapter holds: best_step with load_best_at_end
+    early_stopped: bool = False  # validation loss stopped improving before the planned steps were done
 
 
 @dataclass(frozen=True)
@@ -124,12 +131,12 @@ def plan_schedule(hyperparameters: Hyperparameters, train_rows: int) -> Schedule
 
 def load_split(spec: TrainingSpec, tokenizer) -> Split:
     """Read the CSV, format its rows into token examples and split them; an unusable dataset is an error."""
-    from qubrid_lab.data.csv_ingest import read_rows
+    from qubrid_lab.data.dataset_files import read_dataset
     from qubrid_lab.data.formatting import build_examples
 
     hyperparameters = spec.hyperparameters
     try:
-        rows = read_rows(spec.dataset_path)
+        rows = read_dataset(spec.dataset_path)
         example_set = build_examples(rows, spec.plan, tokenizer, hyperparameters.max_seq_length)
     except FileNotFoundError as error:
         raise TrainingError(f"the dataset file {spec.dataset_path} is missing.") from error
@@ -139,7 +146,7 @@ def load_split(spec: TrainingSpec, tokenizer) -> Split:
         raise TrainingError(str(error)) from error
     examples = [example for example in example_set.examples if has_target(example)]
     if not examples:
-        required = "question or answer" if spec.plan.task_type == "qa" else "text"
+        required = {"qa": "question or answer", "not_qa": "text", "chat": "assistant message"}[spec.plan.task_type]
         raise TrainingError(
             f"no usable rows: of {len(rows)} rows, {example_set.skipped_empty} have an empty {required} and "
             f"{len(rows) - example_set.skipped_empty} leave no answer token within max_seq_length "
@@ -148,35 +155,12 @@ def load_split(spec: TrainingSpec, tokenizer) -> Split:
     return split_examples(examples, hyperparameters.validation_split, hyperparameters.seed)
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The newest complete checkpoint; one cut short while being written (no trainer state) is passed over."""
-    if not checkpoints_dir.is_dir():
-        return None
-    numbered = sorted(
-        ((int(match.group(1)), path) for path in checkpoints_dir.iterdir()
-         if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))),
-        reverse=True,
-    )
-    for _, path in numbered:
-        if (path / TRAINER_STATE_FILE).is_file():
-            return path
-        log.warning("skipping incomplete checkpoint %s", path)
-    return None
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    """The step a checkpoint was saved at, read from its trainer state; unreadable state is an error."""
-    try:
-        return int(json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise TrainingError(f"cannot resume: checkpoint {checkpoint} is unusable ({error}).") from error
-
-
 def training_arguments(spec: TrainingSpec, schedule: Schedule, placement: Placement, has_validation: bool):
-    """The Trainer's configuration: the hyperparameters plus fixed choices (no hub, no trackers, log every step)."""
+    """The Trainer's configuration: the hyperparameters plus fixed choices (no hub, log every step)."""
     from transformers import TrainingArguments
 
     hyperparameters = spec.hyperparameters
+    best = has_validation and (hyperparameters.load_best_at_end or hyperparameters.early_stopping_patience)
     return TrainingArguments(
         output_dir=str(spec.output_dir / CHECKPOINTS_DIR),
         max_steps=schedule.total_steps,
@@ -193,14 +177,20 @@ def training_arguments(spec: TrainingSpec, schedule: Schedule, placement: Placem
         data_seed=hyperparameters.seed,
         eval_strategy="steps" if has_validation else "no",
         eval_steps=schedule.eval_steps,
-        prediction_loss_only=True,  # evaluation keeps only the loss, not every logit
+        prediction_loss_only=False,  # evaluation also measures token accuracy (on argmaxes, not logits)
         save_strategy="steps",
-        save_steps=schedule.save_steps,
-        save_total_limit=2,
+        # choosing the best checkpoint needs one saved at each evaluation
+        save_steps=schedule.eval_steps if best else schedule.save_steps,
+        # the best checkpoint is kept besides the newest ones
+        save_total_limit=hyperparameters.save_total_limit + (1 if has_validation else 0),
+        load_best_model_at_end=bool(has_validation and hyperparameters.load_best_at_end),
+        metric_for_best_model="eval_loss" if has_validation else None,
+        greater_is_better=False,
         logging_strategy="steps",
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=hyperparameters.report_to,
+        run_name=spec.output_dir.name,  # a job's directory is named after the job
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=placement.device == "cuda",
@@ -208,6 +198,37 @@ def training_arguments(spec: TrainingSpec, schedule: Schedule, placement: Placem
         ddp_find_unused_parameters=False,  # every LoRA matrix takes part in every step; searching costs time
         push_to_hub=False,
     )
+
+
+def predicted_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """What evaluation keeps of each batch: the most likely next token at each position (not the logits)."""
+    return logits.argmax(dim=-1)
+
+
+def mean_token_accuracy(prediction) -> dict[str, float]:
+    """The share of answer tokens (labels other than -100) the model predicts exactly, as OpenAI's
+    ``valid_mean_token_accuracy``; position i predicts token i + 1."""
+    predicted = torch.as_tensor(prediction.predictions)[:, :-1]
+    labels = torch.as_tensor(prediction.label_ids)[:, 1:]
+    trained = labels != IGNORE_INDEX
+    correct = (predicted == labels) & trained
+    return {"mean_token_accuracy": float(correct.sum()) / max(int(trained.sum()), 1)}
+
+
+def settle_checkpoints(checkpoints_dir: Path, keep: int, best_step: int | None) -> None:
+    """After a finished run: keep the ``keep`` newest checkpoints and the best one (the Trainer kept one more, in
+    case the best was among the newest), each with its adapter weights and trainer state only, to be listed and
+    served; what only resuming needed (optimizer, scheduler, random states) goes."""
+    newest = sorted((checkpoint_step(path), path) for path in checkpoints_dir.glob("checkpoint-*")
+                    if (path / TRAINER_STATE_FILE).is_file())
+    for rank, (step, checkpoint) in enumerate(reversed(newest)):
+        if rank >= keep and step != best_step:
+            shutil.rmtree(checkpoint)
+            continue
+        for name in ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"):
+            (checkpoint / name).unlink(missing_ok=True)
+        for rng in checkpoint.glob("rng_state_*.pth"):
+            rng.unlink()
 
 
 def is_memory_error(error: BaseException) -> bool:
@@ -243,7 +264,7 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
     it). Returns with ``stopped=True`` and no adapter when ``sink.should_stop()`` turned true. Raises
     ``TrainingError`` for a reason a user can act on: no usable rows, an unusable checkpoint, out of memory.
     """
-    from transformers import PrinterCallback, Trainer
+    from transformers import EarlyStoppingCallback, PrinterCallback, Trainer
 
     started = time.perf_counter()
     hyperparameters = spec.hyperparameters
@@ -267,13 +288,19 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
         # 2. Model: frozen base weights, trainable LoRA matrices.
         model = lora_model(spec.model_dir, placement, hyperparameters)
         callback = SinkCallback(sink)
+        callbacks = [callback]
+        if split.validation and hyperparameters.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(hyperparameters.early_stopping_patience,
+                                                   hyperparameters.early_stopping_threshold))
         trainer = Trainer(
             model=model,
             args=training_arguments(spec, schedule, placement, bool(split.validation)),
             data_collator=PaddingCollator(tokenizer.pad_token_id),
             train_dataset=ExampleDataset(split.train),
             eval_dataset=ExampleDataset(split.validation) if split.validation else None,
-            callbacks=[callback],
+            callbacks=callbacks,
+            compute_metrics=mean_token_accuracy if split.validation else None,
+            preprocess_logits_for_metrics=predicted_tokens if split.validation else None,
         )
         trainer.remove_callback(PrinterCallback)  # progress goes to the sink, not stdout
 
@@ -285,11 +312,13 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
                 raise TrainingError(f"cannot resume: checkpoint {checkpoint} is unusable ({error}).") from error
             raise
 
-    # 4. Keep the adapter alone (a few MB); the checkpoints were only there to resume.
+    # 4. Save the adapter (the best checkpoint's weights with load_best_at_end: the Trainer loaded them back);
+    #    the checkpoints keep their weights only, to be listed and served.
     state = trainer.state
+    best_step = int(Path(state.best_model_checkpoint).name.split("-")[-1]) if state.best_model_checkpoint else None
     if not callback.stopped and trainer.args.should_save:
         model.save_pretrained(adapter_dir)
-        shutil.rmtree(spec.output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+        settle_checkpoints(spec.output_dir / CHECKPOINTS_DIR, hyperparameters.save_total_limit, best_step)
     return TrainingResult(
         adapter_dir=adapter_dir,
         steps=state.global_step,
@@ -299,4 +328,7 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
         train_tokens=state.num_input_tokens_seen,
         seconds=time.perf_counter() - started,
         stopped=callback.stopped,
+        best_step=best_step,
+        served_step=best_step if trainer.args.load_best_model_at_end and best_step else state.global_step,
+        early_stopped=not callback.stopped and state.global_step < schedule.total_steps,
     )

@@ -52,7 +52,7 @@ def cap_gpu_memory() -> None:
 
 def resume_step(job_dir: Path) -> int | None:
     """The step the runner will resume the job from: that of its newest complete checkpoint, if any."""
-    from qubrid_lab.training.runner import CHECKPOINTS_DIR, checkpoint_step, latest_checkpoint
+    from qubrid_lab.training.checkpoints import CHECKPOINTS_DIR, checkpoint_step, latest_checkpoint
 
     checkpoint = latest_checkpoint(Path(job_dir) / CHECKPOINTS_DIR)
     try:
@@ -117,16 +117,22 @@ class DatabaseProgress:
             {"total_steps": total_steps, "train_rows": train_rows, "validation_rows": validation_rows},
             total_steps=total_steps, while_running=True)
 
-    def on_train_step(self, step: int, epoch: float, loss: float, learning_rate: float, tokens: int) -> None:
+    def on_train_step(self, step: int, epoch: float, loss: float, learning_rate: float, tokens: int,
+                      grad_norm: float | None = None, tokens_per_second: float | None = None) -> None:
+        data = {"step": step, "epoch": epoch, "training_loss": loss, "learning_rate": learning_rate, "tokens": tokens,
+                "grad_norm": grad_norm, "tokens_per_second": tokens_per_second}
         self.jobs.record(
             self.job_id, "metrics", f"Step {step}/{self.total_steps or '?'}: training loss {loss:.4f}",
-            {"step": step, "epoch": epoch, "training_loss": loss, "learning_rate": learning_rate, "tokens": tokens},
+            {name: value for name, value in data.items() if value is not None},
             training_loss=loss, steps_completed=step, epochs_completed=epoch, while_running=True)
 
-    def on_evaluation(self, step: int, epoch: float, validation_loss: float) -> None:
+    def on_evaluation(self, step: int, epoch: float, validation_loss: float,
+                      token_accuracy: float | None = None) -> None:
+        data = {"step": step, "epoch": epoch, "validation_loss": validation_loss,
+                "validation_mean_token_accuracy": token_accuracy}
         self.jobs.record(
             self.job_id, "metrics", f"Step {step}/{self.total_steps or '?'}: validation loss {validation_loss:.4f}",
-            {"step": step, "epoch": epoch, "validation_loss": validation_loss}, validation_loss=validation_loss,
+            {name: value for name, value in data.items() if value is not None}, validation_loss=validation_loss,
             while_running=True)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
@@ -135,6 +141,16 @@ class DatabaseProgress:
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
+
+
+def tracker_locations(report_to: str, job_dir: Path) -> None:
+    """Where a tracker writes when the server's environment does not say: under the job's directory."""
+    if report_to == "tensorboard":
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(job_dir / "tensorboard"))
+    elif report_to == "mlflow" and "MLFLOW_TRACKING_URI" not in os.environ:
+        # a file store needs no server or database; MLflow 3 asks for this opt-in to write one
+        os.environ.update(MLFLOW_TRACKING_URI=(job_dir / "mlruns").resolve().as_uri(), MLFLOW_ALLOW_FILE_STORE="true")
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "qubrid_lab")
 
 
 def run_job(database: Path, files_dir: Path, job_id: str, model_dir: str, job_dir: Path, device: str,
@@ -158,6 +174,7 @@ def run_job(database: Path, files_dir: Path, job_id: str, model_dir: str, job_di
         output_dir=job_dir,
         device=device,
     )
+    tracker_locations(spec.hyperparameters.report_to, job_dir)
     step = resume_step(job_dir)
     if step is not None and is_main_process():
         jobs.record(job_id, "message", f"Resumed from step {step}.", {"step": step}, while_running=True)

@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 
 from qubrid_lab.data.columns import TASK_TYPES, plan_columns
 from qubrid_lab.errors import InvalidRequestError
-from qubrid_lab.training.hyperparameters import Hyperparameters
+from qubrid_lab.training.hyperparameters import TRACKERS, Hyperparameters
 from qubrid_lab.training.jobs import SUFFIX_PATTERN
 from qubrid_lab.widgets._client import ServerError, connect
 from qubrid_lab.widgets._fields import bounds, range_text, status_html
@@ -124,6 +124,9 @@ def _hyperparameter_field(name: str, info: FieldInfo) -> _Field:
                       write=lambda value: setattr(widget, "value", _scientific(value)))
     if info.annotation is bool:
         return _field(widgets.Checkbox(value=default, indent=True, **options), info.description)
+    if name == "report_to":
+        return _field(widgets.Dropdown(options=["none", *TRACKERS], value=default, **options),
+                      "the tracker's package must be installed on the server")
     if info.annotation is int:
         return _field(widgets.IntText(value=default, **options), hint)
     if info.annotation is float:

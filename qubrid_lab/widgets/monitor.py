@@ -30,6 +30,11 @@ UNREACHABLE_SECONDS = 60.0  # how long the monitor keeps retrying a server that 
 TRAINING, VALIDATION = 0, 1  # trace indexes in the figure
 
 
+# numbers besides the losses that step and evaluation events carry, shown as they come (name -> how)
+LIVE_METRICS = {"learning_rate": "lr {:.1e}", "grad_norm": "grad norm {:.2f}", "tokens_per_second": "{:,.0f} tokens/s",
+                "validation_mean_token_accuracy": "validation token accuracy {:.1%}"}
+
+
 def _timestamp(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
@@ -73,6 +78,7 @@ class TrainingMonitor(widgets.VBox):
         self.job: dict | None = None
         self.error: str | None = None
         self.points: dict[str, dict[int, float]] = {"training": {}, "validation": {}}
+        self.latest: dict[str, float] = {}  # the newest of each other number the events carry (LIVE_METRICS)
         self._cursor: str | None = None
         self._total_steps: int | None = None
         self._pace: tuple[int, float] | None = None  # (step, time) where the current run of steps began
@@ -179,6 +185,7 @@ class TrainingMonitor(widgets.VBox):
                 self._time_step(step, _timestamp(event["created_at"]))
             if "validation_loss" in data:
                 self.points["validation"][step] = data["validation_loss"]
+            self.latest.update({name: data[name] for name in LIVE_METRICS if name in data})
         last_message = events[-1]["message"] if events else None
         with self._lock:
             self.job = job
@@ -236,13 +243,16 @@ class TrainingMonitor(widgets.VBox):
             return f"{done}/{total} steps"
         seconds_per_step = (self._last_step[1] - self._pace[1]) / (self._last_step[0] - self._pace[0])
         left = max(total - done, 0) * seconds_per_step
-        return f"{done}/{total} steps · {seconds_per_step:.2f} s/step · about {_duration(left)} left"
+        shown = " · ".join(template.format(self.latest[name]) for name, template in LIVE_METRICS.items()
+                           if name in self.latest)
+        return (f"{done}/{total} steps · {seconds_per_step:.2f} s/step · about {_duration(left)} left"
+                + (f" · {shown}" if shown else ""))
 
-    @staticmethod
-    def _final_metrics(job: dict) -> str:
+    def _final_metrics(self, job: dict) -> str:
         metrics = job["training_metrics"]
         rows = [("status", job["status"]),
                 ("training loss", metrics["training_loss"]), ("validation loss", metrics["validation_loss"]),
+                ("validation token accuracy", self.latest.get("validation_mean_token_accuracy")),
                 ("steps", metrics["steps_completed"]), ("epochs", metrics["epochs_completed"]),
                 ("fine-tuned model", job.get("fine_tuned_model")), ("error", job.get("error"))]
         cells = "".join(

@@ -117,7 +117,7 @@ def test_unknown_task_type_names_the_allowed_values():
     error = column_error(["text"], "summarise")
 
     assert error.param == "task_type"
-    assert error.message == "task_type must be one of qa, not_qa; got 'summarise'."
+    assert error.message == "task_type must be one of qa, not_qa, chat; got 'summarise'."
 
 
 def test_mapping_problems_are_all_reported_at_once():

@@ -305,3 +305,47 @@ def test_shipped_text_dataset_formats_for_not_qa(tiny_tokenizer):
     assert tiny_tokenizer.decode(result.examples[1]["input_ids"]).startswith(
         "Notes, kept by the gardener:\nwater"
     )
+
+
+# --- chat (JSONL conversations) --------------------------------------------------------------------
+
+
+CHAT = ColumnPlan("chat", messages="messages")
+
+
+def chat_row(*turns) -> dict:
+    return {"messages": [{"role": role, "content": content, "weight": weight} for role, content, weight in turns]}
+
+
+def test_every_weighted_assistant_turn_is_trained_after_its_history(tiny_tokenizer):
+    row = chat_row(("system", "Be brief.", 1), ("user", "Name a colour", 1), ("assistant", "Red", 1),
+                   ("user", "Another", 1), ("assistant", "Blue", 1))
+    [example] = build_examples([row], CHAT, tiny_tokenizer, 512).examples
+    whole = tiny_tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in row["messages"]],
+                                               tokenize=True, return_dict=False)
+    # the example is the conversation as the template renders it, through the last answer's end of turn
+    assert example["input_ids"] == list(whole[: len(example["input_ids"])])
+    assert tiny_tokenizer.decode(example["input_ids"][-1:]) == "<|im_end|>"
+    assert trained_part(tiny_tokenizer, example) == "Red<|im_end|>Blue<|im_end|>"
+    # each answer starts right after the prompt the chat endpoint would send for that turn
+    first_prompt = tiny_tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in row["messages"][:2]], add_generation_prompt=True,
+        tokenize=True, return_dict=False)
+    assert example["labels"][: len(first_prompt)] == [IGNORE_INDEX] * len(first_prompt)
+    assert example["labels"][len(first_prompt)] != IGNORE_INDEX
+
+
+def test_weight_zero_turns_are_history_only(tiny_tokenizer):
+    row = chat_row(("user", "Name a colour", 1), ("assistant", "Green", 0), ("user", "Another", 1),
+                   ("assistant", "Blue", 1))
+    [example] = build_examples([row], CHAT, tiny_tokenizer, 512).examples
+    assert trained_part(tiny_tokenizer, example) == "Blue<|im_end|>"
+    assert "Green" in tiny_tokenizer.decode(example["input_ids"])
+
+
+def test_a_long_conversation_is_cut_and_one_with_nothing_left_to_train_is_dropped(tiny_tokenizer):
+    long_answer = chat_row(("user", "Tell me", 1), ("assistant", "word " * 200, 1))
+    long_question = chat_row(("user", "word " * 200, 1), ("assistant", "Yes", 1))
+    result = build_examples([long_answer, long_question], CHAT, tiny_tokenizer, 64)
+    assert (len(result.examples), result.truncated, result.skipped_too_long) == (1, 1, 1)
+    assert len(result.examples[0]["input_ids"]) == 64

@@ -22,6 +22,7 @@ from tests.server.test_api import assert_error
 DATA = Path(__file__).parent.parent / "data"
 QA_CSV = DATA / "qa_facts.csv"
 TEXT_CSV = DATA / "text_notes.csv"
+CHATS = DATA / "chat_facts.jsonl"
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 ISO_UTC_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")  # events: milliseconds, for live plots
 PREFIXES = ("/api/v1", "/v1")
@@ -228,9 +229,34 @@ def test_an_embedding_model_or_an_unknown_task_is_refused(client):
     dataset = dataset_id(client)
     error = assert_error(create_job(client, dataset_id=dataset, base_model="tiny-embedder"), 400, "invalid_request")
     assert "embedding model" in error["message"]
-    error = assert_error(create_job(client, dataset_id=dataset, task_type="chat"), 400, "invalid_request",
+    error = assert_error(create_job(client, dataset_id=dataset, task_type="summarise"), 400, "invalid_request",
                          "task_type")
-    assert "not_qa" in error["message"]
+    assert "not_qa" in error["message"] and "chat" in error["message"]
+
+
+def test_settings_that_need_validation_data_or_a_tracker_are_checked_at_creation(client):
+    dataset = dataset_id(client)
+    error = assert_error(create_job(client, dataset_id=dataset, hyperparameters={
+        "early_stopping_patience": 2, "load_best_at_end": True, "report_to": "wandb"}), 400, "invalid_request")
+    assert "early_stopping_patience: it needs validation data" in error["message"]
+    assert "load_best_at_end: it needs validation data" in error["message"]
+    assert "pip install wandb" in error["message"]
+    ok = create_job(client, dataset_id=dataset, hyperparameters={
+        "early_stopping_patience": 2, "load_best_at_end": True, "validation_split": 0.2, "report_to": "tensorboard"})
+    assert ok.status_code == 201, ok.text
+
+
+def test_chat_jobs_train_on_jsonl_and_column_tasks_on_csv(client):
+    chats = dataset_id(client, CHATS)
+    assert client.get(f"/v1/fine-tuning/datasets/{chats}").json()["columns"] == ["messages"]
+    assert [path.suffix for path in stored_files(client)] == [".jsonl"]
+    job = create_job(client, dataset_id=chats, task_type="chat")
+    assert job.status_code == 201 and job.json()["task_type"] == "chat"
+    error = assert_error(create_job(client, dataset_id=chats, task_type="qa"), 400, "invalid_request", "task_type")
+    assert "JSONL" in error["message"]
+    error = assert_error(create_job(client, dataset_id=dataset_id(client), task_type="chat"), 400, "invalid_request",
+                         "task_type")
+    assert "is CSV" in error["message"]
 
 
 def test_columns_that_do_not_fit_the_task_are_named_with_the_accepted_ones(client):

@@ -107,7 +107,7 @@ def chat(client: TestClient, model: str):
 
 def test_a_job_trains_reports_and_its_model_is_served_at_once(start, engine_factory):
     client = start(ModelRegistry(chat={"tiny": engine_factory("tiny")}))
-    job_id = submit(client, QUICK, suffix="facts")
+    job_id = submit(client, {**QUICK, "load_best_at_end": True, "report_to": "tensorboard"}, suffix="facts")
     statuses: list[str] = []
     job = wait_for(client, job_id, lambda j: j["status"] not in ("queued", "running"), statuses)
 
@@ -124,11 +124,27 @@ def test_a_job_trains_reports_and_its_model_is_served_at_once(start, engine_fact
     messages = [e["message"] for e in log if e["type"] == "message"]
     assert messages[1] == "Job started." and messages[2].startswith("Training started: 4 steps on 12 rows")
     assert "Checkpoint saved at step 2." in messages
-    assert messages[-1] == f"Job completed; fine-tuned model {model_id} is ready."
+    evaluations = [e["data"] for e in log if "validation_loss" in e["data"]]
+    assert [e["step"] for e in evaluations] == [2, 4]
+    assert all(0 <= e["validation_mean_token_accuracy"] <= 1 for e in evaluations)
+    best = min(evaluations, key=lambda e: e["validation_loss"])["step"]
+    assert messages[-1] == (f"Job completed; fine-tuned model {model_id} is ready; it holds the best checkpoint's "
+                            f"weights (step {best}).")
     steps = [e["data"] for e in log if e["type"] == "metrics" and "training_loss" in e["data"]]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert all(s["learning_rate"] > 0 and s["tokens"] > 0 and s["epoch"] > 0 for s in steps)
-    assert [e["data"]["step"] for e in log if "validation_loss" in e["data"]] == [2, 4]
+    assert all(s["grad_norm"] > 0 and s["tokens_per_second"] > 0 for s in steps)
+    # the run reported to TensorBoard under the job's directory
+    assert list((client.app.state.job_manager.job_dir(job_id) / "tensorboard").glob("events.out.tfevents.*"))
+
+    # both checkpoints are listed with their metrics, and one is served as a model on its first request
+    checkpoints = client.get(f"/v1/fine-tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert [c["step"] for c in checkpoints] == [4, 2]
+    assert checkpoints[1]["metrics"]["valid_loss"] == pytest.approx(evaluations[0]["validation_loss"])
+    checkpoint_model = checkpoints[1]["fine_tuned_model_checkpoint"]
+    assert checkpoint_model == f"{model_id}:ckpt-step-2" and checkpoint_model not in served_ids(client)
+    assert chat(client, checkpoint_model).json()["model"] == checkpoint_model
+    assert checkpoint_model in served_ids(client)
 
     [listed] = client.get("/api/v1/fine-tuning/models").json()["data"]
     assert (listed["id"], listed["base_model"], listed["job_id"], listed["status"]) == \
@@ -143,8 +159,11 @@ def test_a_job_trains_reports_and_its_model_is_served_at_once(start, engine_fact
     assert model_id in served_ids(again) and chat(again, model_id).status_code == 200
     adapter_dir = again.app.state.job_manager.job_dir(job_id) / "adapter"
     assert (adapter_dir / "adapter_config.json").is_file()
+    assert chat(again, checkpoint_model).status_code == 200
     assert again.delete(f"/v1/fine-tuning/models/{model_id}").status_code == 204
-    assert served_ids(again) == ["tiny"]
+    assert served_ids(again) == ["tiny"]  # its checkpoints too
+    assert_error(chat(again, checkpoint_model), 404, "model_not_found")
+    assert again.get(f"/v1/fine-tuning/jobs/{job_id}/checkpoints").json()["data"] == []
     assert_error(chat(again, model_id), 404, "model_not_found")
     assert not adapter_dir.exists()
     assert again.get("/v1/fine-tuning/models").json() == {"data": []}

@@ -131,6 +131,21 @@ def test_objects_belong_to_the_key_that_made_them(server, capsys):
     assert_error(client.delete(f"/v1/fine-tuning/models/{model_id}", headers=auth(bob)), 404, "not_found")
     assert chat(client, alice, model_id).status_code == 200
 
+    # the same through OpenAI's API; and a checkpoint served for alice stays hers
+    assert [f["id"] for f in client.get("/v1/files", headers=auth(alice)).json()["data"]] == [mine]
+    assert client.get("/v1/files", headers=auth(bob)).json()["data"] == []
+    for path in (f"/v1/files/{mine}", f"/v1/files/{mine}/content", f"/v1/fine_tuning/jobs/{job_id}",
+                 f"/v1/fine_tuning/jobs/{job_id}/checkpoints", f"/v1/fine_tuning/jobs/{job_id}/events"):
+        assert_error(client.get(path, headers=auth(bob)), 404, "not_found")
+    refused = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": mine}, headers=auth(bob))
+    assert_error(refused, 400, "invalid_request", "training_file")
+    checkpoint = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=auth(alice)).json()["data"][-1]
+    checkpoint_model = checkpoint["fine_tuned_model_checkpoint"]
+    assert_error(chat(client, bob, checkpoint_model), 404, "model_not_found")
+    assert chat(client, alice, checkpoint_model).status_code == 200
+    assert_error(chat(client, bob, checkpoint_model), 404, "model_not_found")  # loaded now, and still hidden
+    assert checkpoint_model not in {m["id"] for m in client.get("/v1/models", headers=auth(bob)).json()["data"]}
+
     # the job's training tokens are on alice's usage, at the base model's input price
     [trained] = [row for row in usage(client, alice) if row["training_tokens"]]
     assert trained["key_name"] == "alice" and trained["model"] == "tiny" and trained["requests"] == 0

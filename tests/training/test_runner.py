@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qubrid_lab.data.columns import ColumnPlan
+from qubrid_lab.training.checkpoints import saved_checkpoints
 from qubrid_lab.training.hyperparameters import Hyperparameters
 from qubrid_lab.training.runner import TrainingError, TrainingSpec, train
 
@@ -33,11 +34,13 @@ class RecordingSink:
     def on_start(self, total_steps: int, train_rows: int, validation_rows: int) -> None:
         self.start = (total_steps, train_rows, validation_rows)
 
-    def on_train_step(self, step, epoch, loss, learning_rate, tokens) -> None:
-        self.steps.append({"step": step, "epoch": epoch, "loss": loss, "learning_rate": learning_rate, "tokens": tokens})
+    def on_train_step(self, step, epoch, loss, learning_rate, tokens, grad_norm=None, tokens_per_second=None) -> None:
+        self.steps.append({"step": step, "epoch": epoch, "loss": loss, "learning_rate": learning_rate, "tokens": tokens,
+                           "grad_norm": grad_norm, "tokens_per_second": tokens_per_second})
 
-    def on_evaluation(self, step, epoch, validation_loss) -> None:
-        self.evaluations.append({"step": step, "epoch": epoch, "validation_loss": validation_loss})
+    def on_evaluation(self, step, epoch, validation_loss, token_accuracy=None) -> None:
+        self.evaluations.append({"step": step, "epoch": epoch, "validation_loss": validation_loss,
+                                 "token_accuracy": token_accuracy})
 
     def on_checkpoint(self, step, path) -> None:
         self.checkpoints.append({"step": step, "path": path})
@@ -101,9 +104,9 @@ def test_loss_falls_on_a_repeated_answer_and_every_step_is_reported_in_order(run
     assert all(record["tokens"] > 0 for record in sink.steps)
     assert sum(record["tokens"] for record in sink.steps) == result.train_tokens
     assert result.steps == 10 and result.training_loss == sink.losses[-1] and not result.stopped
-    # The adapter alone is kept; the checkpoints that made the run resumable are gone.
-    assert sorted(path.name for path in (tmp_path / "job").iterdir()) == ["adapter"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in result.adapter_dir.iterdir()}
+    # each step also reports its gradient norm and speed
+    assert all(record["grad_norm"] > 0 and record["tokens_per_second"] > 0 for record in sink.steps)
 
 
 def test_tokens_per_step_count_the_non_padding_tokens_of_the_batch(run, repeated_csv):
@@ -272,3 +275,72 @@ def test_running_out_of_memory_is_reported_with_what_to_lower(run, repeated_csv,
     with pytest.raises(TrainingError, match=r"out of .*memory .*lower batch_size \(now 4\), max_seq_length \(now 64\)"):
         run(repeated_csv, max_steps=1)
 
+
+
+def adapter_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_checkpoints_keep_their_weights_and_metrics_and_the_best_one(run, facts_csv, tmp_path):
+    sink, result = run(facts_csv, max_steps=8, validation_split=0.25, eval_steps=2, save_total_limit=2)
+    kept = saved_checkpoints(tmp_path / "job" / "checkpoints")
+    evaluations = {record["step"]: record for record in sink.evaluations}
+    best = min(evaluations.values(), key=lambda record: record["validation_loss"])["step"]
+    assert result.best_step == best and result.served_step == 8  # without load_best_at_end: the last step's
+    # the two newest, plus the best when it is older (saved at every evaluation, as choosing it needs)
+    assert [c.step for c in kept] == sorted({8, 6, best}, reverse=True)
+    for checkpoint in kept:
+        names = {p.name for p in checkpoint.path.iterdir()}
+        assert "adapter_model.safetensors" in names and "optimizer.pt" not in names  # weights, not resume state
+        assert checkpoint.metrics["step"] == checkpoint.step
+        assert checkpoint.metrics["valid_loss"] == pytest.approx(evaluations[checkpoint.step]["validation_loss"])
+        assert 0 <= checkpoint.metrics["valid_mean_token_accuracy"] <= 1
+        assert checkpoint.metrics["train_loss"] > 0
+    assert all(0 <= record["token_accuracy"] <= 1 for record in sink.evaluations)
+
+
+def test_load_best_at_end_serves_the_best_checkpoints_weights(run, facts_csv, tmp_path):
+    _, result = run(facts_csv, max_steps=8, validation_split=0.25, eval_steps=2, load_best_at_end=True,
+                    learning_rate=5e-2)
+    assert result.served_step == result.best_step
+    best = adapter_weights(tmp_path / "job" / "checkpoints" / f"checkpoint-{result.best_step}")
+    served = adapter_weights(result.adapter_dir)
+    assert set(best) == set(served) and all(torch.equal(best[name], served[name]) for name in best)
+
+
+def test_early_stopping_ends_the_run_once_validation_loss_stops_improving(run, facts_csv):
+    # no evaluation can beat the best by this threshold, so every one after the first counts against patience
+    sink, result = run(facts_csv, max_steps=40, validation_split=0.25, eval_steps=2, early_stopping_patience=2,
+                       early_stopping_threshold=100.0)
+    assert result.early_stopped and not result.stopped
+    assert result.steps < 40 and len(sink.evaluations) <= 3
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_reports_every_steps_loss_to_tensorboard(run, repeated_csv, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tensorboard"))
+    sink, _ = run(repeated_csv, max_steps=4, report_to="tensorboard")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == sink.step_numbers
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(sink.losses, rel=1e-5)
+
+
+def test_a_run_reports_to_a_local_mlflow_store(run, repeated_csv, tmp_path, monkeypatch):
+    import mlflow
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "qubrid-tests")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    sink, _ = run(repeated_csv, max_steps=4, report_to="mlflow", learning_rate=3e-3)
+    client = mlflow.MlflowClient(tracking_uri=store)
+    [logged] = client.search_runs([client.get_experiment_by_name("qubrid-tests").experiment_id])
+    history = sorted(client.get_metric_history(logged.info.run_id, "loss"), key=lambda metric: metric.step)
+    assert [metric.step for metric in history] == sink.step_numbers
+    assert [metric.value for metric in history] == pytest.approx(sink.losses, rel=1e-5)
+    assert float(logged.data.params["learning_rate"]) == 3e-3 and logged.info.run_name == "job"

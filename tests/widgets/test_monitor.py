@@ -50,6 +50,8 @@ def test_progress_status_and_final_metrics_follow_the_job(finished):
     assert monitor.eta.value.startswith("3/3 steps in ")
     assert "completed" in monitor.status.value and monitor.cancel_button.disabled
     assert job["fine_tuned_model"] in monitor.metrics.value and "training loss" in monitor.metrics.value
+    assert "validation token accuracy" in monitor.metrics.value  # the other numbers the events carry
+    assert {"learning_rate", "grad_norm", "tokens_per_second", "validation_mean_token_accuracy"} <= set(monitor.latest)
     assert not monitor.polling and monitor.wait(timeout=0) is job
 
 
@@ -70,6 +72,7 @@ def test_a_launched_job_updates_live_while_the_kernel_is_free_and_cancels(server
     wait_until(lambda: len(monitor.figure.data[0].x) >= 2, "two points on the live plot")
     assert monitor.progress.max == 500 and 0 < monitor.progress.value < 500
     wait_until(lambda: "left" in monitor.eta.value, "an estimate of the time left", 30)
+    wait_until(lambda: "tokens/s" in monitor.eta.value and "grad norm" in monitor.eta.value, "live step metrics", 30)
 
     watcher = TrainingMonitor(server, job_id=monitor.job["id"], poll_seconds=0.2)
     watcher.close()  # closing a widget stops its polling thread

@@ -14,6 +14,7 @@ from pydantic import Field
 from qubrid_lab.server.protocol.common import WireModel
 from qubrid_lab.storage.datasets import DatasetRecord
 from qubrid_lab.storage.jobs import EventRecord, FineTunedModelRecord, JobRecord
+from qubrid_lab.training.checkpoints import Checkpoint, checkpoint_model_id, fine_tuned_model_id
 from qubrid_lab.training.hyperparameters import Hyperparameters
 
 
@@ -59,7 +60,7 @@ class CreateFineTuningJobRequest(WireModel):
 
     base_model: str
     dataset_id: str
-    task_type: str = Field(description="'qa' or 'not_qa'.")
+    task_type: str = Field(description="'qa' or 'not_qa' (CSV columns), or 'chat' (extension: JSONL conversations).")
     hyperparameters: dict | None = None
     suffix: str | None = None
     column_mapping: dict[str, str] | None = Field(
@@ -71,7 +72,7 @@ class FineTuningJob(WireModel):
     status: Literal["queued", "running", "completed", "failed", "cancelled"]
     base_model: str
     dataset_id: str
-    task_type: Literal["qa", "not_qa"]
+    task_type: Literal["qa", "not_qa", "chat"] = Field(description="'chat' (JSONL conversations) is an extension.")
     hyperparameters: Hyperparameters
     fine_tuned_model: str | None
     training_metrics: TrainingMetrics
@@ -125,6 +126,34 @@ class FineTuningJobEventList(WireModel):
     object: Literal["list"] = "list"
     data: list[FineTuningJobEvent]
     has_more: bool
+
+
+class FineTuningCheckpoint(WireModel):
+    """Extension: a checkpoint the job saved, with the metrics at its step, servable as a model of its own."""
+
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    step: int
+    created_at: str
+    fine_tuned_model_checkpoint: str = Field(description="The model id that serves this checkpoint on /v1.")
+    metrics: dict[str, float]
+
+    @classmethod
+    def of(cls, job: JobRecord, checkpoint: Checkpoint) -> FineTuningCheckpoint:
+        return cls(id=checkpoint_id(job.id, checkpoint.step), step=checkpoint.step,
+                   created_at=iso_utc(checkpoint.created_at), metrics=checkpoint.metrics,
+                   fine_tuned_model_checkpoint=checkpoint_model_id(
+                       fine_tuned_model_id(job.base_model, job.suffix, job.id), checkpoint.step))
+
+
+class FineTuningCheckpointList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningCheckpoint]
+    has_more: bool = False
+
+
+def checkpoint_id(job_id: str, step: int) -> str:
+    return f"ftckpt-{job_id.removeprefix('ftjob-')}-{step}"
 
 
 # --- fine-tuned models ----------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from qubrid_lab.server.auth import key_of, owner_of, scope_of
 from qubrid_lab.server.protocol.common import WireModel
 from qubrid_lab.server.protocol.fine_tuning import (
     CreateFineTuningJobRequest,
+    FineTuningCheckpoint,
+    FineTuningCheckpointList,
     FineTuningJob,
     FineTuningJobEvent,
     FineTuningJobEventList,
@@ -54,6 +56,13 @@ def get_fine_tuning_job(job_id: str, request: Request) -> Response:
 def cancel_fine_tuning_job(job_id: str, request: Request) -> FineTuningJob:
     """Cancel a queued or running job; 409 once it has finished."""
     return FineTuningJob.of(request.app.state.job_manager.cancel(job_id, scope_of(request)))
+
+
+@router.get("/{job_id}/checkpoints")
+def list_fine_tuning_checkpoints(job_id: str, request: Request) -> FineTuningCheckpointList:
+    """Extension: the checkpoints the job has saved, newest first; each is served as a model on first use."""
+    job, checkpoints = request.app.state.job_manager.checkpoints(job_id, scope_of(request))
+    return FineTuningCheckpointList(data=[FineTuningCheckpoint.of(job, checkpoint) for checkpoint in checkpoints])
 
 
 @router.get("/{job_id}/events", response_model=FineTuningJobEventList)
