@@ -109,12 +109,18 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+HOME_HELP = "home directory (env QUBRID_LAB_HOME, default ~/.qubrid_lab)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qubrid-lab", description=__doc__)
-    parser.add_argument("--home", type=Path, help="home directory (env QUBRID_LAB_HOME, default ~/.qubrid_lab)")
+    parser.add_argument("--home", type=Path, help=HOME_HELP)
+    # every verb takes --home too (``qubrid-lab serve --home X``); given there, it wins over one before the verb
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", type=Path, default=argparse.SUPPRESS, help=HOME_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible server")
+    serve = commands.add_parser("serve", parents=[common], help="run the OpenAI-compatible server")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--model", dest="models", action="append",
@@ -136,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--owner-pid", type=int, help="stop when this process exits (set by start_server())")
     serve.set_defaults(run=cmd_serve)
 
-    keys = commands.add_parser("keys", help="manage API keys")
+    keys = commands.add_parser("keys", parents=[common], help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create = key_commands.add_parser("create", help="create a qbt_ key (printed once; stored hashed)")
+    create = key_commands.add_parser("create", parents=[common],
+                                     help="create a qbt_ key (printed once; stored hashed)")
     create.add_argument("--name", help="a unique name for the key (default: generated)")
     create.add_argument("--credits", type=float, help="credit in USD; 0 refuses every request with 402 "
                                                       "(default: unmetered)")
@@ -146,27 +153,31 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tpm", type=int, help="tokens per minute, prompt plus completion (default: no limit)")
     create.add_argument("--admin", action="store_true", help="sees and manages every key's objects and usage")
     create.set_defaults(run=cmd_keys_create)
-    listing = key_commands.add_parser("list", help="name, prefix, created, last used, limits, spend")
+    listing = key_commands.add_parser("list", parents=[common],
+                                      help="name, prefix, created, last used, limits, spend")
     listing.add_argument("--all", action="store_true", help="revoked keys too")
     listing.set_defaults(run=cmd_keys_list)
-    revoke = key_commands.add_parser("revoke", help="refuse a key from now on")
+    revoke = key_commands.add_parser("revoke", parents=[common], help="refuse a key from now on")
     revoke.add_argument("key", help="the key's name, or its first characters (8 or more), or the whole key")
     revoke.set_defaults(run=cmd_keys_revoke)
 
-    models = commands.add_parser("models", help="the model catalogue (`models` alone is `models list`)")
+    models = commands.add_parser("models", parents=[common],
+                                 help="the model catalogue (`models` alone is `models list`)")
     models.add_argument("--catalogue-file", type=Path, help="JSON list of extra catalogue entries")
     models.set_defaults(run=cmd_models_list)
     model_commands = models.add_subparsers(dest="models_command")
-    listing = model_commands.add_parser("list", help="every catalogue entry: kind, backend, source, status")
+    listing = model_commands.add_parser("list", parents=[common],
+                                        help="every catalogue entry: kind, backend, source, status")
     listing.add_argument("--catalogue-file", type=Path, default=argparse.SUPPRESS,
                          help="JSON list of extra catalogue entries")
     listing.set_defaults(run=cmd_models_list)
 
-    export = commands.add_parser("export", help="write a model in another serving stack's format")
+    export = commands.add_parser("export", parents=[common],
+                                 help="write a model in another serving stack's format")
     export_commands = export.add_subparsers(dest="export_command", required=True)
     triton = export_commands.add_parser(
-        "triton", help="a Triton model repository (Python backend, TensorRT-LLM ensemble tensors) for a base or "
-                       "fine-tuned chat model")
+        "triton", parents=[common], help="a Triton model repository (Python backend, TensorRT-LLM ensemble tensors) "
+                                         "for a base or fine-tuned chat model")
     triton.add_argument("model", help="catalogue id or fine-tuned model id (ft:...)")
     triton.add_argument("out_dir", type=Path, help="the model repository to write into (created)")
     triton.add_argument("--name", default="ensemble", help="the Triton model's name (default: ensemble)")

@@ -27,7 +27,7 @@ from qubrid_lab.engine.vision import encode, is_vision_model, load_vision_lm, re
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.models.catalogue import ModelEntry
 from qubrid_lab.models.device import Precision, pick_device, pick_precision, precision_candidates
-from qubrid_lab.models.loading import registered_at, weights_location
+from qubrid_lab.models.loading import TRAINED_TEMPLATE_FILE, registered_at, weights_location
 
 log = logging.getLogger(__name__)
 
@@ -116,22 +116,26 @@ class LocalChatEngine:
         self.processor = processor
         return processor.tokenizer, model, forward, registered_at(config_dir), choice
 
-    def _render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def _render(self, messages: list[dict], tools: list[dict] | None = None,
+                chat_template: str | None = None) -> list[int]:
         if self.processor is not None:
             return self.tokenizer.encode(render(self.processor, messages, tools), add_special_tokens=False)
         return list(self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False))
+                                                       tokenize=True, return_dict=False, chat_template=chat_template))
 
     @property
     def native_tools(self) -> bool:
         """Whether the chat template renders tools itself (else the fallback prompt describes them)."""
         return "tools" in (self.tokenizer.chat_template or "")
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Token ids of the conversation rendered by the model's own chat template, ready for the reply."""
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    chat_template: str | None = None) -> list[int]:
+        """Token ids of the conversation rendered by the model's own chat template (or ``chat_template``, a
+        fine-tune's), ready for the reply."""
         with self._encode_lock:
-            ids = self._render(messages, tools)
-            self._learn_template_prefix(messages)
+            ids = self._render(messages, tools, chat_template)
+            if chat_template is None:  # the learned prefixes are the model's own template's
+                self._learn_template_prefix(messages)
             return ids
 
     def encode_vision_chat(self, messages: list[dict], tools: list[dict] | None, images: list) -> tuple:
@@ -235,6 +239,20 @@ class LocalChatEngine:
             self._thread.stop()
 
 
+def _trained_template(model_id: str, base: LocalChatEngine, adapter_dir: Path) -> str | None:
+    """The chat template an adapter was trained with, when it is not the base model's current one (else None:
+    the base's own is used). Saved by training beside the adapter; adapters from elsewhere have none."""
+    saved = adapter_dir / TRAINED_TEMPLATE_FILE
+    if not saved.is_file() or base.processor is not None:
+        return None
+    template = saved.read_text()
+    if template == base.tokenizer.chat_template:
+        return None
+    log.warning("%s was trained with a chat template other than %s's current one; its prompts are rendered with "
+                "the one it was trained with (%s)", model_id, base.model_id, saved)
+    return template
+
+
 class FineTunedChat:
     """A fine-tuned model: its base model's engine, decoding with the job's LoRA adapter.
 
@@ -248,14 +266,15 @@ class FineTunedChat:
                                 description=f"LoRA fine-tune of {base.model_id}")
         self.created = created
         self.context_length = base.context_length
+        self.chat_template = _trained_template(model_id, base, Path(adapter_dir))
         base.add_adapter(model_id, adapter_dir)
 
     @property
     def native_tools(self) -> bool:
-        return self.base.native_tools
+        return "tools" in (self.chat_template or self.base.tokenizer.chat_template or "")
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        return self.base.encode_chat(messages, tools)
+        return self.base.encode_chat(messages, tools, self.chat_template)
 
     def encode_text(self, prompt: str) -> list[int]:
         return self.base.encode_text(prompt)

@@ -14,6 +14,8 @@ from qubrid_lab.models.catalogue import SOURCE_SCHEMES, ModelEntry
 
 log = logging.getLogger(__name__)
 
+TRAINED_TEMPLATE_FILE = "chat_template.jinja"  # beside a fine-tune's adapter: the chat template it was trained with
+
 # name -> (package, path inside the package, how to install it)
 BUNDLED = {
     "smollm2-135m-instruct": (

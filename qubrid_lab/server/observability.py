@@ -84,7 +84,7 @@ class _StateCollector:
         jobs = self.state.job_manager.jobs
         by_status = GaugeMetricFamily("qubrid_lab_jobs", "Fine-tuning jobs by status.", labels=["status"])
         counts = jobs.counts()
-        for status in ("queued", "running", "completed", "failed", "cancelled"):
+        for status in ("queued", "running", "paused", "completed", "failed", "cancelled"):
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status
         steps = GaugeMetricFamily("qubrid_lab_job_steps_completed", "Steps a running job has trained.",

@@ -48,6 +48,8 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/fine-tuning/jobs/{job_id}/cancel"): (404, 409),
     ("get", "/fine-tuning/jobs/{job_id}/events"): (400, 404),
     ("get", "/fine-tuning/jobs/{job_id}/checkpoints"): (404,),
+    ("post", "/fine-tuning/jobs/{job_id}/pause"): (404, 409),
+    ("post", "/fine-tuning/jobs/{job_id}/resume"): (404, 409),
     ("get", "/fine-tuning/models"): (),
     ("delete", "/fine-tuning/models/{model_id}"): (404,),
     ("post", "/v1/files"): (400, 413, 507),
@@ -61,6 +63,8 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"): (404, 409),
     ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"): (400, 404),
     ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): (400, 404),
+    ("post", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause"): (404, 409),
+    ("post", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"): (404, 409),
 }
 STREAMING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 UNPROTECTED = {"/health"}

@@ -112,8 +112,8 @@ class DatasetStore:
             if row is None:
                 raise NotFoundError(f"No dataset '{dataset_id}'.", param="dataset_id")
             users = connection.execute(
-                f"SELECT id, status FROM jobs WHERE dataset_id = ? AND status IN ({marks}) ORDER BY created_at",
-                (dataset_id, *ACTIVE_STATUSES)).fetchall()
+                "SELECT id, status FROM jobs WHERE (dataset_id = ? OR validation_dataset_id = ?)"
+                f" AND status IN ({marks}) ORDER BY created_at", (dataset_id, dataset_id, *ACTIVE_STATUSES)).fetchall()
             if users:
                 jobs = ", ".join(f"{job['id']} ({job['status']})" for job in users)
                 raise ConflictError(

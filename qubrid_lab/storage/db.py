@@ -112,6 +112,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE jobs ADD COLUMN owner TEXT",
         "ALTER TABLE fine_tuned_models ADD COLUMN owner TEXT",
     ),
+    (  # 3: a job's own validation dataset (OpenAI's validation_file), instead of a split of its training data
+        "ALTER TABLE jobs ADD COLUMN validation_dataset_id TEXT",
+    ),
 )
 
 

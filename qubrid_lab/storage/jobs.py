@@ -6,6 +6,8 @@ or a server thread racing a worker process, can never move a job out of a final 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sqlite3
 import time
@@ -15,7 +17,12 @@ from pathlib import Path
 from qubrid_lab.errors import InvalidRequestError, NotFoundError
 from qubrid_lab.storage.db import OWNED, Database, new_id
 
-ACTIVE_STATUSES = ("queued", "running")
+# a job's result file (OpenAI's step metrics CSV): its columns, and the event fields they come from
+METRICS_COLUMNS = ("step", "train_loss", "valid_loss", "valid_mean_token_accuracy", "learning_rate", "grad_norm",
+                   "tokens", "tokens_per_second")
+METRICS_NAMES = {"training_loss": "train_loss", "validation_loss": "valid_loss",
+                 "validation_mean_token_accuracy": "valid_mean_token_accuracy"}
+ACTIVE_STATUSES = ("queued", "running", "paused")  # not finished: cancellable, and their dataset is in use
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
@@ -42,6 +49,7 @@ class JobRecord:
     started_at: float | None
     completed_at: float | None
     owner: str | None = None  # the id of the key that created it; None: the admin's
+    validation_dataset_id: str | None = None  # validated on this dataset instead of a split of the training one
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -107,18 +115,21 @@ class JobStore:
     # --- jobs ---------------------------------------------------------------------------------------
 
     def create(self, *, base_model: str, dataset_id: str, task_type: str, hyperparameters: dict,
-               column_mapping: dict[str, str] | None, suffix: str | None, owner: str | None = None) -> JobRecord:
-        """A new queued job; fails if the dataset was deleted since the request was validated."""
+               column_mapping: dict[str, str] | None, suffix: str | None, owner: str | None = None,
+               validation_dataset_id: str | None = None) -> JobRecord:
+        """A new queued job; fails if a dataset was deleted since the request was validated."""
         job_id = new_id("ftjob")
         with self.db.transaction() as connection:
-            if not connection.execute(f"SELECT 1 FROM datasets WHERE id = ? AND {OWNED}",
-                                      (dataset_id, owner, owner)).fetchone():
-                raise InvalidRequestError(f"dataset_id: no dataset '{dataset_id}'.", param="dataset_id")
+            for field, used in (("dataset_id", dataset_id), ("validation_dataset_id", validation_dataset_id)):
+                if used and not connection.execute(f"SELECT 1 FROM datasets WHERE id = ? AND {OWNED}",
+                                                   (used, owner, owner)).fetchone():
+                    raise InvalidRequestError(f"{field}: no dataset '{used}'.", param=field)
             connection.execute(
                 "INSERT INTO jobs (id, status, base_model, dataset_id, task_type, hyperparameters, column_mapping,"
-                " suffix, created_at, owner) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+                " suffix, created_at, owner, validation_dataset_id) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, base_model, dataset_id, task_type, json.dumps(hyperparameters),
-                 json.dumps(column_mapping) if column_mapping else None, suffix, time.time(), owner))
+                 json.dumps(column_mapping) if column_mapping else None, suffix, time.time(), owner,
+                 validation_dataset_id))
             _insert_event(connection, job_id, "message", f"Created fine-tuning job {job_id}; it is queued.")
         return self.get(job_id)
 
@@ -189,12 +200,14 @@ class JobStore:
         """Log an event and, in the same transaction, update the job's metric columns given in ``metrics``.
 
         With ``while_running`` (a worker's reports) nothing is written once the job has left ``running``: a
-        cancelled job's record stays as it was when it was cancelled, though its worker may finish a step.
+        cancelled job's record stays as it was when it was cancelled, though its worker may finish a step. A
+        paused job's is written: what its worker does before it stops (a step, the checkpoint it resumes from)
+        is kept.
         """
         with self.db.transaction() as connection:
             if while_running:
                 row = connection.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                if row is None or row["status"] != "running":
+                if row is None or row["status"] not in ("running", "paused"):
                     return
             if metrics:
                 assignments = ", ".join(f"{name} = ?" for name in metrics)
@@ -219,6 +232,23 @@ class JobStore:
             row = connection.execute("SELECT SUM(json_extract(data, '$.tokens')) FROM job_events"
                                      " WHERE job_id = ? AND type = 'metrics'", (job_id,)).fetchone()
         return int(row[0] or 0)
+
+    def metrics_csv(self, job_id: str) -> str:
+        """The job's step metrics as OpenAI's result file: a row per step, empty cells where none was measured."""
+        with self.db.connect() as connection:
+            rows = connection.execute("SELECT data FROM job_events WHERE job_id = ? AND type = 'metrics' ORDER BY seq",
+                                      (job_id,)).fetchall()
+        by_step: dict[int, dict] = {}
+        for row in rows:
+            data = json.loads(row["data"])
+            by_step.setdefault(data["step"], {"step": data["step"]}).update(
+                {METRICS_NAMES.get(name, name): value for name, value in data.items()
+                 if METRICS_NAMES.get(name, name) in METRICS_COLUMNS})
+        out = io.StringIO()
+        writer = csv.DictWriter(out, METRICS_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(by_step[step] for step in sorted(by_step))
+        return out.getvalue()
 
     def events(self, job_id: str, after: str | None, limit: int, scope: str | None = None,
                newest_first: bool = False) -> tuple[list[EventRecord], bool]:

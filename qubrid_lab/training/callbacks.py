@@ -73,13 +73,14 @@ class SinkCallback(TrainerCallback):
 
     def _check_stop(self, args, state, control) -> None:
         stop = state.is_world_process_zero and self.sink.should_stop()
+        keep = stop and self.sink.save_before_stopping()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([int(stop)], device=args.device)
-            torch.distributed.broadcast(flag, src=0)
-            stop = bool(flag.item())
+            flags = torch.tensor([int(stop), int(keep)], device=args.device)
+            torch.distributed.broadcast(flags, src=0)
+            stop, keep = bool(flags[0].item()), bool(flags[1].item())
         if stop:
             self.stopped = True
             control.should_training_stop = True
-            # Leave at once: no evaluation or checkpoint for a run that was asked to stop.
+            # Leave at once: no evaluation; a checkpoint only for a pause, which resumes from it.
             control.should_evaluate = False
-            control.should_save = False
+            control.should_save = keep

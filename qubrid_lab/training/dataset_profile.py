@@ -76,6 +76,9 @@ class DatasetProfile:
     model: str  # whose tokenizer measured the lengths
     context_length: int | None  # the model's longest sequence, when known
     warnings: list[DatasetWarning] = field(default_factory=list)
+    # the first trainable row as training sees it (cut to max_seq_length): (text, takes the loss) pieces
+    example_row: int | None = None
+    example: list[tuple[str, bool]] = field(default_factory=list)
 
     def roles(self) -> dict[str, str]:
         """Column name -> role (question, answer, context or text) of the columns a job uses."""
@@ -203,6 +206,38 @@ def unusable_dataset_reason(rows: list[dict[str, str]], plan: ColumnPlan, valida
     return None
 
 
+def rows_with_nothing_to_train(rows: list[dict], plan: ColumnPlan, tokenizer, max_seq_length: int) -> list[int]:
+    """Row numbers (from 1) of the non-empty rows that ``max_seq_length`` cuts to no trained token (a prompt
+    that alone fills it); empty rows are :func:`empty_rows`."""
+    skipped = set(empty_rows(rows, plan))
+    numbers = [number for number in range(1, len(rows) + 1) if number not in skipped]
+    examples = build_examples([rows[number - 1] for number in numbers], plan, tokenizer, UNLIMITED).examples
+    return [number for number, example in zip(numbers, examples) if _prompt_length(example) >= max_seq_length]
+
+
+def trained_pieces(example: dict[str, list[int]], tokenizer, max_seq_length: int) -> list[tuple[str, bool]]:
+    """An example's text as training sees it, cut to ``max_seq_length``: runs of tokens with whether the loss
+    is taken on them (the answer and its end of turn) or not (the prompt, the template's headers)."""
+    ids, labels = example["input_ids"][:max_seq_length], example["labels"][:max_seq_length]
+    pieces: list[tuple[list[int], bool]] = []
+    for token, label in zip(ids, labels):
+        trained = label != IGNORE_INDEX
+        if pieces and pieces[-1][1] == trained:
+            pieces[-1][0].append(token)
+        else:
+            pieces.append(([token], trained))
+    return [(tokenizer.decode(tokens), trained) for tokens, trained in pieces]
+
+
+def untrainable_reason(rows: list[dict], plan: ColumnPlan, tokenizer, max_seq_length: int) -> str | None:
+    """Why no row leaves a token to train on within ``max_seq_length``, naming the rows; None when one does."""
+    cut = rows_with_nothing_to_train(rows, plan, tokenizer, max_seq_length)
+    if not cut or len(cut) < len(rows) - len(empty_rows(rows, plan)):
+        return None
+    return (f"max_seq_length {max_seq_length} leaves no token to train on in any row: the prompt alone fills it in "
+            f"{_rows_text(cut)}. Raise hyperparameters.max_seq_length or shorten the prompts")
+
+
 def load_tokenizer(model: str, cache_dir: str | Path | None = None):
     """The tokenizer of a catalogue id or model directory (a GGUF model is converted into ``cache_dir`` once).
 
@@ -217,11 +252,12 @@ def load_tokenizer(model: str, cache_dir: str | Path | None = None):
         raise InvalidRequestError(f"'{model}' is an embedding model; profile a dataset for a chat model.",
                                   param="model")
     cache = Path(cache_dir).expanduser() if cache_dir else Settings().model_cache_dir
-    return _tokenizer_at(weights_location(entry, cache))
+    return tokenizer_at(weights_location(entry, cache))
 
 
 @lru_cache(maxsize=4)
-def _tokenizer_at(location: str):
+def tokenizer_at(location: str):
+    """The tokenizer at a ``from_pretrained`` location, loaded once."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(location)
@@ -294,6 +330,10 @@ def _measure_tokens(profile: DatasetProfile, rows: list[dict[str, str]], tokeniz
     # 3. Whether a job can train at all, and for how many steps an epoch.
     trainable = [example for number, example in zip(numbers, examples) if number not in filled]
     profile.trainable_rows = len(trainable)
+    first = next((number for number in numbers if number not in filled), None)
+    if first is not None:
+        profile.example_row = first
+        profile.example = trained_pieces(examples[numbers.index(first)], tokenizer, limit)
     reason = unusable_dataset_reason(rows, plan, profile.validation_split)
     if reason is None and not trainable:
         reason = f"no row leaves room for an answer within max_seq_length {limit}"

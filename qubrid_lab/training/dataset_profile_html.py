@@ -1,4 +1,5 @@
-"""The notebook view of a ``DatasetProfile``: summary, column roles and sizes, token-length histogram, warnings.
+"""The notebook view of a ``DatasetProfile``: summary, column roles and sizes, token-length histogram, one row as
+training sees it, warnings.
 
 Plain HTML with inline styles and no script, image or plotting library, so it looks the same in JupyterLab,
 VS Code, a static HTML export and an untrusted notebook (whose sanitizer drops <style> blocks).
@@ -13,6 +14,7 @@ from qubrid_lab.training.dataset_profile import ROW_NUMBERING, DatasetProfile
 WITHIN = "#4c78a8"  # bars of lengths a job keeps whole
 OVER = "#e45756"  # bars past max_seq_length
 MUTED = "#6b7280"
+TRAINED = "#fde68a"  # the tokens the loss is taken on, in the example
 RULE = "border-bottom:1px solid #e5e7eb"
 BAR_PIXELS = 72
 BINS = 24
@@ -28,6 +30,8 @@ def render(profile: DatasetProfile) -> str:
     parts = [_title(profile), _summary(profile), _columns(profile)]
     if profile.token_lengths:
         parts.append(_histogram(profile))
+    if profile.example:
+        parts.append(_example(profile))
     parts.append(_warnings(profile))
     parts.append(f'<div style="color:{MUTED};font-size:11px;margin-top:6px">{escape(ROW_NUMBERING)}</div>')
     return f'<div class="qubrid-lab-profile" style="{BOX}">{"".join(parts)}</div>'
@@ -107,6 +111,16 @@ def _histogram(profile: DatasetProfile) -> str:
             f"(chat template included, before truncation; {len(profile.token_lengths)} rows)</span></div>"
             f'<table style="border-collapse:collapse;width:100%;table-layout:fixed;border-bottom:1px solid #9ca3af">'
             f'<tr>{"".join(bars)}</tr></table>{axis}')
+
+
+def _example(profile: DatasetProfile) -> str:
+    """The first trainable row as the model is trained on it; the highlighted text is what the loss sees."""
+    text = "".join(f'<span style="background:{TRAINED};border-radius:2px">{escape(piece)}</span>' if trained
+                   else f'<span style="color:{MUTED}">{escape(piece)}</span>' for piece, trained in profile.example)
+    return (f'<div style="{HEADING}">Row {profile.example_row} as training sees it '
+            f'<span style="color:{MUTED};font-weight:400">(highlighted: the tokens the loss is taken on)</span></div>'
+            f'<div style="white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:12px;'
+            f'border:1px solid #e5e7eb;padding:6px;margin:2px 0 8px 0">{text}</div>')
 
 
 def _warnings(profile: DatasetProfile) -> str:

@@ -73,9 +73,10 @@ class Hyperparameters(BaseModel):
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}
 
 
-def validation_needs(hyperparameters: Hyperparameters) -> list[tuple[str, str]]:
-    """(field, problem) for each setting that needs validation data when there is none."""
-    if hyperparameters.validation_split > 0:
+def validation_needs(hyperparameters: Hyperparameters, validation_dataset: bool = False) -> list[tuple[str, str]]:
+    """(field, problem) for each setting that needs validation data when there is none (no split, no validation
+    dataset)."""
+    if hyperparameters.validation_split > 0 or validation_dataset:
         return []
     fix = "it needs validation data: hold some rows out with hyperparameters.validation_split (e.g. 0.1)"
     return [(f"hyperparameters.{name}", fix) for name in ("early_stopping_patience", "load_best_at_end")

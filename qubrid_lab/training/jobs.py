@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -26,11 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from pydantic import ValidationError
-
-from qubrid_lab.data.columns import TASK_TYPES, plan_columns
-from qubrid_lab.data.dataset_files import read_dataset
-from qubrid_lab.errors import ConflictError, InvalidRequestError, describe_validation_errors
+from qubrid_lab.errors import ConflictError
 from qubrid_lab.models.catalogue import Catalogue
 from qubrid_lab.settings import Settings
 from qubrid_lab.storage.datasets import DatasetStore
@@ -43,14 +38,12 @@ from qubrid_lab.training.checkpoints import (
     parse_checkpoint_model,
     saved_checkpoints,
 )
-from qubrid_lab.training.dataset_profile import unusable_dataset_reason
 from qubrid_lab.training.gpu_share import GpuReservations, TrainingGpus, gpu_count
-from qubrid_lab.training.hyperparameters import Hyperparameters, tracker_problems, validation_needs
-from qubrid_lab.training.worker import GPU_SHARE_VARIABLE, LOG_FILE, RESULT_FILE, resume_step
+from qubrid_lab.training.job_requests import check_job_request
+from qubrid_lab.training.worker import GPU_SHARE_VARIABLE, LOG_FILE, PAUSE_SIGNAL, RESULT_FILE, resume_step
 
 log = logging.getLogger(__name__)
 
-SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 STOP_GRACE_SECONDS = 10.0  # a worker asked to stop that is still alive after this is killed
 POLL_SECONDS = 0.5
 
@@ -99,11 +92,13 @@ class _Worker:
         except ProcessLookupError:
             pass
 
-    def stop(self) -> None:
-        """Ask for a graceful stop now; the scheduler kills it if it is still alive after the grace period."""
+    def stop(self, sig: int | None = None) -> None:
+        """Ask for a graceful stop now (SIGTERM; ``PAUSE_SIGNAL``: after saving a checkpoint); the scheduler
+        kills the worker if it is still alive after the grace period."""
+        sig = sig or signal.SIGTERM
         if self.kill_at is None:
-            self.kill_at = time.monotonic() + STOP_GRACE_SECONDS
-            self.signal(signal.SIGTERM)
+            self.kill_at = time.monotonic() + STOP_GRACE_SECONDS * (3 if sig == PAUSE_SIGNAL else 1)
+            self.signal(sig)
 
 
 class JobManager:
@@ -191,70 +186,18 @@ class JobManager:
 
     def create(self, *, base_model: str, dataset_id: str, task_type: str, hyperparameters: dict | None = None,
                suffix: str | None = None, column_mapping: dict[str, str] | None = None,
-               owner: str | None = None, scope: str | None = None) -> JobRecord:
-        """Validate a job request, reporting every problem in one 400, and queue the job for ``owner``.
-
-        ``scope`` is what the creating key may see: a dataset outside it is "no dataset" here too.
-        """
-        problems: list[tuple[str, str]] = []
-        entry = self.catalogue.entries.get(base_model)
-        if entry is None or entry.kind != "chat":
-            chat_models = sorted(m for m, e in self.catalogue.entries.items() if e.kind == "chat")
-            what = "is not in the model catalogue" if entry is None else "is an embedding model"
-            problems.append(("base_model", f"'{base_model}' {what}; fine-tune one of the chat models: "
-                                           + (", ".join(chat_models) or "(none registered)")))
-        elif not entry.trainable:
-            problems.append(("base_model", f"'{base_model}' is served by the '{entry.backend}' backend from "
-                                           f"{entry.base_url or entry.url}: its weights are not on this machine, so "
-                                           "it cannot be fine-tuned here. Fine-tune a local model, or give the "
-                                           "entry a 'source' naming the weights to train from."))
-        dataset = self.datasets.find(dataset_id, scope)
-        if dataset is None:
-            problems.append(("dataset_id", f"no dataset '{dataset_id}'; upload one with POST /fine-tuning/datasets"))
-        plan = resolved = None
-        if task_type not in TASK_TYPES:
-            problems.append(("task_type", f"must be 'qa', 'not_qa' or 'chat' (got {task_type!r})"))
-        elif dataset is not None and (task_type == "chat") != (dataset.path.suffix == ".jsonl"):
-            problems.append(("task_type", "chat jobs train on JSONL conversations and qa or not_qa jobs on CSV "
-                                          f"columns; dataset '{dataset_id}' is {dataset.path.suffix[1:].upper()}"))
-        elif dataset is not None:
-            try:
-                plan = plan_columns(dataset.columns, task_type, column_mapping)
-            except InvalidRequestError as exc:
-                problems.append((exc.param or "task_type", exc.message.rstrip(".")))
-        try:
-            resolved = Hyperparameters.model_validate(hyperparameters or {})
-        except ValidationError as exc:
-            located = [{**error, "loc": ("hyperparameters", *error["loc"])} for error in exc.errors()]
-            message, param = describe_validation_errors(located)
-            problems.append((param, message.removeprefix("Invalid request: ").rstrip(".")))
-        if resolved is not None and entry is not None and entry.backend == "vllm" \
-                and resolved.lora_rank > entry.max_lora_rank:
-            problems.append(("hyperparameters.lora_rank", f"{resolved.lora_rank} is above {entry.max_lora_rank}, "
-                             f"the largest LoRA rank the vLLM serving '{base_model}' loads (its entry's "
-                             "max_lora_rank); lower lora_rank or raise max_lora_rank"))
-        if resolved is not None:
-            problems += validation_needs(resolved) + tracker_problems(resolved.report_to)
-        if plan is not None:  # the dataset profile's check: rows the worker would find nothing to train on
-            validation_split = resolved.validation_split if resolved else 0.0
-            try:
-                reason = unusable_dataset_reason(read_dataset(dataset.path), plan, validation_split)
-            except FileNotFoundError:  # deleted since it was looked up
-                reason = None
-                problems.append(("dataset_id", f"no dataset '{dataset_id}'; it was deleted"))
-            if reason:
-                problems.append(("dataset_id", f"dataset '{dataset_id}' cannot train a {task_type} job: {reason}"))
-        suffix = suffix or None
-        if suffix is not None and not SUFFIX_PATTERN.fullmatch(suffix):
-            rule = "use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-            problems.append(("suffix", f"{rule} (got {suffix!r})"))
-        if problems:
-            raise InvalidRequestError("Invalid fine-tuning job: " + "; ".join(
-                text if text.startswith(f"{param}:") else f"{param}: {text}" for param, text in problems) + ".",
-                param=problems[0][0])
+               owner: str | None = None, scope: str | None = None,
+               validation_dataset_id: str | None = None) -> JobRecord:
+        """Check a job request (:func:`~qubrid_lab.training.job_requests.check_job_request`: every problem in one
+        400) and queue the job for ``owner``. With ``validation_dataset_id`` the job validates on that dataset
+        instead of a split of its training data."""
+        resolved = check_job_request(
+            self.catalogue, self.datasets, self.settings.model_cache_dir, base_model=base_model, dataset_id=dataset_id,
+            task_type=task_type, hyperparameters=hyperparameters, suffix=suffix, column_mapping=column_mapping,
+            scope=scope, validation_dataset_id=validation_dataset_id)
         job = self.jobs.create(base_model=base_model, dataset_id=dataset_id, task_type=task_type,
-                               hyperparameters=resolved.model_dump(), column_mapping=column_mapping, suffix=suffix,
-                               owner=owner)
+                               hyperparameters=resolved.model_dump(), column_mapping=column_mapping,
+                               suffix=suffix or None, owner=owner, validation_dataset_id=validation_dataset_id)
         self._wake.set()
         return job
 
@@ -271,6 +214,37 @@ class JobManager:
             worker = self._workers.get(job_id)
             if worker:
                 worker.stop()
+        self._wake.set()
+        return self.jobs.get(job_id)
+
+    def pause(self, job_id: str, scope: str | None = None) -> JobRecord:
+        """Pause a queued or running job; a running one saves a checkpoint first, and resumes from it."""
+        job = self.jobs.get(job_id, scope)
+        if not self.jobs.transition(job_id, ("queued", "running"), "paused",
+                                    message="Job paused; resume it to queue it again."):
+            raise ConflictError(f"Job {job_id} is {self.jobs.get(job_id).status}; only queued or running jobs can "
+                                "be paused.", param="job_id")
+        if job.status == "running":
+            with self._lock:
+                worker = self._workers.get(job_id)
+                if worker:
+                    worker.stop(PAUSE_SIGNAL)
+        self._wake.set()
+        return self.jobs.get(job_id)
+
+    def resume(self, job_id: str, scope: str | None = None) -> JobRecord:
+        """Queue a paused job again; it continues from its newest checkpoint."""
+        self.jobs.get(job_id, scope)
+        with self._lock:
+            still_stopping = job_id in self._workers
+        step = resume_step(self.job_dir(job_id))
+        where = f"its checkpoint at step {step}" if step is not None else "the start (no checkpoint was saved)"
+        if still_stopping or not self.jobs.transition(job_id, ("paused",), "queued",
+                                                      message=f"Job resumed; it is queued and continues from {where}."):
+            status = self.jobs.get(job_id).status
+            raise ConflictError(f"Job {job_id} is {status}" + (" and its worker is still saving; try again in a "
+                                "moment" if still_stopping else "; only paused jobs can be resumed") + ".",
+                                param="job_id")
         self._wake.set()
         return self.jobs.get(job_id)
 

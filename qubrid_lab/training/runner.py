@@ -22,6 +22,7 @@ import torch
 
 from qubrid_lab.data.columns import ColumnPlan
 from qubrid_lab.errors import QubridError
+from qubrid_lab.models.loading import TRAINED_TEMPLATE_FILE
 from qubrid_lab.training.batches import (
     IGNORE_INDEX,
     ExampleDataset,
@@ -75,6 +76,8 @@ class TrainingSpec:
     hyperparameters: Hyperparameters
     output_dir: Path  # the job's directory: checkpoints/ and adapter/ are written inside
     device: str = "auto"  # auto | cpu | cuda[:N]
+    validation_path: Path | None = None  # a dataset to validate on, instead of a split of the training one
+    validation_plan: ColumnPlan | None = None  # its columns' roles
 
 
 class ProgressSink(Protocol):
@@ -87,6 +90,7 @@ class ProgressSink(Protocol):
                       token_accuracy: float | None = None) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def should_stop(self) -> bool: ...
+    def save_before_stopping(self) -> bool: ...  # asked once should_stop() is true: a pause keeps its progress
 
 
 @dataclass
@@ -130,29 +134,39 @@ def plan_schedule(hyperparameters: Hyperparameters, train_rows: int) -> Schedule
 
 
 def load_split(spec: TrainingSpec, tokenizer) -> Split:
-    """Read the CSV, format its rows into token examples and split them; an unusable dataset is an error."""
+    """Read the dataset, format its rows into token examples and split them (or validate on the job's validation
+    dataset); an unusable dataset is an error."""
+    examples = _usable_examples(spec.dataset_path, spec.plan, tokenizer, spec.hyperparameters.max_seq_length)
+    if spec.validation_path is not None:
+        held_out = _usable_examples(spec.validation_path, spec.validation_plan, tokenizer,
+                                    spec.hyperparameters.max_seq_length, "validation dataset")
+        return Split(examples, held_out)
+    return split_examples(examples, spec.hyperparameters.validation_split, spec.hyperparameters.seed)
+
+
+def _usable_examples(path: Path, plan: ColumnPlan, tokenizer, max_seq_length: int, what: str = "dataset") -> list:
+    """The examples of the dataset at ``path`` with at least one token to take the loss on."""
     from qubrid_lab.data.dataset_files import read_dataset
     from qubrid_lab.data.formatting import build_examples
 
-    hyperparameters = spec.hyperparameters
     try:
-        rows = read_dataset(spec.dataset_path)
-        example_set = build_examples(rows, spec.plan, tokenizer, hyperparameters.max_seq_length)
+        rows = read_dataset(path)
+        example_set = build_examples(rows, plan, tokenizer, max_seq_length)
     except FileNotFoundError as error:
-        raise TrainingError(f"the dataset file {spec.dataset_path} is missing.") from error
+        raise TrainingError(f"the {what} file {path} is missing.") from error
     except QubridError as error:
         raise TrainingError(error.message) from error
     except ValueError as error:  # e.g. qa on a base model without a chat template
         raise TrainingError(str(error)) from error
     examples = [example for example in example_set.examples if has_target(example)]
     if not examples:
-        required = {"qa": "question or answer", "not_qa": "text", "chat": "assistant message"}[spec.plan.task_type]
+        required = {"qa": "question or answer", "not_qa": "text", "chat": "assistant message"}[plan.task_type]
+        where = "" if what == "dataset" else f" in the {what}"
         raise TrainingError(
-            f"no usable rows: of {len(rows)} rows, {example_set.skipped_empty} have an empty {required} and "
-            f"{len(rows) - example_set.skipped_empty} leave no answer token within max_seq_length "
-            f"{hyperparameters.max_seq_length}."
+            f"no usable rows{where}: of {len(rows)} rows, {example_set.skipped_empty} have an empty {required} and "
+            f"{len(rows) - example_set.skipped_empty} leave no answer token within max_seq_length {max_seq_length}."
         )
-    return split_examples(examples, hyperparameters.validation_split, hyperparameters.seed)
+    return examples
 
 
 def training_arguments(spec: TrainingSpec, schedule: Schedule, placement: Placement, has_validation: bool):
@@ -213,6 +227,13 @@ def mean_token_accuracy(prediction) -> dict[str, float]:
     trained = labels != IGNORE_INDEX
     correct = (predicted == labels) & trained
     return {"mean_token_accuracy": float(correct.sum()) / max(int(trained.sum()), 1)}
+
+
+def save_chat_template(tokenizer, folder: Path) -> None:
+    """Keep the chat template the examples were rendered with beside the adapter, so serving renders prompts the
+    way the model learned them even if the base model's template changes later."""
+    if tokenizer.chat_template:
+        (folder / TRAINED_TEMPLATE_FILE).write_text(tokenizer.chat_template)
 
 
 def settle_checkpoints(checkpoints_dir: Path, keep: int, best_step: int | None) -> None:
@@ -319,6 +340,8 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
     if not callback.stopped and trainer.args.should_save:
         model.save_pretrained(adapter_dir)
         settle_checkpoints(spec.output_dir / CHECKPOINTS_DIR, hyperparameters.save_total_limit, best_step)
+        for folder in [adapter_dir, *(spec.output_dir / CHECKPOINTS_DIR).glob("checkpoint-*")]:
+            save_chat_template(tokenizer, folder)
     return TrainingResult(
         adapter_dir=adapter_dir,
         steps=state.global_step,

@@ -32,9 +32,11 @@ from qubrid_lab.training.errors import TrainingError
 log = logging.getLogger("qubrid_lab.worker")
 
 RESULT_FILE = "result.json"
+METRICS_FILE = "step_metrics.csv"  # OpenAI's result file for the job, written when training ends
 LOG_FILE = "worker.log"
 ORPHAN_CHECK_SECONDS = 1.0
 GPU_SHARE_VARIABLE = "QUBRID_LAB_GPU_MEMORY_FRACTION"  # set by the job manager beside a managed vLLM
+PAUSE_SIGNAL = signal.SIGUSR1  # the job manager's "save a checkpoint, then stop"
 
 
 def cap_gpu_memory() -> None:
@@ -62,7 +64,8 @@ def resume_step(job_dir: Path) -> int | None:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT, or by itself once the server that launched this worker is gone.
+    """Set by SIGTERM/SIGINT, by SIGUSR1 (a pause: save a checkpoint first), or by itself once the server that
+    launched this worker is gone.
 
     An orphaned worker must not keep a GPU busy for a job nobody watches: the server that restarts next
     resumes the job from its checkpoint.
@@ -70,15 +73,17 @@ class StopFlag:
 
     def __init__(self, server_pid: int | None):
         self.reason: str | None = None
+        self.keep_progress = False
         self.parent = os.getppid()
         self.server_pid = server_pid
         self.checked_at = 0.0
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, PAUSE_SIGNAL):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame) -> None:
+        self.keep_progress = self.keep_progress or (signum == PAUSE_SIGNAL and self.reason is None)
         self.reason = self.reason or f"signal {signal.Signals(signum).name}"
 
     def _server_gone(self) -> bool:
@@ -142,6 +147,9 @@ class DatabaseProgress:
     def should_stop(self) -> bool:
         return self.stop.is_set()
 
+    def save_before_stopping(self) -> bool:
+        return self.stop.keep_progress
+
 
 def tracker_locations(report_to: str, job_dir: Path) -> None:
     """Where a tracker writes when the server's environment does not say: under the job's directory."""
@@ -165,7 +173,9 @@ def run_job(database: Path, files_dir: Path, job_id: str, model_dir: str, job_di
     db = Database(database)
     jobs = JobStore(db)
     job = jobs.get(job_id)
-    dataset = DatasetStore(db, files_dir).get(job.dataset_id)
+    datasets = DatasetStore(db, files_dir)
+    dataset = datasets.get(job.dataset_id)
+    validation = datasets.get(job.validation_dataset_id) if job.validation_dataset_id else None
     spec = TrainingSpec(
         model_dir=model_dir,
         dataset_path=dataset.path,
@@ -173,12 +183,16 @@ def run_job(database: Path, files_dir: Path, job_id: str, model_dir: str, job_di
         hyperparameters=Hyperparameters(**job.hyperparameters),
         output_dir=job_dir,
         device=device,
+        validation_path=validation.path if validation else None,
+        validation_plan=plan_columns(validation.columns, job.task_type, job.column_mapping) if validation else None,
     )
     tracker_locations(spec.hyperparameters.report_to, job_dir)
     step = resume_step(job_dir)
     if step is not None and is_main_process():
         jobs.record(job_id, "message", f"Resumed from step {step}.", {"step": step}, while_running=True)
     result = train(spec, DatabaseProgress(jobs, job_id, stop))
+    if is_main_process() and not result.stopped:
+        (job_dir / METRICS_FILE).write_text(jobs.metrics_csv(job_id))
     if is_main_process():
         summary = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(result).items()}
         (job_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2))

@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 from qubrid_lab.data.columns import TASK_TYPES, plan_columns
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.training.hyperparameters import TRACKERS, Hyperparameters
-from qubrid_lab.training.jobs import SUFFIX_PATTERN
+from qubrid_lab.training.job_requests import SUFFIX_PATTERN
 from qubrid_lab.widgets._client import ServerError, connect
 from qubrid_lab.widgets._fields import bounds, range_text, status_html
 

@@ -96,6 +96,22 @@ def test_a_job_trains_and_its_model_answers_at_once(client, trained):
     assert answer.choices[0].message.content and answer.model == job.fine_tuned_model
 
 
+def test_a_completed_job_has_a_result_file_of_step_metrics(client, trained):
+    _, job = trained
+    [result_id] = job.result_files
+    result = client.files.retrieve(result_id)
+    assert (result.purpose, result.filename) == ("fine-tune-results", "step_metrics.csv")
+    lines = client.files.content(result_id).read().decode().splitlines()
+    assert lines[0].startswith("step,train_loss,valid_loss,valid_mean_token_accuracy,learning_rate,grad_norm")
+    steps = [int(line.split(",")[0]) for line in lines[1:]]
+    assert steps == list(range(1, len(steps) + 1)) and len(lines[1].split(",")) == 8
+    assert result.bytes == len("\n".join(lines)) + 1
+    assert result_id in [f.id for f in client.files.list(purpose="fine-tune-results")]
+    assert result_id not in [f.id for f in client.files.list(purpose="fine-tune")]
+    with pytest.raises(openai.ConflictError):
+        client.files.delete(result_id)
+
+
 def test_events_come_newest_first_with_metrics_and_page_with_after(client, trained):
     _, job = trained
     events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
@@ -140,30 +156,42 @@ def test_one_job_system_under_both_apis(client, platform, trained):
     assert platform.get(f"/fine-tuning/jobs/{made['id']}").json()["status"] == "cancelled"
 
 
-def test_a_jsonl_chat_file_trains_every_assistant_turn(client, platform):
-    with CHATS.open("rb") as handle:
+def test_a_jsonl_chat_file_trains_every_assistant_turn_and_validates_on_its_validation_file(client, platform,
+                                                                                              tmp_path):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("\n".join(CHATS.read_text().splitlines()[:2]) + "\n")
+    with CHATS.open("rb") as handle, held_out.open("rb") as validation_handle:
         file = client.files.create(file=handle, purpose="fine-tune")
+        validation = client.files.create(file=validation_handle, purpose="fine-tune")
     assert platform.get(f"/fine-tuning/datasets/{file.id}").json()["columns"] == ["messages"]
-    job = wait(client, client.fine_tuning.jobs.create(model="tiny", training_file=file.id,
-                                                      hyperparameters={"n_epochs": 1}).id)
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=file.id, validation_file=validation.id,
+                                         hyperparameters={"n_epochs": 2, "eval_steps": 2})
+    assert job.validation_file == validation.id
+    job = wait(client, job.id)
     assert job.status == "succeeded", job.error
     assert platform.get(f"/fine-tuning/jobs/{job.id}").json()["task_type"] == "chat"
-    started = next(e for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data
-                   if e.message.startswith("Training started"))
-    assert started.data["train_rows"] == len(CHATS.read_text().splitlines())
+    events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+    started = next(e for e in events if e.message.startswith("Training started"))
+    assert (started.data["train_rows"], started.data["validation_rows"]) == (len(CHATS.read_text().splitlines()), 2)
+    assert [e for e in events if "validation_loss" in e.data]
+    assert all(c.metrics.valid_loss is not None for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
 
 
 @pytest.mark.parametrize("fields, param, says", [
     ({"model": "nope"}, "model", "not in the model catalogue"),
     ({"training_file": "file-missing"}, "training_file", "POST /v1/files"),
     ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "n_epochs"),
-    ({"validation_file": "file-x"}, "validation_file", "validation_split"),
+    ({"validation_file": "file-x"}, "validation_file", "no dataset 'file-x'"),
+    ({"hyperparameters": {"validation_split": 0.2}, "validation_file": "TRAINING"}, "hyperparameters.validation_split",
+     "not both"),
     ({"method": {"type": "dpo"}}, "method.type", "supervised"),
     ({"hyperparameters": {"early_stopping_patience": 2}}, "hyperparameters.early_stopping_patience",
      "validation_split"),
 ])
 def test_bad_jobs_get_a_400_in_openais_field_names(client, trained, fields, param, says):
     file, _ = trained
+    if fields.get("validation_file") == "TRAINING":
+        fields = {**fields, "validation_file": file.id}
     with pytest.raises(openai.BadRequestError) as caught:
         client.fine_tuning.jobs.create(**{"model": "tiny", "training_file": file.id, **fields})
     assert caught.value.body["param"] == param and says in caught.value.body["message"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
+import shutil
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.registry import ModelRegistry
 from qubrid_lab.engine.sampling import SamplingParams
 from qubrid_lab.errors import InvalidRequestError, ModelNotFoundError
+from qubrid_lab.models.loading import TRAINED_TEMPLATE_FILE
 from tests.engine.test_kv import prompt
 from tests.engine.test_scheduler import collect, generate
 
@@ -192,3 +195,24 @@ def test_adapters_also_apply_over_int8_layers(engine_factory, adapters):
     tuned = generate(registry.chat_model("ft:tiny:wide:ftjob-4"), [ids], temperature=0.0, max_tokens=8).text()
     assert tuned != generate(base, [ids], temperature=0.0, max_tokens=8).text()
     registry.remove_adapter("ft:tiny:wide:ftjob-4")
+
+
+def test_a_fine_tune_renders_prompts_with_the_template_it_was_trained_with(engine_factory, adapters, tmp_path,
+                                                                           caplog):
+    base = engine_factory()
+    registry = ModelRegistry(chat={"tiny": base})
+    conversation = [{"role": "user", "content": "Hello there"}]
+    same, other = tmp_path / "same", tmp_path / "other"
+    for folder, template in ((same, base.tokenizer.chat_template),
+                             (other, base.tokenizer.chat_template.replace("<|im_start|>", "<|im_start|>>"))):
+        shutil.copytree(adapters[0]["wide"], folder)
+        (folder / TRAINED_TEMPLATE_FILE).write_text(template)
+    registry.add_adapter("ft:tiny:same:ftjob-1", "tiny", same, created=1)
+    assert registry.chat_model("ft:tiny:same:ftjob-1").encode_chat(conversation) == base.encode_chat(conversation)
+    with caplog.at_level(logging.WARNING, logger="qubrid_lab.engine.local"):
+        registry.add_adapter("ft:tiny:other:ftjob-2", "tiny", other, created=1)
+    assert f"trained with a chat template other than {base.model_id}'s current one" in caplog.text
+    ids = registry.chat_model("ft:tiny:other:ftjob-2").encode_chat(conversation)
+    assert base.tokenizer.decode(ids).startswith("<|im_start|>>user")
+    for model_id in ("ft:tiny:same:ftjob-1", "ft:tiny:other:ftjob-2"):
+        registry.remove_adapter(model_id)

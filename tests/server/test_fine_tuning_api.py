@@ -246,6 +246,29 @@ def test_settings_that_need_validation_data_or_a_tracker_are_checked_at_creation
     assert ok.status_code == 201, ok.text
 
 
+def test_a_validation_dataset_is_checked_and_in_use_while_its_job_is_queued(client):
+    training, held_out, chats = dataset_id(client), dataset_id(client), dataset_id(client, CHATS)
+    error = assert_error(create_job(client, dataset_id=training, validation_dataset_id=chats), 400, "invalid_request",
+                         "validation_dataset_id")
+    assert "is JSONL" in error["message"]
+    both = create_job(client, dataset_id=training, validation_dataset_id=held_out,
+                      hyperparameters={"validation_split": 0.2})
+    assert "not both" in assert_error(both, 400, "invalid_request")["message"]
+    job = create_job(client, dataset_id=training, validation_dataset_id=held_out,
+                     hyperparameters={"early_stopping_patience": 2})  # validation data: early stopping is allowed
+    assert job.status_code == 201 and job.json()["validation_dataset_id"] == held_out
+    assert_error(client.delete(f"/v1/fine-tuning/datasets/{held_out}"), 409, "conflict")
+
+
+def test_a_max_seq_length_that_leaves_no_row_anything_to_train_is_refused_naming_the_rows(client):
+    rows = len(QA_CSV.read_text().strip().splitlines()) - 1
+    error = assert_error(create_job(client, dataset_id=dataset_id(client), hyperparameters={"max_seq_length": 16}),
+                         400, "invalid_request", "dataset_id")
+    assert "max_seq_length 16 leaves no token to train on in any row" in error["message"]
+    assert f"rows 1-{rows}" in error["message"]
+    assert create_job(client, dataset_id=dataset_id(client), hyperparameters={"max_seq_length": 64}).status_code == 201
+
+
 def test_chat_jobs_train_on_jsonl_and_column_tasks_on_csv(client):
     chats = dataset_id(client, CHATS)
     assert client.get(f"/v1/fine-tuning/datasets/{chats}").json()["columns"] == ["messages"]

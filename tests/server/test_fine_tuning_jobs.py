@@ -185,6 +185,30 @@ def test_a_running_job_is_cancelled_within_seconds(start):
     assert_error(client.post(f"/v1/fine-tuning/jobs/{job_id}/cancel"), 409, "conflict")
 
 
+def test_a_paused_job_saves_a_checkpoint_and_resumes_from_it(start):
+    client = start()
+    job_id = submit(client, {**ENDLESS, "save_steps": 100_000})  # no checkpoint but the pause's own
+    wait_for(client, job_id, lambda j: j["training_metrics"]["steps_completed"] >= 2)
+    paused = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    shown = client.get(f"/v1/fine-tuning/jobs/{job_id}").json()  # the platform's view has no "paused"
+    assert shown["status"] == "queued" and shown["status_detail"].startswith("paused")
+    wait_for_exit(client, job_id)
+    saved = [e["data"]["step"] for e in events(client, job_id) if e["message"].startswith("Checkpoint saved")]
+    stopped_at = client.get(f"/v1/fine-tuning/jobs/{job_id}").json()["training_metrics"]["steps_completed"]
+    assert saved == [stopped_at]  # saved at the step it stopped after
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "paused"  # and it stays paused
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/pause"), 409, "conflict")
+
+    resumed = client.post(f"/v1/fine-tuning/jobs/{job_id}/resume")
+    assert resumed.status_code == 200 and resumed.json()["status"] in ("queued", "running")  # the queue may be quick
+    wait_for(client, job_id, lambda j: j["training_metrics"]["steps_completed"] > stopped_at)
+    assert f"Resumed from step {stopped_at}." in [e["message"] for e in events(client, job_id)]
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/resume"), 409, "conflict")
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    wait_for_exit(client, job_id)
+
+
 def test_a_killed_worker_fails_the_job_with_the_reason(start):
     client = start()
     job_id = submit(client, ENDLESS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from qubrid_lab.cli import main
+from qubrid_lab.cli import build_parser, main
 from qubrid_lab.engine.registry import ModelRegistry
 from qubrid_lab.models.catalogue import Catalogue, ModelEntry
 from qubrid_lab.server.app import create_app
@@ -86,6 +86,17 @@ def test_keys_made_and_revoked_by_the_cli_count_at_the_next_request(server, caps
     assert "alice" in listing and "revoked" in listing and key not in listing
 
 
+def test_home_may_follow_the_verb(tmp_path, capsys):
+    before, after = tmp_path / "before", tmp_path / "after"
+    assert main(["--home", str(before), "keys", "create", "--name", "first"]) == 0
+    assert main(["keys", "create", "--home", str(after), "--name", "second"]) == 0
+    capsys.readouterr()
+    assert main(["--home", str(before), "keys", "list", "--home", str(after)]) == 0  # after the verb wins
+    listing = capsys.readouterr().out
+    assert "second" in listing and "first" not in listing
+    assert build_parser().parse_args(["serve", "--home", "x"]).home == Path("x")
+
+
 def test_objects_belong_to_the_key_that_made_them(server, capsys):
     client, home = server
     early = upload(client, "ignored-on-an-open-server")  # made before any key: the admin's from now on
@@ -132,9 +143,11 @@ def test_objects_belong_to_the_key_that_made_them(server, capsys):
     assert chat(client, alice, model_id).status_code == 200
 
     # the same through OpenAI's API; and a checkpoint served for alice stays hers
-    assert [f["id"] for f in client.get("/v1/files", headers=auth(alice)).json()["data"]] == [mine]
+    assert {f["purpose"]: f["id"] for f in client.get("/v1/files", headers=auth(alice)).json()["data"]} == \
+        {"fine-tune": mine, "fine-tune-results": f"ftresult-{job_id.removeprefix('ftjob-')}"}
     assert client.get("/v1/files", headers=auth(bob)).json()["data"] == []
-    for path in (f"/v1/files/{mine}", f"/v1/files/{mine}/content", f"/v1/fine_tuning/jobs/{job_id}",
+    for path in (f"/v1/files/{mine}", f"/v1/files/{mine}/content", f"/v1/files/ftresult-{job_id[6:]}/content",
+                 f"/v1/fine_tuning/jobs/{job_id}",
                  f"/v1/fine_tuning/jobs/{job_id}/checkpoints", f"/v1/fine_tuning/jobs/{job_id}/events"):
         assert_error(client.get(path, headers=auth(bob)), 404, "not_found")
     refused = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": mine}, headers=auth(bob))

@@ -241,6 +241,11 @@ def test_the_notebook_view_shows_the_numbers_and_escapes_the_data(tmp_path, tiny
     assert html.count('<td title="') == len(bars)
     assert json.loads(json.dumps(profile.to_dict()))["plan"]["answer"] == "answer"
     assert "suggested_max_seq_length=" in repr(profile)
+    # row 1 as training sees it, cut at max_seq_length: the answer highlighted but for its lost last token
+    assert profile.example_row == 1
+    assert "".join(piece for piece, trained in profile.example if trained) == "Here and there."
+    assert "".join(piece for piece, _ in profile.example).startswith("<|im_start|>user\nWhere?<|im_end|>")
+    assert "Row 1 as training sees it" in html and "border-radius:2px\">Here and there.</span>" in html
 
 
 def test_the_server_refuses_a_job_the_profile_says_cannot_train(tmp_path, tiny_model_dir):

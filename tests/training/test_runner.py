@@ -24,8 +24,9 @@ QA = ColumnPlan("qa", question="question", answer="answer")
 class RecordingSink:
     """Keeps every call; asks to stop once it has seen ``stop_after`` training steps."""
 
-    def __init__(self, stop_after: int | None = None):
+    def __init__(self, stop_after: int | None = None, keep_progress: bool = False):
         self.stop_after = stop_after
+        self.keep_progress = keep_progress
         self.start: tuple[int, int, int] | None = None
         self.steps: list[dict] = []
         self.evaluations: list[dict] = []
@@ -47,6 +48,9 @@ class RecordingSink:
 
     def should_stop(self) -> bool:
         return self.stop_after is not None and len(self.steps) >= self.stop_after
+
+    def save_before_stopping(self) -> bool:
+        return self.keep_progress
 
     @property
     def losses(self) -> list[float]:
@@ -79,7 +83,8 @@ def facts_csv(tmp_path_factory) -> Path:
 def run(tiny_model_dir, tmp_path):
     """``run(csv, output_name, sink=None, **hyperparameters) -> (sink, result)`` on the tiny model, on the CPU."""
 
-    def go(csv: Path, output: str = "job", sink: RecordingSink | None = None, **overrides):
+    def go(csv: Path, output: str = "job", sink: RecordingSink | None = None, validation_path: Path | None = None,
+           validation_plan: ColumnPlan | None = None, **overrides):
         options = {"epochs": 50, "batch_size": 4, "learning_rate": 1e-2, "lora_rank": 8, "max_seq_length": 64}
         sink = sink or RecordingSink()
         spec = TrainingSpec(
@@ -89,13 +94,15 @@ def run(tiny_model_dir, tmp_path):
             hyperparameters=Hyperparameters(**{**options, **overrides}),
             output_dir=tmp_path / output,
             device="cpu",
+            validation_path=validation_path,
+            validation_plan=validation_plan,
         )
         return sink, train(spec, sink)
 
     return go
 
 
-def test_loss_falls_on_a_repeated_answer_and_every_step_is_reported_in_order(run, repeated_csv, tmp_path):
+def test_loss_falls_on_a_repeated_answer_and_every_step_is_reported_in_order(run, repeated_csv, tiny_tokenizer):
     sink, result = run(repeated_csv, max_steps=10)
 
     assert sink.start == (10, 8, 0)
@@ -105,6 +112,8 @@ def test_loss_falls_on_a_repeated_answer_and_every_step_is_reported_in_order(run
     assert sum(record["tokens"] for record in sink.steps) == result.train_tokens
     assert result.steps == 10 and result.training_loss == sink.losses[-1] and not result.stopped
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in result.adapter_dir.iterdir()}
+    # the chat template the rows were rendered with is kept beside the adapter, for serving
+    assert (result.adapter_dir / "chat_template.jinja").read_text() == tiny_tokenizer.chat_template
     # each step also reports its gradient norm and speed
     assert all(record["grad_norm"] > 0 and record["tokens_per_second"] > 0 for record in sink.steps)
 
@@ -149,6 +158,12 @@ def test_validation_loss_is_reported_with_a_validation_split(run, facts_csv):
     assert [record["step"] for record in sink.evaluations] == [2, 4]
     assert all(record["validation_loss"] > 0 for record in sink.evaluations)
     assert result.validation_loss == sink.evaluations[-1]["validation_loss"]
+
+
+def test_a_validation_dataset_replaces_the_split(run, facts_csv, repeated_csv):
+    sink, result = run(facts_csv, max_steps=2, eval_steps=1, validation_path=repeated_csv, validation_plan=QA)
+    assert sink.start == (2, 12, 8)  # every training row trained, the other file's 8 validated
+    assert [record["step"] for record in sink.evaluations] == [1, 2] and result.validation_loss > 0
 
 
 def test_no_validation_loss_without_a_split(run, facts_csv):

@@ -65,6 +65,8 @@ class CreateFineTuningJobRequest(WireModel):
     suffix: str | None = None
     column_mapping: dict[str, str] | None = Field(
         None, description="Extension: the dataset's column for each role (question, answer, context, text).")
+    validation_dataset_id: str | None = Field(
+        None, description="Extension: a dataset to validate on, instead of a validation_split of the training one.")
 
 
 class FineTuningJob(WireModel):
@@ -84,11 +86,15 @@ class FineTuningJob(WireModel):
     error: str | None = Field(None, description="Extension: why the job failed, in words.")
     started_at: str | None = Field(None, description="Extension: when training first started.")
     total_steps: int | None = Field(None, description="Extension: optimizer steps the run will take, once known.")
+    validation_dataset_id: str | None = Field(None, description="Extension: the dataset it validates on, if any.")
+    status_detail: str | None = Field(None, description="Extension: why a job is in its status (a paused job shows "
+                                                        "as queued with 'paused' here).")
 
     @classmethod
     def of(cls, job: JobRecord) -> FineTuningJob:
+        paused = job.status == "paused"  # the platform's statuses have no "paused"
         return cls(
-            id=job.id, status=job.status, base_model=job.base_model, dataset_id=job.dataset_id,
+            id=job.id, status="queued" if paused else job.status, base_model=job.base_model, dataset_id=job.dataset_id,
             task_type=job.task_type, hyperparameters=Hyperparameters.model_construct(**job.hyperparameters),
             fine_tuned_model=job.fine_tuned_model,
             training_metrics=TrainingMetrics(
@@ -96,7 +102,9 @@ class FineTuningJob(WireModel):
                 steps_completed=job.steps_completed, epochs_completed=int(job.epochs_completed + 1e-6)),
             created_at=iso_utc(job.created_at), completed_at=iso_utc(job.completed_at), suffix=job.suffix,
             column_mapping=job.column_mapping, error=job.error, started_at=iso_utc(job.started_at),
-            total_steps=job.total_steps)
+            total_steps=job.total_steps, validation_dataset_id=job.validation_dataset_id,
+            status_detail="paused: POST .../resume queues it again, to continue from its newest checkpoint"
+            if paused else None)
 
 
 class FineTuningJobList(WireModel):

@@ -25,8 +25,8 @@ BASE_LEARNING_RATE = Hyperparameters.model_fields["learning_rate"].default  # wh
 AUTO_EXAMPLES_SEEN = 100
 AUTO_EPOCHS = (3, 25)
 AUTO_BATCH_FRACTION = 0.002
-STATUSES = {"queued": "queued", "running": "running", "completed": "succeeded", "failed": "failed",
-            "cancelled": "cancelled"}
+STATUSES = {"queued": "queued", "running": "running", "paused": "paused", "completed": "succeeded",
+            "failed": "failed", "cancelled": "cancelled"}
 
 
 def unix(timestamp: float | None) -> int | None:
@@ -42,7 +42,7 @@ class FileObject(WireModel):
     bytes: int
     created_at: int
     filename: str
-    purpose: Literal["fine-tune"] = "fine-tune"
+    purpose: Literal["fine-tune", "fine-tune-results"] = "fine-tune"
     status: Literal["processed"] = "processed"
     status_details: str | None = None
     expires_at: int | None = None
@@ -50,6 +50,21 @@ class FileObject(WireModel):
     @classmethod
     def of(cls, record: DatasetRecord) -> FileObject:
         return cls(id=record.id, bytes=record.size_bytes, created_at=unix(record.created_at), filename=record.filename)
+
+
+RESULT_FILE_PREFIX = "ftresult-"  # a job's metrics CSV, made from its events when read
+def result_file_id(job_id: str) -> str:
+    return RESULT_FILE_PREFIX + job_id.removeprefix("ftjob-")
+
+
+def result_job_id(file_id: str) -> str | None:
+    """The job whose result file ``file_id`` is, or None for any other file."""
+    return "ftjob-" + file_id.removeprefix(RESULT_FILE_PREFIX) if file_id.startswith(RESULT_FILE_PREFIX) else None
+
+
+def result_file(job: JobRecord, content: str) -> FileObject:
+    return FileObject(id=result_file_id(job.id), bytes=len(content.encode()), created_at=unix(job.completed_at),
+                      filename="step_metrics.csv", purpose="fine-tune-results")
 
 
 class FileList(WireModel):
@@ -146,7 +161,7 @@ class OpenAIFineTuningJob(WireModel):
     organization_id: str = "local"
     result_files: list[str] = Field(default_factory=list)
     seed: int
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
     trained_tokens: int | None
     training_file: str
     validation_file: str | None = None
@@ -168,8 +183,9 @@ class OpenAIFineTuningJob(WireModel):
             fine_tuned_model=job.fine_tuned_model, finished_at=unix(job.completed_at),
             hyperparameters=hyperparameters, model=job.base_model, seed=chosen["seed"], status=STATUSES[job.status],
             trained_tokens=trained_tokens if job.status == "completed" else None, training_file=job.dataset_id,
+            validation_file=job.validation_dataset_id,
             method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters.model_dump()}},
-            user_provided_suffix=job.suffix)
+            user_provided_suffix=job.suffix, result_files=[result_file_id(job.id)] if job.status == "completed" else [])
 
 
 class OpenAIJobList(WireModel):

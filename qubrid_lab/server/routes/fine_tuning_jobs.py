@@ -35,7 +35,7 @@ def create_fine_tuning_job(body: CreateFineTuningJobRequest, request: Request) -
     job = request.app.state.job_manager.create(
         base_model=body.base_model, dataset_id=body.dataset_id, task_type=body.task_type,
         hyperparameters=body.hyperparameters, suffix=body.suffix, column_mapping=body.column_mapping,
-        owner=owner_of(request), scope=scope_of(request))
+        owner=owner_of(request), scope=scope_of(request), validation_dataset_id=body.validation_dataset_id)
     return FineTuningJob.of(job)
 
 
@@ -56,6 +56,18 @@ def get_fine_tuning_job(job_id: str, request: Request) -> Response:
 def cancel_fine_tuning_job(job_id: str, request: Request) -> FineTuningJob:
     """Cancel a queued or running job; 409 once it has finished."""
     return FineTuningJob.of(request.app.state.job_manager.cancel(job_id, scope_of(request)))
+
+
+@router.post("/{job_id}/pause")
+def pause_fine_tuning_job(job_id: str, request: Request) -> FineTuningJob:
+    """Extension: pause a queued or running job (a running one saves a checkpoint first); 409 otherwise."""
+    return FineTuningJob.of(request.app.state.job_manager.pause(job_id, scope_of(request)))
+
+
+@router.post("/{job_id}/resume")
+def resume_fine_tuning_job(job_id: str, request: Request) -> FineTuningJob:
+    """Extension: queue a paused job again; it continues from its newest checkpoint. 409 unless paused."""
+    return FineTuningJob.of(request.app.state.job_manager.resume(job_id, scope_of(request)))
 
 
 @router.get("/{job_id}/checkpoints")

@@ -34,10 +34,6 @@ def _shown(request: Request, job: JobRecord) -> OpenAIFineTuningJob:
 def create_fine_tuning_job(body: CreateOpenAIJobRequest, request: Request) -> OpenAIFineTuningJob:
     """Queue a job on ``training_file``; "auto" hyperparameters are chosen from its size. Every problem with
     the request is listed in one 400; 402 once the key's credit is spent."""
-    if body.validation_file is not None:
-        raise InvalidRequestError("validation_file: a separate validation file is not supported yet; hold out "
-                                  "part of the training file with hyperparameters.validation_split (0-1) instead.",
-                                  param="validation_file")
     request.app.state.meter.require_credit(key_of(request))
     manager = request.app.state.job_manager
     dataset = manager.datasets.find(body.training_file, scope_of(request))
@@ -50,14 +46,15 @@ def create_fine_tuning_job(body: CreateOpenAIJobRequest, request: Request) -> Op
     try:
         job = manager.create(base_model=body.model, dataset_id=dataset.id, task_type=infer_task_type(dataset.columns),
                              hyperparameters=hyperparameters, suffix=body.suffix, owner=owner_of(request),
-                             scope=scope_of(request))
+                             scope=scope_of(request), validation_dataset_id=body.validation_file)
     except InvalidRequestError as exc:
         raise _in_openai_names(exc) from None
     return _shown(request, job)
 
 
 # the job manager's field names where OpenAI's request names the same thing differently
-OPENAI_NAMES = {"base_model": "model", "dataset_id": "training_file", "hyperparameters.epochs": "hyperparameters.n_epochs"}
+OPENAI_NAMES = {"base_model": "model", "dataset_id": "training_file", "validation_dataset_id": "validation_file",
+                "hyperparameters.epochs": "hyperparameters.n_epochs"}
 
 
 def _in_openai_names(error: InvalidRequestError) -> InvalidRequestError:
@@ -84,6 +81,18 @@ def retrieve_fine_tuning_job(fine_tuning_job_id: str, request: Request) -> OpenA
 def cancel_fine_tuning_job(fine_tuning_job_id: str, request: Request) -> OpenAIFineTuningJob:
     """Cancel a queued or running job; 409 once it has finished."""
     return _shown(request, request.app.state.job_manager.cancel(fine_tuning_job_id, scope_of(request)))
+
+
+@router.post("/{fine_tuning_job_id}/pause")
+def pause_fine_tuning_job(fine_tuning_job_id: str, request: Request) -> OpenAIFineTuningJob:
+    """Pause a queued or running job (a running one saves a checkpoint first); 409 otherwise."""
+    return _shown(request, request.app.state.job_manager.pause(fine_tuning_job_id, scope_of(request)))
+
+
+@router.post("/{fine_tuning_job_id}/resume")
+def resume_fine_tuning_job(fine_tuning_job_id: str, request: Request) -> OpenAIFineTuningJob:
+    """Queue a paused job again; it continues from its newest checkpoint. 409 unless paused."""
+    return _shown(request, request.app.state.job_manager.resume(fine_tuning_job_id, scope_of(request)))
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints")
