@@ -108,6 +108,8 @@ def test_a_completed_job_has_a_result_file_of_step_metrics(client, trained):
     assert result.bytes == len("\n".join(lines)) + 1
     assert result_id in [f.id for f in client.files.list(purpose="fine-tune-results")]
     assert result_id not in [f.id for f in client.files.list(purpose="fine-tune")]
+    every = [f.id for f in client.files.list()]
+    assert [f.id for f in client.files.list(after=every[0])] == every[1:]
     with pytest.raises(openai.ConflictError):
         client.files.delete(result_id)
 
@@ -132,6 +134,8 @@ def test_checkpoints_are_listed_and_each_is_served_as_a_model(client, platform, 
     oldest = checkpoints[-1]
     assert oldest.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{oldest.step_number}"
     assert oldest.metrics.step == oldest.step_number and oldest.metrics.train_loss > 0
+    later = client.fine_tuning.jobs.checkpoints.list(job.id, after=checkpoints[0].id, limit=1)
+    assert [c.id for c in later.data] == [checkpoints[1].id] and later.has_more
     listed = platform.get(f"/fine-tuning/jobs/{job.id}/checkpoints").json()["data"]
     assert [c["id"] for c in listed] == [c.id for c in checkpoints]
     answer = client.chat.completions.create(model=oldest.fine_tuned_model_checkpoint, max_tokens=3, temperature=0,

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.server.protocol.common import WireModel
 from qubrid_lab.server.protocol.fine_tuning import FineTuningCheckpoint
 from qubrid_lab.storage.datasets import DatasetRecord
@@ -65,6 +66,20 @@ def result_job_id(file_id: str) -> str | None:
 def result_file(job: JobRecord, content: str) -> FileObject:
     return FileObject(id=result_file_id(job.id), bytes=len(content.encode()), created_at=unix(job.completed_at),
                       filename="step_metrics.csv", purpose="fine-tune-results")
+
+
+def cursor_page(items: list, after: str | None, limit: int, missing: str) -> dict:
+    """OpenAI's cursor paging over ``items`` (each with an ``id``), in their order: up to ``limit`` of those after
+    the item ``after``, with ``has_more``, ``first_id`` and ``last_id``; an unknown ``after`` is a 400 saying
+    ``missing``."""
+    if after is not None:
+        ids = [item.id for item in items]
+        if after not in ids:
+            raise InvalidRequestError(f"after: {missing} '{after}'.", param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"data": page, "has_more": len(items) > limit, "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None}
 
 
 class FileList(WireModel):

@@ -18,11 +18,12 @@ from qubrid_lab.server.protocol.openai_fine_tuning import (
     FileDeleted,
     FileList,
     FileObject,
+    cursor_page,
     result_file,
-    result_file_id,
     result_job_id,
 )
 from qubrid_lab.server.uploads import receive_upload
+from qubrid_lab.storage.jobs import JobRecord
 from qubrid_lab.training.worker import METRICS_FILE
 
 router = APIRouter(prefix="/files", tags=["Files (OpenAI)"])
@@ -57,19 +58,24 @@ def _result(request: Request, file_id: str) -> tuple[FileObject, str] | None:
     job_id = result_job_id(file_id)
     if job_id is None:
         return None
-    jobs = request.app.state.job_manager.jobs
-    job = jobs.find(job_id, scope_of(request))
+    job = request.app.state.job_manager.jobs.find(job_id, scope_of(request))
     if job is None or job.status != "completed":
         raise NotFoundError(f"No file '{file_id}'.", param="file_id")
-    written = request.app.state.job_manager.job_dir(job.id) / METRICS_FILE
-    content = written.read_text() if written.is_file() else jobs.metrics_csv(job.id)
+    return _result_of(request, job)
+
+
+def _result_of(request: Request, job: JobRecord) -> tuple[FileObject, str]:
+    """A completed job's result file: the worker's CSV, or one made from the job's events when it left none."""
+    manager = request.app.state.job_manager
+    written = manager.job_dir(job.id) / METRICS_FILE
+    content = written.read_text() if written.is_file() else manager.jobs.metrics_csv(job.id)
     return result_file(job, content), content
 
 
 def _results(request: Request) -> list[FileObject]:
     jobs = request.app.state.job_manager.jobs
-    return [_result(request, result_file_id(job.id))[0]
-            for job in jobs.page(10_000, 0, scope_of(request))[0] if job.status == "completed"]
+    return [_result_of(request, job)[0] for job in jobs.page(10_000, 0, scope_of(request))[0]
+            if job.status == "completed"]
 
 
 @router.get("")
@@ -82,14 +88,7 @@ def list_files(request: Request, purpose: str | None = Query(None), limit: int =
     if purpose in (None, "fine-tune-results"):
         files += _results(request)
     files.sort(key=lambda file: file.created_at, reverse=order == "desc")
-    if after is not None:
-        ids = [file.id for file in files]
-        if after not in ids:
-            raise InvalidRequestError(f"after: no file '{after}'.", param="after")
-        files = files[ids.index(after) + 1:]
-    page = files[:limit]
-    return FileList(data=page, has_more=len(files) > limit, first_id=page[0].id if page else None,
-                    last_id=page[-1].id if page else None)
+    return FileList(**cursor_page(files, after, limit, "no file"))
 
 
 @router.get("/{file_id}")

@@ -19,6 +19,7 @@ from qubrid_lab.server.protocol.openai_fine_tuning import (
     OpenAIJobEvent,
     OpenAIJobEventList,
     OpenAIJobList,
+    cursor_page,
 )
 from qubrid_lab.storage.jobs import JobRecord
 
@@ -101,14 +102,7 @@ def list_fine_tuning_job_checkpoints(fine_tuning_job_id: str, request: Request, 
     """The job's saved checkpoints newest first, those after the checkpoint ``after`` when given."""
     job, checkpoints = request.app.state.job_manager.checkpoints(fine_tuning_job_id, scope_of(request))
     shown = [OpenAICheckpoint.of(job, checkpoint) for checkpoint in checkpoints]
-    if after is not None:
-        ids = [checkpoint.id for checkpoint in shown]
-        if after not in ids:
-            raise InvalidRequestError(f"after: job {job.id} has no checkpoint '{after}'.", param="after")
-        shown = shown[ids.index(after) + 1:]
-    page = shown[:limit]
-    return OpenAICheckpointList(data=page, has_more=len(shown) > limit, first_id=page[0].id if page else None,
-                                last_id=page[-1].id if page else None)
+    return OpenAICheckpointList(**cursor_page(shown, after, limit, f"job {job.id} has no checkpoint"))
 
 
 @router.get("/{fine_tuning_job_id}/events")
