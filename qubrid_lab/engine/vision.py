@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from qubrid_lab.engine.forward import transformers_forward
-from qubrid_lab.models.device import Precision, quantize_linear_int8, release_freed_memory
+from qubrid_lab.models.device import Precision, quantize, release_freed_memory
 
 
 def is_vision_model(config_dir: str) -> bool:
@@ -50,8 +50,7 @@ def load_vision_lm(location: str, precision: Precision, device: torch.device):
     model = AutoModelForImageTextToText.from_pretrained(location, dtype=precision.dtype, attn_implementation="sdpa")
     model.to(device).eval()
     forward = transformers_forward(model)
-    if precision.int8:
-        model = quantize_linear_int8(model)
+    model = quantize(model, precision)
     release_freed_memory(model)
     return processor, model, forward
 

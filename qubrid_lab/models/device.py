@@ -23,18 +23,27 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Precision:
-    """The dtype weights are loaded in, and whether linear layers are then quantized to int8."""
+    """The dtype weights are loaded in, and whether linear layers are then quantized: ``int8`` (dynamic int8,
+    activations too) or ``w8a16`` (int8 weights, bf16 activations; :mod:`qubrid_lab.models.weight_int8`)."""
 
     dtype: torch.dtype
     int8: bool = False
+    w8a16: bool = False
 
     @property
     def label(self) -> str:
-        return "int8" if self.int8 else str(self.dtype).removeprefix("torch.")
+        if self.int8 or self.w8a16:
+            return "int8" if self.int8 else "w8a16"
+        return str(self.dtype).removeprefix("torch.")
 
     @classmethod
     def from_label(cls, label: str) -> "Precision":
-        return cls(torch.float32, int8=True) if label == "int8" else cls(DTYPES[label])
+        if label in CPU_QUANTIZED:
+            return CPU_QUANTIZED[label]
+        return cls(DTYPES[label])
+
+
+CPU_QUANTIZED = {"int8": Precision(torch.float32, int8=True), "w8a16": Precision(torch.bfloat16, w8a16=True)}
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -59,18 +68,29 @@ def precision_candidates(device: torch.device) -> list[Precision]:
         if torch.cuda.is_bf16_supported():
             return [Precision(torch.bfloat16), Precision(torch.float16)]
         return [Precision(torch.float16)]
-    return [Precision(torch.float32), Precision(torch.bfloat16), Precision(torch.float32, int8=True)]
+    return [Precision(torch.float32), Precision(torch.bfloat16), CPU_QUANTIZED["w8a16"], CPU_QUANTIZED["int8"]]
 
 
 def pick_precision(setting: str, device: torch.device) -> Precision:
     """The precision an explicit ``--dtype`` names (``auto`` is measured: see :func:`precision_candidates`)."""
-    if setting == "int8":
+    if setting in CPU_QUANTIZED:
         if device.type != "cpu":
-            raise InvalidRequestError("dtype 'int8' (dynamic int8 linear layers) is for CPUs; on a GPU use auto.")
-        return Precision(torch.float32, int8=True)
+            raise InvalidRequestError(f"dtype '{setting}' (int8 linear layers) is for CPUs; on a GPU use auto.")
+        return CPU_QUANTIZED[setting]
     if setting not in DTYPES:
-        raise InvalidRequestError(f"dtype '{setting}' is unknown; use auto, int8, " + ", ".join(DTYPES) + ".")
+        raise InvalidRequestError(f"dtype '{setting}' is unknown; use auto, int8, w8a16, " + ", ".join(DTYPES) + ".")
     return Precision(DTYPES[setting])
+
+
+def quantize(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
+    """The model with its linear layers quantized as ``precision`` says (unchanged for a plain dtype)."""
+    if precision.int8:
+        return quantize_linear_int8(model)
+    if precision.w8a16:
+        from qubrid_lab.models.weight_int8 import quantize_weights_int8
+
+        return quantize_weights_int8(model)
+    return model
 
 
 def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:

@@ -38,7 +38,7 @@ def test_auto_measures_every_candidate_then_reuses_the_cached_pick(engine_factor
     first = engine_factory("tiny-auto", dtype="auto")
     choice = first.precision_choice
     assert choice.how == "measured"
-    assert set(choice.candidates) == {"float32", "bfloat16", "int8"}
+    assert set(choice.candidates) == {"float32", "bfloat16", "w8a16", "int8"}
     assert choice.candidates["float32"]["passes"] and choice.candidates["float32"]["mean_kl"] < 1e-4
     assert choice.precision.label == fastest_passing(choice.candidates, "float32")
     assert first.precision == choice.precision

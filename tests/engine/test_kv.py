@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 from qubrid_lab.engine.forward import FusedLlama, transformers_forward
-from qubrid_lab.engine.kv import BatchKV, PrefillKV
+from qubrid_lab.engine.kv import BatchKV, PackedPrefillKV, PrefillKV
 
 CPU = torch.device("cpu")
 
@@ -214,3 +214,41 @@ def test_a_prompt_prefilled_after_a_cached_prefix_decodes_as_if_prefilled_whole(
             alone = solo_logits(tiny_model, ids, 5)
             for step, (a, b) in enumerate(zip(generated, alone)):
                 assert torch.allclose(a, b, atol=1e-4), f"step {step}: max diff {(a - b).abs().max()}"
+
+
+def test_prompts_prefilled_packed_decode_as_if_each_was_prefilled_alone(tiny_model):
+    """The scheduler packs waiting prompts into one prefill pass, some on top of a cached prefix; each one's
+    last logits and keys/values, and then its decoding, are those of the prompt on its own."""
+    fused = copy.deepcopy(tiny_model)
+    FusedLlama.fuse(fused)
+    forward = FusedLlama(fused)
+    prompts = [prompt(9, 21), prompt(3, 22), prompt(17, 23), prompt(1, 24)]
+    splits = [0, 0, 6, 0]  # the third continues a cached prefix of 6 tokens
+    with torch.inference_mode():
+        prefix = PrefillKV()
+        forward(torch.tensor([prompts[2][:6]]), torch.arange(6)[None], prefix, None)
+        packed = PackedPrefillKV([len(p) - s for p, s in zip(prompts, splits)],
+                                 [prefix if s else None for s in splits], CPU)
+        ids = torch.tensor([[t for p, s in zip(prompts, splits) for t in p[s:]]])
+        positions = torch.cat([torch.arange(s, len(p)) for p, s in zip(prompts, splits)])[None]
+        last = forward.packed(ids, positions, packed)
+        assert last.shape[0] == len(prompts)
+        assert prefix.keys[0].shape[-2] == 6  # the cached prefix is not changed by the prompt on top of it
+        for i, ids in enumerate(prompts):
+            alone = PrefillKV()
+            expected = forward(torch.tensor([ids]), torch.arange(len(ids))[None], alone, None)[0]
+            assert torch.allclose(last[i], expected, atol=1e-4), f"prompt {i}: {(last[i] - expected).abs().max()}"
+            for k, k_alone in zip(packed.prompts[i].keys, alone.keys):
+                assert k.shape == k_alone.shape and torch.allclose(k, k_alone, atol=1e-4)
+        kv = BatchKV(CPU)
+        for i, ids in enumerate(prompts):
+            kv.add_rows(packed.prompts[i], torch.ones((1, len(ids)), dtype=torch.long))
+        generated = [last]
+        for _ in range(3):
+            mask, positions = kv.step_inputs()
+            generated.append(forward(generated[-1].argmax(-1)[:, None], positions, kv, mask))
+            kv.commit_step()
+        for i, ids in enumerate(prompts):
+            alone = solo_logits(tiny_model, ids, 4)
+            for step, (a, b) in enumerate(zip([g[i] for g in generated], alone)):
+                assert torch.allclose(a, b, atol=1e-4), f"prompt {i} step {step}: {(a - b).abs().max()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationRun
 from qubrid_lab.engine.sampling import SamplingParams
 from qubrid_lab.errors import InvalidRequestError
+from qubrid_lab.models.weight_int8 import Int8WeightLinear
 
 WAIT_SECONDS = 30  # generous bound for polling the engine's state; never a timing assertion
 
@@ -290,10 +292,12 @@ def test_requests_beyond_the_batch_size_wait_their_turn(engine_factory):
     assert sorted(generate(engine, prompts[:1], n=3, temperature=0.0, max_tokens=3).finishes) == [0, 1, 2]
 
 
-def test_int8_weights_generate(engine_factory):
-    engine = engine_factory("tiny-int8", dtype="int8")
-    assert engine.precision.label == "int8"
-    assert isinstance(engine.model.lm_head, torch.ao.nn.quantized.dynamic.Linear)
+@pytest.mark.parametrize("dtype, layer", [("int8", torch.ao.nn.quantized.dynamic.Linear),
+                                          ("w8a16", Int8WeightLinear)])
+def test_int8_weights_generate(engine_factory, dtype, layer):
+    engine = engine_factory(f"tiny-{dtype}", dtype=dtype)
+    assert engine.precision.label == dtype
+    assert isinstance(engine.model.lm_head, layer)
     ids = chat(engine, "Hello")
     first = generate(engine, [ids], temperature=0.0, max_tokens=8)
     assert (first.finishes[0].reason, first.finishes[0].completion_tokens) == ("length", 8)
@@ -356,3 +360,27 @@ def test_a_shared_system_prompt_is_prefilled_once_and_changes_no_output(engine_f
     assert (engine.scheduler.prefixes.misses, engine.scheduler.prefixes.hits) == (1, 2)
     assert replies == whole
     assert again == whole[0]
+
+
+def test_prompts_waiting_together_are_prefilled_in_one_pass_and_answer_as_alone(engine_factory, monkeypatch):
+    engine = engine_factory()
+    system = {"role": "system", "content": "You are a careful assistant who answers every question with few words."}
+    engine.encode_chat([system, {"role": "user", "content": "learn the prefix"}])
+    prompts = [chat(engine, "Hi"), chat(engine, "A much longer question about batching and padding?"),
+               engine.encode_chat([system, {"role": "user", "content": "Tell me a story"}]), chat(engine, "Go")]
+    alone = [generate(engine, [ids], temperature=0.0, max_tokens=12).text() for ids in prompts]
+    assert engine.scheduler.packed_prompts == 0  # one prompt at a time: each prefilled alone
+
+    gate = threading.Event()  # the model thread waits until all four prompts are queued
+    engine._thread.submit(gate.wait)
+    submit = engine.scheduler.submit
+
+    def queue(handle):
+        submit(handle)
+        if engine.scheduler.active_rows == len(prompts):
+            gate.set()
+
+    monkeypatch.setattr(engine.scheduler, "submit", queue)
+    together = generate(engine, prompts, temperature=0.0, max_tokens=12)
+    assert engine.scheduler.packed_prompts == len(prompts)
+    assert [together.text(i) for i in range(len(prompts))] == alone
