@@ -1,8 +1,8 @@
 """qubrid_lab: the hosted inference and fine-tuning platform's API, on your own machine.
 
-The notebook helpers are imported on first use, so ``import qubrid_lab`` stays light (no torch):
+The notebook helpers and the client are imported on first use, so ``import qubrid_lab`` stays light (no torch):
 
-    from qubrid_lab import profile_csv, start_server
+    from qubrid_lab import Client, profile_csv, start_server
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ _LAZY_EXPORTS = {
     "DatasetProfile": "qubrid_lab.training.dataset_profile",
     "start_server": "qubrid_lab.workbench",
     "LabServer": "qubrid_lab.workbench",
+    "Client": "qubrid_lab.client",
 }
 
-__all__ = ["DatasetProfile", "LabServer", "__version__", "profile_csv", "start_server"]
+__all__ = ["Client", "DatasetProfile", "LabServer", "__version__", "profile_csv", "start_server"]
 
 
 def __getattr__(name: str):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from qubrid_lab.cli_verbs import add_api_verbs
+from qubrid_lab.cli_verbs.connection import add_connection_flags
+from qubrid_lab.client.api_errors import QubridLabError
 from qubrid_lab.errors import QubridError
 from qubrid_lab.settings import Settings
 
@@ -115,6 +119,7 @@ HOME_HELP = "home directory (env QUBRID_LAB_HOME, default ~/.qubrid_lab)"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qubrid-lab", description=__doc__)
     parser.add_argument("--home", type=Path, help=HOME_HELP)
+    add_connection_flags(parser, default=None)
     # every verb takes --home too (``qubrid-lab serve --home X``); given there, it wins over one before the verb
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--home", type=Path, default=argparse.SUPPRESS, help=HOME_HELP)
@@ -127,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="catalogue id, model directory, .gguf file or Hub id to load (repeatable)")
     serve.add_argument("--catalogue-file", type=Path, help="JSON list of extra catalogue entries")
     serve.add_argument("--device", help="auto, cpu or cuda[:N]")
-    serve.add_argument("--dtype", help="auto (measured: fastest accurate), int8 (CPU), float32, bfloat16 or float16")
+    serve.add_argument("--dtype", help="auto (measured: fastest accurate), float32, bfloat16, float16, or on a CPU "
+                                       "w8a16 or int8")
     serve.add_argument("--max-batch-size", type=int, help="most sequences decoded together per model")
     serve.add_argument("--max-tokens-cap", type=int, help="cap on generated tokens when a request sets none")
     serve.add_argument("--api-key-file", type=Path, help="file of accepted keys, one per line")
@@ -188,15 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--gpu", action="store_true", help="run the model instance on a GPU (KIND_GPU)")
     triton.add_argument("--catalogue-file", type=Path, help="JSON or TOML list of extra catalogue entries")
     triton.set_defaults(run=cmd_export_triton)
+    add_api_verbs(commands, common)
     return parser
+
+
+def print_error(message: str, param: str | None = None) -> None:
+    """``error: <message>`` on stderr, naming the field at fault when the message does not already."""
+    field = f" (field: {param})" if param and param not in message else ""
+    print(f"error: {message}{field}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except QubridError as exc:
-        print(f"qubrid-lab: {exc.message}", file=sys.stderr)
+    except QubridError as exc:  # a local refusal (the home, a file, a setting)
+        print_error(exc.message, exc.param)
         return 2
+    except QubridLabError as exc:  # the server's refusal, or no server
+        print_error(exc.message, exc.param)
+        if exc.status == 401:
+            print("The server refused the API key: pass the right one with --api-key (env QUBRID_LAB_API_KEY).",
+                  file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout closed early (``| head``): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

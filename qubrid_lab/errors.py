@@ -133,20 +133,26 @@ def _is_union_member(part: object) -> bool:
     return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part or "(" in part)
 
 
-def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
-    """A readable message naming every bad field, and the first field's name for ``param``."""
-    problems, first = [], None
+def validation_problems(errors: list[dict]) -> list[tuple[str, str]]:
+    """Pydantic's errors as (field path, problem) pairs, in its order without repeats, e.g.
+    ``("hyperparameters.epochs", "Input should be greater than or equal to 1 (got 0)")``."""
+    problems = []
     for error in errors:
-        if error.get("type") == "json_invalid":
-            return f"The request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}.", None
-        location = error.get("loc", ())
-        location = tuple(p for p in location if not _is_union_member(p))
-        field = _field_path(location) or "body"
-        first = first or field
+        location = tuple(p for p in error.get("loc", ()) if not _is_union_member(p))
         message = error["msg"].removeprefix("Value error, ")
         if "input" in error and error.get("type") != "missing" and not isinstance(error["input"], (dict, list)):
             message += f" (got {error['input']!r})"
-        problem = f"{field}: {message}"
+        problem = (_field_path(location) or "body", message)
         if problem not in problems:
             problems.append(problem)
-    return "Invalid request: " + "; ".join(problems) + ".", first
+    return problems
+
+
+def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
+    """A readable message naming every bad field, and the first field's name for ``param``."""
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            return f"The request body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}.", None
+    problems = validation_problems(errors)
+    message = "; ".join(f"{field}: {problem}" for field, problem in problems)
+    return f"Invalid request: {message}.", problems[0][0] if problems else None

@@ -21,10 +21,18 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from html import escape
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import httpx
 
+from qubrid_lab.client import Client
+from qubrid_lab.client.datasets_api import Datasets
+from qubrid_lab.client.jobs_api import Jobs
+from qubrid_lab.client.models_api import Models
 from qubrid_lab.server.home import STOPPING_WAIT_SECONDS, HomeServer, home_server, wait_until_gone
+
+if TYPE_CHECKING:
+    import pandas
 
 HOST = "127.0.0.1"
 POLL_SECONDS = 0.25
@@ -43,8 +51,9 @@ class ServerStartError(RuntimeError):
 class LabServer:
     """A running qubrid_lab server: its address, key, clients, and (when this interpreter started it) its process.
 
-    ``client`` is an ``openai.OpenAI`` client for ``base_url``; ``http`` an ``httpx.Client`` on ``url`` with the
-    API key set, for the routes the SDK has no method for (``/health``, the fine-tuning events).
+    The platform calls of ``qubrid_lab.Client`` work on it directly: ``datasets``, ``jobs``, ``models``,
+    ``usage()`` and ``compare()`` (``api_client`` is that client). ``client`` is an ``openai.OpenAI`` client for
+    ``base_url``; ``http`` an ``httpx.Client`` on ``url`` with the API key set, for any other route.
     """
 
     url: str  # http://127.0.0.1:PORT
@@ -63,17 +72,47 @@ class LabServer:
         return int(self.url.rsplit(":", 1)[1])
 
     @cached_property
+    def api_client(self) -> Client:
+        """The ``qubrid_lab.Client`` for this server (created on first use)."""
+        return Client(self.url, self.api_key or "")
+
+    @property
     def client(self):
-        """An ``openai.OpenAI`` client for this server (created on first use)."""
-        from openai import OpenAI
+        """An ``openai.OpenAI`` client for this server."""
+        return self.api_client.openai
 
-        return OpenAI(base_url=self.base_url, api_key=self.api_key or "no-key")
-
-    @cached_property
+    @property
     def http(self) -> httpx.Client:
         """An ``httpx.Client`` with ``base_url=url`` and the API key's Authorization header."""
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=600)
+        return self.api_client.http
+
+    @property
+    def datasets(self) -> Datasets:
+        """Training datasets: ``upload``, ``list``, ``get``, ``delete`` (see ``qubrid_lab.Client``)."""
+        return self.api_client.datasets
+
+    @property
+    def jobs(self) -> Jobs:
+        """Fine-tuning jobs: ``create``, ``list``, ``get``, ``cancel``, ``pause``, ``resume``, ``events``,
+        ``checkpoints``, ``follow`` (progress with an ETA) and ``wait``."""
+        return self.api_client.jobs
+
+    @property
+    def models(self) -> Models:
+        """Served and fine-tuned models: ``list``, ``get``, ``chat_ids``, ``fine_tuned``, ``delete``."""
+        return self.api_client.models
+
+    @property
+    def usage(self) -> Callable[..., list[dict]]:
+        """``usage(start_date, end_date, model=, key_name=)``: tokens and cost by day, model and key
+        (``Client.usage``)."""
+        return self.api_client.usage
+
+    @property
+    def compare(self) -> Callable[..., pandas.DataFrame]:
+        """``compare(models, questions, **sampling)``: every model's answer to every question, greedy by default,
+        in a DataFrame (``Client.compare``)."""
+        return self.api_client.compare
 
     def health(self) -> dict:
         """The server's ``/health`` answer: status, loaded model ids, whether keys are required."""
@@ -82,7 +121,7 @@ class LabServer:
         return response.json()
 
     @property
-    def models(self) -> list[str]:
+    def served_models(self) -> list[str]:
         """Ids of the models the server serves now (fine-tuned ones included); [] when it does not answer."""
         try:
             return self.health()["models"]
@@ -106,10 +145,9 @@ class LabServer:
 
         Stopping twice is harmless; a server attached to, not started here, is left running.
         """
-        for name in ("client", "http"):
-            client = self.__dict__.pop(name, None)
-            if client is not None:
-                client.close()
+        api_client = self.__dict__.pop("api_client", None)
+        if api_client is not None:
+            api_client.close()
         if self.process is None:
             return
         if self.process.poll() is None:
@@ -131,12 +169,12 @@ class LabServer:
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
-        return f"<LabServer {self.base_url} {state}, models {self.models}>"
+        return f"<LabServer {self.base_url} {state}, models {self.served_models}>"
 
     def _repr_html_(self) -> str:
         running = self.is_running()
         dot = "#16a34a" if running else "#9ca3af"
-        models = "".join(f'<li><code>{escape(model)}</code></li>' for model in self.models) or "<li>none</li>"
+        models = "".join(f'<li><code>{escape(model)}</code></li>' for model in self.served_models) or "<li>none</li>"
         rows = [("OpenAI base_url", f"<code>{escape(self.base_url)}</code>"),
                 ("API key", "set" if self.api_key else "none (open on loopback)"),
                 ("Started", "here" if self.process is not None else "elsewhere; attached to it"),
@@ -231,11 +269,11 @@ def _attach(holder: HomeServer, home_dir: Path, port: int | None, models: list[s
     log_path = _log_path(home_dir, int(holder.url.rsplit(":", 1)[1]))
     server = LabServer(holder.url, api_key, home_dir, log_path=log_path if log_path.is_file() else None)
     _wait_until_healthy(server, timeout, holder)
-    missing = sorted(set(map(str, models or [])) - set(server.models))
+    missing = sorted(set(map(str, models or [])) - set(server.served_models))
     if missing:
         raise ServerStartError(
             f"The server at {holder.url} (pid {holder.pid}), which holds the home directory {home_dir}, does not "
-            f"serve {', '.join(missing)} (it serves {', '.join(server.models)}). Stop it and start again with "
+            f"serve {', '.join(missing)} (it serves {', '.join(server.served_models)}). Stop it and start again with "
             "these models, or pass another home=.")
     return server
 
@@ -247,7 +285,7 @@ def _running(port: int | None, models: list[str] | None, api_key: str | None,
     for started_port, server in reversed(list(_started.items())):
         if port not in (None, started_port) or home_dir not in (None, server.home):
             continue
-        if server.is_running() and set(map(str, models or [])) <= set(server.models):
+        if server.is_running() and set(map(str, models or [])) <= set(server.served_models):
             return server
     if port is not None and _healthy(f"http://{HOST}:{port}"):
         return LabServer(f"http://{HOST}:{port}", api_key, home_dir)

@@ -66,7 +66,7 @@ def test_stop_ends_the_process_and_can_be_repeated(tmp_path, tiny_model_dir):
         assert server.is_running() and server.api_key is None
         pid = server.process.pid
     assert server.process.returncode is not None and gone(pid)
-    assert not server.is_running() and server.models == []
+    assert not server.is_running() and server.served_models == []
     server.stop()
     assert "stopped" in repr(server)
 
@@ -111,7 +111,7 @@ def test_one_server_per_home_a_second_notebook_attaches_to_it(tmp_path, tiny_mod
     try:
         attached = start_server(home=home)
         assert attached.process is None and attached.port == port and attached.home == home
-        assert attached.models == [str(tiny_model_dir)] and "attached" in attached._repr_html_()
+        assert attached.served_models == [str(tiny_model_dir)] and "attached" in attached._repr_html_()
         with pytest.raises(ServerStartError, match="only one server can run per home"):
             start_server(home=home, reuse=False)
         with pytest.raises(ServerStartError, match="does not serve no-such-model"):

@@ -1,1 +1,1 @@
-"""Training data: CSV ingest and validation, column resolution, profiling, formatting into examples."""
+"""Training data: CSV and JSONL ingest and validation, column resolution, formatting into examples, splits."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from qubrid_lab.data.columns import ColumnPlan
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, and padding in a batch)
 
 
 @dataclass

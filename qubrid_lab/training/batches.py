@@ -1,59 +1,20 @@
-"""Training examples into batches: the seeded train / validation split, the dataset and the padding collator."""
+"""Training examples into batches: the dataset the Trainer reads and the padding collator.
+
+The train / validation split and the step count are plain list arithmetic, in ``qubrid_lab.data.splits``.
+"""
 
 from __future__ import annotations
 
-import math
-import random
 from dataclasses import dataclass
 
 import torch
 
-from qubrid_lab.training.errors import TrainingError
-
-IGNORE_INDEX = -100  # label value the loss skips (prompt tokens and padding)
-
-
-@dataclass(frozen=True)
-class Split:
-    """The examples trained on and the ones held out to measure validation loss."""
-
-    train: list[dict[str, list[int]]]
-    validation: list[dict[str, list[int]]]
+from qubrid_lab.data.formatting import IGNORE_INDEX
 
 
 def has_target(example: dict[str, list[int]]) -> bool:
     """True when the example has at least one token the loss is taken on."""
     return any(label != IGNORE_INDEX for label in example["labels"])
-
-
-def split_examples(examples: list[dict[str, list[int]]], validation_split: float, seed: int) -> Split:
-    """Hold out ``validation_split`` of the examples (at least one when the split is above 0), chosen by ``seed``.
-
-    The split keeps the file's order within each part; the Trainer shuffles the training part itself.
-    """
-    if validation_split == 0:
-        return Split(list(examples), [])
-    if len(examples) < 2:
-        raise TrainingError(
-            f"validation_split {validation_split} needs at least 2 usable rows (one to train on, one to "
-            f"validate); the dataset has {len(examples)}. Add rows or set validation_split to 0."
-        )
-    count = min(max(1, round(len(examples) * validation_split)), len(examples) - 1)
-    held_out = set(random.Random(seed).sample(range(len(examples)), count))
-    return Split(
-        [example for index, example in enumerate(examples) if index not in held_out],
-        [example for index, example in enumerate(examples) if index in held_out],
-    )
-
-
-def steps_per_epoch(train_rows: int, batch_size: int, gradient_accumulation_steps: int, processes: int) -> int:
-    """Optimizer steps in one pass over ``train_rows``, counted the way the Trainer's data loader batches them.
-
-    Each process gets ``ceil(batches / processes)`` batches (accelerate pads the last round to even it out), and
-    a short final accumulation round still makes a step.
-    """
-    batches = math.ceil(math.ceil(train_rows / batch_size) / processes)
-    return max(1, math.ceil(batches / gradient_accumulation_steps))
 
 
 class ExampleDataset(torch.utils.data.Dataset):

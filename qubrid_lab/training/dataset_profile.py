@@ -21,9 +21,9 @@ from pathlib import Path
 from qubrid_lab.data.columns import ACCEPTED_NAMES, OPTIONAL_ROLES, ColumnError, ColumnPlan, plan_columns
 from qubrid_lab.data.csv_ingest import inspect_csv, read_rows
 from qubrid_lab.data.formatting import IGNORE_INDEX, build_examples
+from qubrid_lab.data.splits import split_examples, steps_per_epoch, validation_split_problem
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.settings import DEFAULT_CHAT_MODEL
-from qubrid_lab.training.batches import split_examples, steps_per_epoch
 from qubrid_lab.training.hyperparameters import Hyperparameters
 
 ROW_NUMBERING = "Rows are numbered from 1, the first data row after the header (not the file's line numbers)."
@@ -200,10 +200,7 @@ def unusable_dataset_reason(rows: list[dict[str, str]], plan: ColumnPlan, valida
     if usable == 0:
         return (f"no usable rows: each of its {_count(len(rows), 'row')} has an empty "
                 f"{' or '.join(_required_roles(plan))} ({_rows_text(empty)})")
-    if validation_split > 0 and usable < 2:
-        return (f"validation_split {validation_split} needs at least 2 usable rows (one to train on, one to "
-                f"validate); the dataset has {usable}. Add rows or set validation_split to 0")
-    return None
+    return validation_split_problem(usable, validation_split)
 
 
 def rows_with_nothing_to_train(rows: list[dict], plan: ColumnPlan, tokenizer, max_seq_length: int) -> list[int]:
@@ -337,6 +334,7 @@ def _measure_tokens(profile: DatasetProfile, rows: list[dict[str, str]], tokeniz
     reason = unusable_dataset_reason(rows, plan, profile.validation_split)
     if reason is None and not trainable:
         reason = f"no row leaves room for an answer within max_seq_length {limit}"
+    reason = reason or validation_split_problem(len(trainable), profile.validation_split)
     if reason:
         warnings.append(DatasetWarning(f"A job cannot train on this dataset: {reason}."))
         return

@@ -1,26 +1,24 @@
 """Checking a fine-tuning job request before it is queued: every problem at once, each naming its field.
 
-The checks a job's data must pass are the dataset profile's (``training.dataset_profile``), so a notebook's
+The rules a request meets on its own are in ``training.job_request_rules``, which the notebook's form runs too;
+the checks a job's data must pass are the dataset profile's (``training.dataset_profile``), so a notebook's
 profile and the server's refusal agree.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from qubrid_lab.data.columns import TASK_TYPES, plan_columns
 from qubrid_lab.data.dataset_files import read_dataset
-from qubrid_lab.errors import InvalidRequestError, describe_validation_errors
+from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.models.catalogue import Catalogue, ModelEntry
 from qubrid_lab.models.loading import source_status, weights_location
 from qubrid_lab.storage.datasets import DatasetStore
 from qubrid_lab.training.dataset_profile import tokenizer_at, untrainable_reason, unusable_dataset_reason
-from qubrid_lab.training.hyperparameters import Hyperparameters, tracker_problems, validation_needs
+from qubrid_lab.training.hyperparameters import Hyperparameters, tracker_problems
+from qubrid_lab.training.job_request_rules import check_request_fields, missing_dataset_problem
 
-SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ROWS_CHECKED_AT_CREATION = 50_000  # larger datasets are tokenized by the worker only
 
 
@@ -46,31 +44,20 @@ def check_job_request(catalogue: Catalogue, datasets: DatasetStore, model_cache_
                                        "entry a 'source' naming the weights to train from."))
     dataset = datasets.find(dataset_id, scope)
     if dataset is None:
-        problems.append(("dataset_id", f"no dataset '{dataset_id}'; upload one with POST /fine-tuning/datasets"))
-    plan = resolved = None
-    if task_type not in TASK_TYPES:
-        problems.append(("task_type", f"must be 'qa', 'not_qa' or 'chat' (got {task_type!r})"))
-    elif dataset is not None and (task_type == "chat") != (dataset.path.suffix == ".jsonl"):
-        problems.append(("task_type", "chat jobs train on JSONL conversations and qa or not_qa jobs on CSV "
-                                      f"columns; dataset '{dataset_id}' is {dataset.path.suffix[1:].upper()}"))
-    elif dataset is not None:
-        try:
-            plan = plan_columns(dataset.columns, task_type, column_mapping)
-        except InvalidRequestError as exc:
-            problems.append((exc.param or "task_type", exc.message.rstrip(".")))
-    try:
-        resolved = Hyperparameters.model_validate(hyperparameters or {})
-    except ValidationError as exc:
-        located = [{**error, "loc": ("hyperparameters", *error["loc"])} for error in exc.errors()]
-        message, param = describe_validation_errors(located)
-        problems.append((param, message.removeprefix("Invalid request: ").rstrip(".")))
+        problems.append(missing_dataset_problem(dataset_id))
+    check = check_request_fields(
+        task_type=task_type, hyperparameters=hyperparameters, suffix=suffix, column_mapping=column_mapping,
+        dataset_id=dataset_id, dataset_columns=dataset.columns if dataset else None,
+        dataset_format=dataset.path.suffix[1:] if dataset else None,
+        validation_dataset=validation_dataset_id is not None)
+    problems += check.problems
+    plan, resolved = check.plan, check.hyperparameters
     if resolved is not None and entry is not None and entry.backend == "vllm" \
             and resolved.lora_rank > entry.max_lora_rank:
         problems.append(("hyperparameters.lora_rank", f"{resolved.lora_rank} is above {entry.max_lora_rank}, "
                          f"the largest LoRA rank the vLLM serving '{base_model}' loads (its entry's "
                          "max_lora_rank); lower lora_rank or raise max_lora_rank"))
     if resolved is not None:
-        problems += validation_needs(resolved, validation_dataset_id is not None)
         problems += tracker_problems(resolved.report_to)
     problems += _validation_dataset_problems(datasets, validation_dataset_id, task_type, column_mapping, resolved,
                                              scope)
@@ -86,10 +73,6 @@ def check_job_request(catalogue: Catalogue, datasets: DatasetStore, model_cache_
             reason = _cut_to_nothing(model_cache_dir, entry, rows, plan, resolved.max_seq_length)
         if reason:
             problems.append(("dataset_id", f"dataset '{dataset_id}' cannot train a {task_type} job: {reason}"))
-    suffix = suffix or None
-    if suffix is not None and not SUFFIX_PATTERN.fullmatch(suffix):
-        rule = "use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        problems.append(("suffix", f"{rule} (got {suffix!r})"))
     if problems:
         raise InvalidRequestError("Invalid fine-tuning job: " + "; ".join(
             text if text.startswith(f"{param}:") else f"{param}: {text}" for param, text in problems) + ".",

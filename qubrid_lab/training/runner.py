@@ -21,17 +21,11 @@ from typing import Protocol
 import torch
 
 from qubrid_lab.data.columns import ColumnPlan
+from qubrid_lab.data.formatting import IGNORE_INDEX
+from qubrid_lab.data.splits import Split, split_examples, steps_per_epoch
 from qubrid_lab.errors import QubridError
 from qubrid_lab.models.loading import TRAINED_TEMPLATE_FILE
-from qubrid_lab.training.batches import (
-    IGNORE_INDEX,
-    ExampleDataset,
-    PaddingCollator,
-    Split,
-    has_target,
-    split_examples,
-    steps_per_epoch,
-)
+from qubrid_lab.training.batches import ExampleDataset, PaddingCollator, has_target
 from qubrid_lab.training.callbacks import SinkCallback
 from qubrid_lab.training.checkpoints import (
     CHECKPOINTS_DIR,
@@ -49,6 +43,7 @@ from qubrid_lab.training.lora import (
     resolve_placement,
     world_size,
 )
+from qubrid_lab.training.worker_contract import ADAPTER_DIR
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -62,8 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -141,7 +134,10 @@ def load_split(spec: TrainingSpec, tokenizer) -> Split:
         held_out = _usable_examples(spec.validation_path, spec.validation_plan, tokenizer,
                                     spec.hyperparameters.max_seq_length, "validation dataset")
         return Split(examples, held_out)
-    return split_examples(examples, spec.hyperparameters.validation_split, spec.hyperparameters.seed)
+    try:
+        return split_examples(examples, spec.hyperparameters.validation_split, spec.hyperparameters.seed)
+    except ValueError as error:  # too few rows for the validation split
+        raise TrainingError(str(error)) from error
 
 
 def _usable_examples(path: Path, plan: ColumnPlan, tokenizer, max_seq_length: int, what: str = "dataset") -> list:

@@ -5,12 +5,12 @@
 The server's job manager starts it (under ``torchrun`` when several GPUs train together) and owns the job's
 status; the worker only records progress (events and ``training_metrics``), a readable ``error`` when it
 fails, and ``result.json`` in the job directory when training returns. A crash or an OOM kill of this
-process therefore cannot take the server down: the manager sees the exit and fails the job.
+process therefore cannot take the server down: the manager sees the exit and fails the job. The command line,
+the signals and the job directory's files are the contract in ``worker_contract``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -28,15 +28,11 @@ from qubrid_lab.storage.datasets import DatasetStore
 from qubrid_lab.storage.db import Database
 from qubrid_lab.storage.jobs import JobStore
 from qubrid_lab.training.errors import TrainingError
+from qubrid_lab.training.worker_contract import GPU_SHARE_VARIABLE, PAUSE_SIGNAL, JobFiles, WorkerArguments
 
 log = logging.getLogger("qubrid_lab.worker")
 
-RESULT_FILE = "result.json"
-METRICS_FILE = "step_metrics.csv"  # OpenAI's result file for the job, written when training ends
-LOG_FILE = "worker.log"
 ORPHAN_CHECK_SECONDS = 1.0
-GPU_SHARE_VARIABLE = "QUBRID_LAB_GPU_MEMORY_FRACTION"  # set by the job manager beside a managed vLLM
-PAUSE_SIGNAL = signal.SIGUSR1  # the job manager's "save a checkpoint, then stop"
 
 
 def cap_gpu_memory() -> None:
@@ -50,17 +46,6 @@ def cap_gpu_memory() -> None:
         for index in range(torch.cuda.device_count()):
             torch.cuda.set_per_process_memory_fraction(float(share), index)
         log.info("CUDA memory capped at %s of each GPU (the rest is held by vLLM)", share)
-
-
-def resume_step(job_dir: Path) -> int | None:
-    """The step the runner will resume the job from: that of its newest complete checkpoint, if any."""
-    from qubrid_lab.training.checkpoints import CHECKPOINTS_DIR, checkpoint_step, latest_checkpoint
-
-    checkpoint = latest_checkpoint(Path(job_dir) / CHECKPOINTS_DIR)
-    try:
-        return checkpoint_step(checkpoint) if checkpoint else None
-    except TrainingError:
-        return None
 
 
 class StopFlag:
@@ -151,13 +136,13 @@ class DatabaseProgress:
         return self.stop.keep_progress
 
 
-def tracker_locations(report_to: str, job_dir: Path) -> None:
+def tracker_locations(report_to: str, files: JobFiles) -> None:
     """Where a tracker writes when the server's environment does not say: under the job's directory."""
     if report_to == "tensorboard":
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(job_dir / "tensorboard"))
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(files.tensorboard))
     elif report_to == "mlflow" and "MLFLOW_TRACKING_URI" not in os.environ:
         # a file store needs no server or database; MLflow 3 asks for this opt-in to write one
-        os.environ.update(MLFLOW_TRACKING_URI=(job_dir / "mlruns").resolve().as_uri(), MLFLOW_ALLOW_FILE_STORE="true")
+        os.environ.update(MLFLOW_TRACKING_URI=files.mlruns.resolve().as_uri(), MLFLOW_ALLOW_FILE_STORE="true")
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "qubrid_lab")
 
 
@@ -186,16 +171,17 @@ def run_job(database: Path, files_dir: Path, job_id: str, model_dir: str, job_di
         validation_path=validation.path if validation else None,
         validation_plan=plan_columns(validation.columns, job.task_type, job.column_mapping) if validation else None,
     )
-    tracker_locations(spec.hyperparameters.report_to, job_dir)
-    step = resume_step(job_dir)
+    files = JobFiles(job_dir)
+    tracker_locations(spec.hyperparameters.report_to, files)
+    step = files.resume_step()
     if step is not None and is_main_process():
         jobs.record(job_id, "message", f"Resumed from step {step}.", {"step": step}, while_running=True)
     result = train(spec, DatabaseProgress(jobs, job_id, stop))
     if is_main_process() and not result.stopped:
-        (job_dir / METRICS_FILE).write_text(jobs.metrics_csv(job_id))
+        files.metrics.write_text(jobs.metrics_csv(job_id))
     if is_main_process():
         summary = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(result).items()}
-        (job_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2))
+        files.result.write_text(json.dumps(summary, indent=2))
 
 
 def failure_message(exc: BaseException) -> str:
@@ -207,20 +193,8 @@ def failure_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qubrid_lab.training.worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--database", type=Path, required=True, help="the server's SQLite file")
-    parser.add_argument("--job-id", required=True, help="the job to train (ftjob-...)")
-    parser.add_argument("--model-dir", required=True, help="from_pretrained location of the base model")
-    parser.add_argument("--job-dir", type=Path, required=True, help="where checkpoints/ and adapter/ are written")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    parser.add_argument("--files-dir", type=Path, help="where datasets are stored (default: <database dir>/files)")
-    parser.add_argument("--server-pid", type=int, help="stop training if this process goes away (default: parent)")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = WorkerArguments.parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = StopFlag(args.server_pid)
     stop.install()

@@ -1,41 +1,27 @@
-"""The widgets' side of the HTTP API: one small client over a ``LabServer`` (or a base URL and key).
+"""The widgets' side of the HTTP API: a small view over ``qubrid_lab.Client`` (a ``LabServer``'s, or a new one).
 
-Every call returns the decoded JSON body or raises ``ServerError`` carrying the server's own
-``error.message``, so a widget can show it next to the field it concerns instead of a traceback.
+Every call returns the decoded JSON body or raises the client's typed ``QubridLabError`` (``ServerError`` here)
+carrying the server's own ``error.message``, so a widget can show it next to the field it concerns instead of a
+traceback.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import httpx
+from qubrid_lab.client import FINISHED_STATUSES, Client, QubridLabError
 
-FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
+__all__ = ["FINISHED_STATUSES", "LabClient", "ServerError", "connect", "error_text"]
 
-
-class ServerError(Exception):
-    """A request the server refused (``status`` and ``param`` as it sent them) or could not be reached."""
-
-    def __init__(self, message: str, *, status: int | None = None, param: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-
-    @classmethod
-    def of(cls, response: httpx.Response) -> ServerError:
-        try:
-            error = response.json()["error"]
-            return cls(error["message"], status=response.status_code, param=error.get("param"))
-        except (ValueError, KeyError, TypeError):
-            return cls(f"HTTP {response.status_code}: {response.text[:300]}", status=response.status_code)
+ServerError = QubridLabError  # the name the widgets' callers have always caught
 
 
 class LabClient:
-    """Plain HTTP and ``openai`` access to one qubrid_lab server.
+    """The widgets' access to one qubrid_lab server: ``api_client`` (a ``qubrid_lab.Client``), its ``http`` and
+    ``openai`` clients, and the two lists the forms fill their menus from.
 
-    ``server`` is a ``LabServer`` (from ``qubrid_lab.start_server``), whose ``http`` and ``client`` are reused,
-    or the server's address as a string; ``base_url`` and ``api_key`` name a server started elsewhere.
+    ``server`` is a ``LabServer`` (from ``qubrid_lab.start_server``), whose client is reused, or the server's
+    address as a string; ``base_url`` and ``api_key`` name a server started elsewhere.
     """
 
     def __init__(self, server: Any = None, *, base_url: str | None = None, api_key: str | None = None,
@@ -43,28 +29,22 @@ class LabClient:
         if isinstance(server, str):
             server, base_url = None, server
         if server is not None:
-            self.url = server.url
-            self.http: httpx.Client = server.http
-            self.openai = server.client
-            return
-        if not base_url:
+            self.api_client: Client = server.api_client
+        elif base_url:
+            self.api_client = Client(base_url, api_key or "", timeout=timeout)
+        else:
             raise ValueError("pass a LabServer (qubrid_lab.start_server()) or base_url= (and api_key= if it needs one)")
-        from openai import OpenAI
+        self.url = self.api_client.url
+        self.http = self.api_client.http
 
-        self.url = base_url.rstrip("/").removesuffix("/v1")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(headers=headers, timeout=timeout)
-        self.openai = OpenAI(base_url=f"{self.url}/v1", api_key=api_key or "unused", max_retries=0, timeout=timeout)
+    @property
+    def openai(self):
+        """The server's ``openai.OpenAI`` client."""
+        return self.api_client.openai
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         """``path`` is absolute on the server (``/v1/...``); the JSON body, or None for an empty one."""
-        try:
-            response = self.http.request(method, f"{self.url}{path}", **kwargs)
-        except httpx.HTTPError as exc:
-            raise ServerError(f"Cannot reach the server at {self.url}: {exc}") from exc
-        if response.status_code >= 400:
-            raise ServerError.of(response)
-        return response.json() if response.content else None
+        return self.api_client.request(method, path, **kwargs)
 
     def get(self, path: str, **params) -> Any:
         return self.request("GET", path, params=params or None)
@@ -73,13 +53,11 @@ class LabClient:
         return self.request("POST", path, **kwargs)
 
     def datasets(self) -> list[dict]:
-        return self.get("/v1/fine-tuning/datasets")["data"]
+        return self.api_client.datasets.list()
 
     def chat_models(self, *, fine_tuned: bool = True) -> list[str]:
-        """Ids from ``/v1/models`` that generate text (its ``kind`` extension), fine-tuned ones (``ft:...``)
-        unless ``fine_tuned=False``."""
-        return [model["id"] for model in self.get("/v1/models")["data"]
-                if model["kind"] == "chat" and (fine_tuned or not model["id"].startswith("ft:"))]
+        """Ids from ``/v1/models`` that generate text, fine-tuned ones (``ft:...``) unless ``fine_tuned=False``."""
+        return self.api_client.models.chat_ids(fine_tuned=fine_tuned)
 
 
 def connect(server: Any = None, base_url: str | None = None, api_key: str | None = None) -> LabClient:

@@ -1,9 +1,10 @@
 """``HyperparameterForm``: every field of a fine-tuning job request, checked as you type.
 
 The hyperparameter inputs, their defaults, ranges and help texts are built from the fields of
-``qubrid_lab.training.hyperparameters.Hyperparameters``, and the same model validates them, so the form
-and the server can never disagree about what is allowed. ``form.value`` is the exact body of
-``POST /v1/fine-tuning/jobs``; ``form.submit()`` sends it.
+``qubrid_lab.training.hyperparameters.Hyperparameters``, and the request is checked by the server's own rules
+(``qubrid_lab.training.job_request_rules``), so the form and the server can never disagree about what is
+allowed, nor word a problem differently. ``form.value`` is the exact body of ``POST /v1/fine-tuning/jobs``;
+``form.submit()`` sends it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import ipywidgets as widgets
-from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from qubrid_lab.data.columns import TASK_TYPES, plan_columns
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.training.hyperparameters import TRACKERS, Hyperparameters
-from qubrid_lab.training.job_requests import SUFFIX_PATTERN
+from qubrid_lab.training.job_request_rules import check_request_fields, missing_dataset_problem
 from qubrid_lab.widgets._client import ServerError, connect
 from qubrid_lab.widgets._fields import bounds, range_text, status_html
 
@@ -141,7 +141,8 @@ def _hyperparameter_field(name: str, info: FieldInfo) -> _Field:
     if list[str] in args:
         widget = widgets.Text(value=", ".join(default), placeholder="q_proj, v_proj  or  all-linear", **options)
         return _field(widget, "comma-separated module names, or all-linear", read=lambda: _module_names(widget.value),
-                      write=lambda value: setattr(widget, "value", value if isinstance(value, str) else ", ".join(value)))
+                      write=lambda value: setattr(widget, "value",
+                                                  value if isinstance(value, str) else ", ".join(value)))
     raise TypeError(f"HyperparameterForm has no input for {name}: {info.annotation}")
 
 
@@ -277,34 +278,37 @@ class HyperparameterForm(widgets.VBox):
         return True
 
     def _check(self) -> dict[str, str]:
-        """Find every problem the server would report, show each next to its field, and return them."""
+        """Find every problem the server would report, in its words, show each next to its field, and return them.
+
+        The request's own rules are the server's (``check_request_fields``); whether the model and dataset exist
+        is read from the server's lists, and only the server knows the rest (its catalogue, its packages).
+        """
         payload = self.value
         errors: dict[str, str] = {}
-        try:
-            Hyperparameters(**payload["hyperparameters"])
-        except ValidationError as exc:
-            for error in exc.errors():
-                errors.setdefault(str(error["loc"][0]), error["msg"].removeprefix("Value error, "))
         if not payload["base_model"]:
             errors["base_model"] = "the server has no chat model loaded"
         dataset = self._datasets.get(payload["dataset_id"])
         if not payload["dataset_id"]:
             errors["dataset_id"] = "no dataset yet: upload a CSV (DatasetProfiler or POST /v1/fine-tuning/datasets)"
         elif dataset is None:
-            errors["dataset_id"] = f"the server has no dataset {payload['dataset_id']!r}"
+            errors["dataset_id"] = missing_dataset_problem(payload["dataset_id"])[1]
         mapping = self._job_fields["column_mapping"].read()
         if isinstance(mapping, str):
             errors["column_mapping"] = "write role=column pairs separated by commas, e.g. question=prompt, answer=reply"
-        elif dataset is not None:
-            try:
-                plan_columns(dataset["columns"], payload["task_type"], mapping)
-            except InvalidRequestError as exc:
-                errors[exc.param if exc.param in self._job_fields else "task_type"] = exc.message
-        suffix = payload.get("suffix")
-        if suffix and not SUFFIX_PATTERN.fullmatch(suffix):
-            errors["suffix"] = "use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        check = check_request_fields(
+            task_type=payload["task_type"], hyperparameters=payload["hyperparameters"], suffix=payload.get("suffix"),
+            column_mapping=mapping if isinstance(mapping, dict) else None, dataset_id=payload["dataset_id"],
+            dataset_columns=dataset["columns"] if dataset is not None and not isinstance(mapping, str) else None)
+        for name, problem in check.problems:
+            name = self._field_name(name)
+            errors[name] = f"{errors[name]}; {problem}" if name in errors else problem
         self._show(errors)
         return errors
+
+    def _field_name(self, name: str) -> str:
+        """The form's field for a request field: ``hyperparameters.target_modules[0]`` is ``target_modules``."""
+        name = name.removeprefix("hyperparameters.").split("[")[0].split(".")[0]
+        return name if name in self._all_fields else "task_type"
 
     def _show(self, errors: dict[str, str]) -> None:
         self.errors = errors
@@ -330,8 +334,8 @@ class HyperparameterForm(widgets.VBox):
             self.status.value = status_html(exc.message, "error")
             raise
         self.status.value = status_html(
-            f"Created {self.job['id']} ({self.job['status']}). Follow it: TrainingMonitor(server, job_id=\"{self.job['id']}\")",
-            "ok")
+            f"Created {self.job['id']} ({self.job['status']}). "
+            f"Follow it: TrainingMonitor(server, job_id=\"{self.job['id']}\")", "ok")
         return self.job
 
     def _on_submit(self, _button) -> None:

@@ -1,8 +1,8 @@
 """``TrainingMonitor``: follow a fine-tuning job live, from this notebook or started anywhere else.
 
-A background thread polls ``GET /v1/fine-tuning/jobs/{id}`` and then
-``GET /v1/fine-tuning/jobs/{id}/events?after=<last event id>``, so each poll reads only what is new and the
-kernel stays free for other cells; it stops when the job ends or the widget is closed.
+A background thread follows the job with ``qubrid_lab.Client.jobs.follow`` (each poll reads the job and only
+the events that are new, and measures the pace and the time left), so the kernel stays free for other cells;
+it stops when the job ends or the widget is closed.
 
 The loss plot is a plotly ``FigureWidget``. It updates in place in JupyterLab 4 (since plotly 6 it is an
 anywidget, so no lab extension has to be built or enabled), new points are sent as one message per poll
@@ -16,27 +16,21 @@ from __future__ import annotations
 
 import html
 import threading
-import time
-from datetime import datetime
 from typing import Any
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from qubrid_lab.client.job_progress import JobProgress, ProgressTracker
 from qubrid_lab.widgets._client import FINISHED_STATUSES, ServerError, connect
 from qubrid_lab.widgets._fields import status_html
 
-UNREACHABLE_SECONDS = 60.0  # how long the monitor keeps retrying a server that does not answer
 TRAINING, VALIDATION = 0, 1  # trace indexes in the figure
 
 
 # numbers besides the losses that step and evaluation events carry, shown as they come (name -> how)
 LIVE_METRICS = {"learning_rate": "lr {:.1e}", "grad_norm": "grad norm {:.2f}", "tokens_per_second": "{:,.0f} tokens/s",
                 "validation_mean_token_accuracy": "validation token accuracy {:.1%}"}
-
-
-def _timestamp(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def _duration(seconds: float) -> str:
@@ -78,11 +72,7 @@ class TrainingMonitor(widgets.VBox):
         self.job: dict | None = None
         self.error: str | None = None
         self.points: dict[str, dict[int, float]] = {"training": {}, "validation": {}}
-        self.latest: dict[str, float] = {}  # the newest of each other number the events carry (LIVE_METRICS)
-        self._cursor: str | None = None
-        self._total_steps: int | None = None
-        self._pace: tuple[int, float] | None = None  # (step, time) where the current run of steps began
-        self._last_step: tuple[int, float] | None = None
+        self.latest: dict[str, float] = {}  # the newest of each number the metrics events carry
         self._ended = threading.Event()
         self._lock = threading.Lock()
 
@@ -98,13 +88,13 @@ class TrainingMonitor(widgets.VBox):
         super().__init__([self.title, self.figure, widgets.HBox([self.progress, self.eta]),
                           widgets.HBox([self.cancel_button, self.status]), self.metrics])
 
+        jobs = self.api.api_client.jobs
         try:
-            self.job = self.api.post("/v1/fine-tuning/jobs", json=job) if job is not None \
-                else self.api.get(f"/v1/fine-tuning/jobs/{job_id}")
+            self.job = jobs.create(**job) if job is not None else jobs.get(job_id)
         except ServerError as exc:
             self._end(exc.message)
             return
-        self._show_job(self.job)
+        self._show_job(ProgressTracker().update(self.job, []))
         self._thread = threading.Thread(target=self._follow, name=f"TrainingMonitor:{self.job['id']}", daemon=True)
         self._thread.start()
 
@@ -126,7 +116,7 @@ class TrainingMonitor(widgets.VBox):
 
     def cancel(self) -> dict:
         """Ask the server to cancel the job; returns the job as the server sends it back."""
-        job = self.api.post(f"/v1/fine-tuning/jobs/{self.job['id']}/cancel")
+        job = self.api.api_client.jobs.cancel(self.job["id"])
         with self._lock:
             self.status.value = status_html("Cancelling…")
         return job
@@ -138,93 +128,62 @@ class TrainingMonitor(widgets.VBox):
     # --- the polling thread -------------------------------------------------------------------------------
 
     def _follow(self) -> None:
-        failing_since: float | None = None
-        while not self._stop.is_set():
-            try:
-                job = self.api.get(f"/v1/fine-tuning/jobs/{self.job['id']}")  # first: a finished job's events
-                events = self._new_events()                                   # are all written by then
-            except ServerError as exc:
-                failing_since = failing_since or time.monotonic()
-                if exc.status == 404 or time.monotonic() - failing_since > UNREACHABLE_SECONDS:
-                    self._end(exc.message)
+        try:
+            for progress in self.api.api_client.jobs.follow(self.job["id"], poll_seconds=self.poll_seconds,
+                                                            stop=self._stop):
+                self._apply(progress)
+                if progress.finished:
+                    self._end()
                     return
-                with self._lock:
-                    self.status.value = status_html(f"{exc.message} (retrying)", "error")
-                self._stop.wait(self.poll_seconds)
-                continue
-            failing_since = None
-            self._apply(job, events)
-            if job["status"] in FINISHED_STATUSES:
-                self._end()
-                return
-            self._stop.wait(self.poll_seconds)
+        except ServerError as exc:  # the job is gone, or the server stayed unreachable
+            self._end(exc.message)
+            return
         self._end(f"the monitor was closed while job {self.job['id']} was {self.job['status']}")
 
-    def _new_events(self) -> list[dict]:
-        events: list[dict] = []
-        while True:
-            params = {"limit": 1000, **({"after": self._cursor} if self._cursor else {})}
-            page = self.api.get(f"/v1/fine-tuning/jobs/{self.job['id']}/events", **params)
-            events += page["data"]
-            if page["data"]:
-                self._cursor = page["data"][-1]["id"]
-            if not page["has_more"]:
-                return events
-
-    def _apply(self, job: dict, events: list[dict]) -> None:
-        """Take in one poll's news: record each event's numbers, then redraw everything that changed."""
-        for event in events:
+    def _apply(self, progress: JobProgress) -> None:
+        """Take in one poll's news: record each event's losses, then redraw everything that changed."""
+        for event in progress.events:
             data = event["data"]
-            if "total_steps" in data:
-                self._total_steps = data["total_steps"]
             if event["type"] != "metrics":
                 continue
-            step = data["step"]
-            if "training_loss" in data:
-                self.points["training"][step] = data["training_loss"]
-                self._time_step(step, _timestamp(event["created_at"]))
-            if "validation_loss" in data:
-                self.points["validation"][step] = data["validation_loss"]
-            self.latest.update({name: data[name] for name in LIVE_METRICS if name in data})
-        last_message = events[-1]["message"] if events else None
+            for key in ("training", "validation"):
+                if f"{key}_loss" in data:
+                    self.points[key][data["step"]] = data[f"{key}_loss"]
+        last_message = progress.events[-1]["message"] if progress.events else None
         with self._lock:
-            self.job = job
-            if events:
-                self._redraw()
-            self._show_job(job, last_message)
+            self.job = progress.job
+            self.latest = progress.metrics
+            if progress.events:
+                self._redraw(progress.total_steps)
+            self._show_job(progress, last_message)
 
-    def _time_step(self, step: int, at: float) -> None:
-        """Keep the pace of the current run of steps (a job resumed from a checkpoint starts a new run)."""
-        if self._last_step is None or step <= self._last_step[0]:
-            self._pace = (step, at)
-        self._last_step = (step, at)
-
-    def _redraw(self) -> None:
+    def _redraw(self, total_steps: int | None) -> None:
         with self.figure.batch_update():
             for index, key in ((TRAINING, "training"), (VALIDATION, "validation")):
                 steps = sorted(self.points[key])
                 self.figure.data[index].x = steps
                 self.figure.data[index].y = [self.points[key][step] for step in steps]
-            if self._total_steps:
-                self.figure.layout.xaxis.range = [0, self._total_steps + 0.5]
+            if total_steps:
+                self.figure.layout.xaxis.range = [0, total_steps + 0.5]
                 # plotly ticks a short run at 0.5 steps; there are no half steps
-                self.figure.layout.xaxis.dtick = 1 if self._total_steps <= 10 else None
+                self.figure.layout.xaxis.dtick = 1 if total_steps <= 10 else None
 
     # --- what the widgets show ----------------------------------------------------------------------------
 
-    def _show_job(self, job: dict, message: str | None = None) -> None:
-        total = job.get("total_steps") or self._total_steps
-        done = job["training_metrics"]["steps_completed"]
+    def _show_job(self, progress: JobProgress, message: str | None = None) -> None:
+        job, total = progress.job, progress.total_steps
         self.title.value = (f"<b>{html.escape(job['id'])}</b> · {html.escape(job['base_model'])} · "
                             f"dataset {html.escape(job['dataset_id'])}")
         if total:
             self.progress.max = total
-            self.progress.value = min(done, total)
+            self.progress.value = min(progress.steps_done, total)
         self.progress.bar_style = {"completed": "success", "failed": "danger", "cancelled": "warning"}.get(
             job["status"], "info")
-        self.eta.value = self._eta_text(job, done, total)
+        self.eta.value = self._eta_text(progress)
         if job["status"] == "failed":
             self.status.value = status_html(f"failed: {job.get('error') or message or 'no reason given'}", "error")
+        elif progress.retrying:
+            self.status.value = status_html(progress.retrying, "error")
         elif message or job["status"] in FINISHED_STATUSES:
             self.status.value = f"<b>{job['status']}</b> · " + status_html(message or "")
         else:
@@ -233,20 +192,18 @@ class TrainingMonitor(widgets.VBox):
         if job["status"] in FINISHED_STATUSES:
             self.metrics.value = self._final_metrics(job)
 
-    def _eta_text(self, job: dict, done: int, total: int | None) -> str:
-        if job["status"] in FINISHED_STATUSES and job.get("started_at") and job.get("completed_at"):
-            took = _timestamp(job["completed_at"]) - _timestamp(job["started_at"])
-            return f"{done}/{total or done} steps in {_duration(took)}"
+    def _eta_text(self, progress: JobProgress) -> str:
+        done, total = progress.steps_done, progress.total_steps
+        if progress.finished and progress.elapsed_seconds is not None:
+            return f"{done}/{total or done} steps in {_duration(progress.elapsed_seconds)}"
         if not total:
-            return "waiting for training to start" if job["status"] in {"queued", "running"} else ""
-        if self._pace is None or self._last_step is None or self._last_step[0] <= self._pace[0]:
+            return "waiting for training to start" if progress.status in {"queued", "running"} else ""
+        if progress.seconds_per_step is None or progress.eta_seconds is None:
             return f"{done}/{total} steps"
-        seconds_per_step = (self._last_step[1] - self._pace[1]) / (self._last_step[0] - self._pace[0])
-        left = max(total - done, 0) * seconds_per_step
         shown = " · ".join(template.format(self.latest[name]) for name, template in LIVE_METRICS.items()
                            if name in self.latest)
-        return (f"{done}/{total} steps · {seconds_per_step:.2f} s/step · about {_duration(left)} left"
-                + (f" · {shown}" if shown else ""))
+        return (f"{done}/{total} steps · {progress.seconds_per_step:.2f} s/step · about "
+                f"{_duration(progress.eta_seconds)} left" + (f" · {shown}" if shown else ""))
 
     def _final_metrics(self, job: dict) -> str:
         metrics = job["training_metrics"]

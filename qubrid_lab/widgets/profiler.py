@@ -15,9 +15,9 @@ from typing import Any
 import ipywidgets as widgets
 from pydantic import ValidationError
 
-from qubrid_lab.training.dataset_profile import DatasetProfile, profile_csv
 from qubrid_lab.errors import QubridError
 from qubrid_lab.settings import DEFAULT_CHAT_MODEL
+from qubrid_lab.training.dataset_profile import DatasetProfile, profile_csv
 from qubrid_lab.training.hyperparameters import Hyperparameters
 from qubrid_lab.widgets._client import ServerError, connect, error_text
 from qubrid_lab.widgets._fields import range_text, status_html
@@ -157,12 +157,10 @@ class DatasetProfiler(widgets.VBox):
             raise ValueError("nothing to upload: " + ("no server given" if self.api is None else "no file chosen"))
         if name is not None:
             self.dataset_name.value = name
-        filename = self.source_name
         content = self._source.read_bytes() if isinstance(self._source, Path) else self._source[1]
-        fields = {"name": self.dataset_name.value.strip()} if self.dataset_name.value.strip() else {}
         try:
-            self.dataset = self.api.post("/v1/fine-tuning/datasets", files={"file": (filename, content, "text/csv")},
-                                         data=fields)
+            self.dataset = self.api.api_client.datasets.upload(content, self.dataset_name.value.strip() or None,
+                                                               filename=self.source_name)
         except ServerError as exc:
             self.status.value = status_html(f"Upload refused: {exc.message}", "error")
             raise

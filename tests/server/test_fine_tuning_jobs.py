@@ -31,7 +31,7 @@ from tests.server.test_api import assert_error
 QA_CSV = Path(__file__).parent.parent / "data" / "qa_facts.csv"
 QUICK = {"max_steps": 4, "batch_size": 4, "validation_split": 0.2, "eval_steps": 2, "save_steps": 2,
          "lora_rank": 4, "max_seq_length": 64}
-ENDLESS = {**QUICK, "max_steps": 100_000, "eval_steps": 100_000, "save_steps": 2}
+ENDLESS = {**QUICK, "epochs": 100, "max_steps": 100_000, "eval_steps": 100_000, "save_steps": 2}  # 300 steps: time to act
 TIMEOUT = 240
 
 

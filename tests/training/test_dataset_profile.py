@@ -170,6 +170,11 @@ def test_a_dataset_a_job_cannot_train_on_says_why(tmp_path, tiny_tokenizer):
     assert profile.steps_per_epoch == 0
     assert any("validation_split 0.1 needs at least 2 usable rows" in w.message for w in profile.warnings)
 
+    one_fits = write(tmp_path / "one_fits.csv", "question,answer\nShort?,Yes.\n" + "Why " * 60 + "?,Because.\n")
+    profile = profile_csv(one_fits, tokenizer=tiny_tokenizer, max_seq_length=32, validation_split=0.1)
+    assert (profile.trainable_rows, profile.steps_per_epoch) == (1, 0)
+    assert any("needs at least 2 usable rows" in w.message and "has 1" in w.message for w in profile.warnings)
+
 
 def test_the_suggested_length_covers_nearly_every_row_and_stays_within_the_model(tmp_path, tiny_tokenizer):
     rows = [f"Note {i}: " + "the ferry crosses the bay " * (3 + i % 5) for i in range(150)]

@@ -98,3 +98,20 @@ def test_a_request_the_server_refuses_shows_its_message_at_the_field(server, fac
 
     missing = HyperparameterForm(server, dataset_id="ds-missing")
     assert "no dataset 'ds-missing'" in missing.errors["dataset_id"]
+
+
+def test_the_form_words_each_problem_as_the_server_does(server, facts_dataset):
+    form = HyperparameterForm(server, dataset_id=facts_dataset["id"])
+    bad_values = {"learning_rate": "0", "target_modules": "q_proj, ", "suffix": "no spaces please"}
+    needs_validation_data = {"early_stopping_patience": "2", "load_best_at_end": True, "suffix": ""}
+    for values in (bad_values, needs_validation_data):
+        for name, value in values.items():
+            form.fields[name].value = value
+        assert set(form.errors) == {name for name, value in values.items() if value}
+
+        refused = server.http.post("/v1/fine-tuning/jobs", json=form.value)
+        assert refused.status_code == 400
+        message = refused.json()["error"]["message"]
+        for name, problem in form.errors.items():
+            assert f"{name if name == 'suffix' else 'hyperparameters.' + name}: {problem}" in message, message
+        form.apply_preset("quick test")  # every hyperparameter valid again, no validation data

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
-from qubrid_lab.engine.sampling import SamplingParams
+if TYPE_CHECKING:
+    from qubrid_lab.engine.sampling import SamplingParams
 
 
 TokenIds = list[Annotated[int, Field(ge=0)]]  # a prompt or input given as token ids (OpenAI accepts both)
@@ -68,6 +69,9 @@ class SamplingFields(WireModel):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
                         echo_logprobs: bool = False) -> SamplingParams:
+        # imported here: the engine loads torch, which the notebook widgets that read these fields' ranges do without
+        from qubrid_lab.engine.sampling import SamplingParams
+
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,

@@ -24,7 +24,6 @@ from qubrid_lab.server.protocol.openai_fine_tuning import (
 )
 from qubrid_lab.server.uploads import receive_upload
 from qubrid_lab.storage.jobs import JobRecord
-from qubrid_lab.training.worker import METRICS_FILE
 
 router = APIRouter(prefix="/files", tags=["Files (OpenAI)"])
 
@@ -67,7 +66,7 @@ def _result(request: Request, file_id: str) -> tuple[FileObject, str] | None:
 def _result_of(request: Request, job: JobRecord) -> tuple[FileObject, str]:
     """A completed job's result file: the worker's CSV, or one made from the job's events when it left none."""
     manager = request.app.state.job_manager
-    written = manager.job_dir(job.id) / METRICS_FILE
+    written = manager.files(job.id).metrics
     content = written.read_text() if written.is_file() else manager.jobs.metrics_csv(job.id)
     return result_file(job, content), content
 
