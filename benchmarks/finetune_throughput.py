@@ -100,12 +100,18 @@ class GpuSampler:
                 pids = {self.process.pid, *(child.pid for child in self.process.children(recursive=True))}
                 listing = subprocess.run(
                     ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                    capture_output=True, text=True, timeout=10, check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                    check=False,
                 ).stdout
             except (psutil.NoSuchProcess, subprocess.SubprocessError, OSError):
                 return
-            used = sum(int(memory) for pid, memory in (line.split(",") for line in listing.splitlines() if line)
-                       if int(pid) in pids)
+            used = sum(
+                int(memory)
+                for pid, memory in (line.split(",") for line in listing.splitlines() if line)
+                if int(pid) in pids
+            )
             self.peak_mib = max(self.peak_mib, used)
 
 
@@ -146,8 +152,9 @@ def find_worker(job_id: str, timeout_s: float) -> psutil.Process:
 def run_job(client: httpx.Client, args: argparse.Namespace) -> RunResult:
     """Upload the CSV, start the job, follow its events to the end, and measure its worker."""
     result = RunResult("job")
-    upload = client.post("/v1/fine-tuning/datasets",
-                         files={"file": (args.data.name, args.data.read_bytes(), "text/csv")})
+    upload = client.post(
+        "/v1/fine-tuning/datasets", files={"file": (args.data.name, args.data.read_bytes(), "text/csv")}
+    )
     upload.raise_for_status()
     body = {
         "base_model": args.model,
@@ -155,8 +162,13 @@ def run_job(client: httpx.Client, args: argparse.Namespace) -> RunResult:
         "task_type": "qa",
         "suffix": "bench",
         "hyperparameters": {
-            "epochs": 100, "max_steps": args.steps, "learning_rate": args.learning_rate, "validation_split": 0,
-            "lora_rank": args.lora_rank, "batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
+            "epochs": 100,
+            "max_steps": args.steps,
+            "learning_rate": args.learning_rate,
+            "validation_split": 0,
+            "lora_rank": args.lora_rank,
+            "batch_size": args.batch_size,
+            "max_seq_length": args.max_seq_length,
             "seed": args.seed,
         },
     }
@@ -168,8 +180,9 @@ def run_job(client: httpx.Client, args: argparse.Namespace) -> RunResult:
     with memory_of(find_worker(job_id, args.job_timeout).pid) as peaks:
         cursor, status, job = None, "queued", {}
         while True:
-            events = client.get(f"/v1/fine-tuning/jobs/{job_id}/events",
-                                params={"limit": 100, **({"after": cursor} if cursor else {})}).json()
+            events = client.get(
+                f"/v1/fine-tuning/jobs/{job_id}/events", params={"limit": 100, **({"after": cursor} if cursor else {})}
+            ).json()
             for event in events["data"]:
                 data = event.get("data") or {}
                 if "training_loss" in data:
@@ -206,10 +219,26 @@ def run_plain(model_dir: str, args: argparse.Namespace) -> RunResult:
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "plain.json"
         command = [
-            sys.executable, str(PLAIN_SCRIPT), "--model-dir", model_dir, "--data", str(args.data),
-            "--steps", str(args.steps), "--lora-rank", str(args.lora_rank), "--batch-size", str(args.batch_size),
-            "--max-seq-length", str(args.max_seq_length), "--learning-rate", str(args.learning_rate),
-            "--seed", str(args.seed), "--json", str(report),
+            sys.executable,
+            str(PLAIN_SCRIPT),
+            "--model-dir",
+            model_dir,
+            "--data",
+            str(args.data),
+            "--steps",
+            str(args.steps),
+            "--lora-rank",
+            str(args.lora_rank),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-seq-length",
+            str(args.max_seq_length),
+            "--learning-rate",
+            str(args.learning_rate),
+            "--seed",
+            str(args.seed),
+            "--json",
+            str(report),
         ]
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -258,21 +287,35 @@ def attempt(name: str, measure) -> RunResult:
 
 def ratio_rows(job: RunResult, plain: RunResult) -> list[dict]:
     rows = []
-    for metric, bound, higher_is_better in (("tokens_per_s", TOKENS_TARGET, True),
-                                           ("peak_rss_gib", MEMORY_TARGET, False),
-                                           ("peak_gpu_gib", MEMORY_TARGET, False)):
+    for metric, bound, higher_is_better in (
+        ("tokens_per_s", TOKENS_TARGET, True),
+        ("peak_rss_gib", MEMORY_TARGET, False),
+        ("peak_gpu_gib", MEMORY_TARGET, False),
+    ):
         ours, reference = getattr(job, metric), getattr(plain, metric)
         if ours is None or not reference:
             continue
         ratio = ours / reference
         met = ratio >= bound if higher_is_better else ratio <= bound
-        rows.append({"metric": metric, "ratio": ratio, "target": f"{'>=' if higher_is_better else '<='} {bound}",
-                     "verdict": "PASS" if met else "FAIL"})
+        rows.append(
+            {
+                "metric": metric,
+                "ratio": ratio,
+                "target": f"{'>=' if higher_is_better else '<='} {bound}",
+                "verdict": "PASS" if met else "FAIL",
+            }
+        )
     return rows
 
 
-def print_report(machine: str, args: argparse.Namespace, rounds: list[tuple[RunResult, RunResult]], job: RunResult,
-                 plain: RunResult, rows: list[dict]) -> None:
+def print_report(
+    machine: str,
+    args: argparse.Namespace,
+    rounds: list[tuple[RunResult, RunResult]],
+    job: RunResult,
+    plain: RunResult,
+    rows: list[dict],
+) -> None:
     def show(value, unit="", digits=2):
         return "-" if value is None else f"{value:.{digits}f}{unit}"
 
@@ -280,16 +323,22 @@ def print_report(machine: str, args: argparse.Namespace, rounds: list[tuple[RunR
         if run.error:
             print(f"{label:<15}{run.error.splitlines()[0]}")
             return
-        print(f"{label:<15}{run.steps:>6}{run.tokens:>9}{show(run.tokens_per_s, digits=1):>9}"
-              f"{show(run.peak_rss_gib, ' G'):>10}{show(run.peak_gpu_gib, ' G'):>10}"
-              f"{show(run.first_loss_s, ' s', 1):>10}{show(run.wall_s, ' s', 1):>8}{show(run.stolen_cores):>8}")
+        print(
+            f"{label:<15}{run.steps:>6}{run.tokens:>9}{show(run.tokens_per_s, digits=1):>9}"
+            f"{show(run.peak_rss_gib, ' G'):>10}{show(run.peak_gpu_gib, ' G'):>10}"
+            f"{show(run.first_loss_s, ' s', 1):>10}{show(run.wall_s, ' s', 1):>8}{show(run.stolen_cores):>8}"
+        )
 
     print(f"\n{machine}")
-    print(f"{args.model} on {args.data.name}: LoRA r={args.lora_rank}, batch {args.batch_size}, "
-          f"max_seq_length {args.max_seq_length}, {args.steps} steps, seed {args.seed}, "
-          f"job polled every {args.poll_interval} s\n")
-    print(f"{'run':<15}{'steps':>6}{'tokens':>9}{'tok/s':>9}{'peak RSS':>10}{'peak GPU':>10}"
-          f"{'1st loss':>10}{'wall':>8}{'stolen':>8}")
+    print(
+        f"{args.model} on {args.data.name}: LoRA r={args.lora_rank}, batch {args.batch_size}, "
+        f"max_seq_length {args.max_seq_length}, {args.steps} steps, seed {args.seed}, "
+        f"job polled every {args.poll_interval} s\n"
+    )
+    print(
+        f"{'run':<15}{'steps':>6}{'tokens':>9}{'tok/s':>9}{'peak RSS':>10}{'peak GPU':>10}"
+        f"{'1st loss':>10}{'wall':>8}{'stolen':>8}"
+    )
     if len(rounds) > 1:
         for number, (job_run, plain_run) in enumerate(rounds, 1):
             line(f"job #{number}", job_run)
@@ -305,8 +354,10 @@ def print_report(machine: str, args: argparse.Namespace, rounds: list[tuple[RunR
     shared = sorted(set(job.losses) & set(plain.losses))
     if shared:
         step, gap = shared[-1], max(abs(job.losses[step] - plain.losses[step]) for step in shared)
-        print(f"Same training? losses at the {len(shared)} steps both logged differ by at most {gap:.4f} "
-              f"(step {step}: job {job.losses[step]:.4f}, plain {plain.losses[step]:.4f})")
+        print(
+            f"Same training? losses at the {len(shared)} steps both logged differ by at most {gap:.4f} "
+            f"(step {step}: job {job.losses[step]:.4f}, plain {plain.losses[step]:.4f})"
+        )
     print("\nRatios (job / plain):")
     for row in rows:
         print(f"  {row['metric']:<14}{row['ratio']:>7.3f}x  {row['target']:<8} {row['verdict']}")
@@ -316,9 +367,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", help="a running qubrid_lab server (default: start one on a free port)")
     parser.add_argument("--api-key", default=os.environ.get("QUBRID_LAB_API_KEY"), help="bearer key, if required")
-    parser.add_argument("--home", type=Path,
-                        default=Path(os.environ.get("QUBRID_LAB_HOME", Path.home() / ".qubrid_lab")),
-                        help="qubrid_lab home: the started server's QUBRID_LAB_HOME and the converted-model cache")
+    parser.add_argument(
+        "--home",
+        type=Path,
+        default=Path(os.environ.get("QUBRID_LAB_HOME", Path.home() / ".qubrid_lab")),
+        help="qubrid_lab home: the started server's QUBRID_LAB_HOME and the converted-model cache",
+    )
     parser.add_argument("--model", default=CHAT_MODEL, help="catalogue id of the base model")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a question/answer CSV")
     parser.add_argument("--steps", type=int, default=50)
@@ -327,11 +381,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-seq-length", type=int, default=512)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--poll-interval", type=float, default=1.0,
-                        help="seconds between polls of the job (1 s is how often the TrainingMonitor widget polls)")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=1.0,
+        help="seconds between polls of the job (1 s is how often the TrainingMonitor widget polls)",
+    )
     parser.add_argument("--job-timeout", type=float, default=1800, help="seconds one run may take")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="run job and plain script this many times, alternately; medians are compared")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="run job and plain script this many times, alternately; medians are compared",
+    )
     parser.add_argument("--skip", choices=("job", "plain"), help="run one side only")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
@@ -347,8 +409,13 @@ def one_round(args: argparse.Namespace, number: int) -> tuple[RunResult, RunResu
         server, base_url = nullcontext(), args.base_url.rstrip("/")
     else:
         port = free_port()
-        spec = ServerSpec("ours", [console_script("qubrid-lab"), "serve", "--port", str(port)], args.model,
-                          startup_timeout_s=300, env={"QUBRID_LAB_HOME": str(args.home)})
+        spec = ServerSpec(
+            "ours",
+            [console_script("qubrid-lab"), "serve", "--port", str(port)],
+            args.model,
+            startup_timeout_s=300,
+            env={"QUBRID_LAB_HOME": str(args.home)},
+        )
         # Only the job's worker is measured; a second sampler on the server's tree would cost the job alone.
         server = running_server(spec, port, ServerResult("ours", spec.command), sample_rss=False)
         base_url = f"http://127.0.0.1:{port}"
@@ -359,8 +426,11 @@ def one_round(args: argparse.Namespace, number: int) -> tuple[RunResult, RunResu
         with server, httpx.Client(base_url=base_url, headers=headers, timeout=60) as client:
             job = attempt("job" + label, lambda: run_job(client, args))
     # The plain run starts after the server is gone, so the two never share the machine.
-    plain = RunResult("plain", error=SKIPPED) if args.skip == "plain" else attempt(
-        "plain" + label, lambda: run_plain(base_model_dir(args.home, args.model), args))
+    plain = (
+        RunResult("plain", error=SKIPPED)
+        if args.skip == "plain"
+        else attempt("plain" + label, lambda: run_plain(base_model_dir(args.home, args.model), args))
+    )
     return job, plain
 
 
@@ -379,10 +449,15 @@ def combine(name: str, runs: list[RunResult]) -> RunResult:
         return max(values) if values else None
 
     return RunResult(
-        name, steps=done[0].steps, tokens=done[0].tokens,
-        tokens_per_s=median(run.tokens_per_s for run in done), first_loss_s=median(run.first_loss_s for run in done),
-        peak_rss_gib=highest(run.peak_rss_gib for run in done), peak_gpu_gib=highest(run.peak_gpu_gib for run in done),
-        losses=done[0].losses, wall_s=median(run.wall_s for run in done),
+        name,
+        steps=done[0].steps,
+        tokens=done[0].tokens,
+        tokens_per_s=median(run.tokens_per_s for run in done),
+        first_loss_s=median(run.first_loss_s for run in done),
+        peak_rss_gib=highest(run.peak_rss_gib for run in done),
+        peak_gpu_gib=highest(run.peak_gpu_gib for run in done),
+        losses=done[0].losses,
+        wall_s=median(run.wall_s for run in done),
         stolen_cores=median(run.stolen_cores for run in done),
     )  # over the runs that finished; the per-round lines show any that failed
 
@@ -399,11 +474,19 @@ def main() -> int:
     print_report(machine, args, rounds, job, plain, rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "machine": machine, "settings": {key: str(value) for key, value in vars(args).items()},
-            "rounds": [{"job": asdict(j), "plain": asdict(p)} for j, p in rounds],
-            "job": asdict(job), "plain": asdict(plain), "ratios": rows,
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "settings": {key: str(value) for key, value in vars(args).items()},
+                    "rounds": [{"job": asdict(j), "plain": asdict(p)} for j, p in rounds],
+                    "job": asdict(job),
+                    "plain": asdict(plain),
+                    "ratios": rows,
+                },
+                indent=2,
+            )
+        )
     failed = [run for run in jobs + plains if run.error not in (None, SKIPPED)]
     return 1 if failed else 0
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 STARTED = time.perf_counter()
 
-import torch  # the start time above includes the imports, as a job's does
-from peft import LoraConfig, TaskType, get_peft_model
-from transformers import (
+import torch  # noqa: E402 - the start time above includes the imports, as a job's does
+from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
@@ -29,9 +29,9 @@ from transformers import (
     set_seed,
 )
 
-from qubrid_lab.data.columns import plan_columns
-from qubrid_lab.data.csv_ingest import read_rows
-from qubrid_lab.data.formatting import build_examples
+from qubrid_lab.data.columns import plan_columns  # noqa: E402
+from qubrid_lab.data.csv_ingest import read_rows  # noqa: E402
+from qubrid_lab.data.formatting import build_examples  # noqa: E402
 
 
 class StepClock(TrainerCallback):
@@ -85,10 +85,16 @@ def main() -> None:
     bf16 = cuda and torch.cuda.is_bf16_supported()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     set_seed(args.seed)
-    model = get_peft_model(model, LoraConfig(
-        task_type=TaskType.CAUSAL_LM, r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=args.target_modules,
-    ))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.target_modules,
+        ),
+    )
     clock = StepClock()
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = Trainer(
@@ -117,14 +123,18 @@ def main() -> None:
         trainer.train()
 
     (_, first_end, first_tokens), (_, _, last_tokens) = clock.steps[0], clock.steps[-1]
-    args.json.write_text(json.dumps({
-        "steps": len(clock.steps),
-        "tokens": last_tokens,
-        "tokens_per_s": (last_tokens - first_tokens) / (clock.ended - first_end),
-        "first_loss_s": clock.first_loss_s,
-        "losses": clock.losses,
-        "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
-    }))
+    args.json.write_text(
+        json.dumps(
+            {
+                "steps": len(clock.steps),
+                "tokens": last_tokens,
+                "tokens_per_s": (last_tokens - first_tokens) / (clock.ended - first_end),
+                "first_loss_s": clock.first_loss_s,
+                "losses": clock.losses,
+                "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,11 @@ EMBEDDING_OVERHEAD_TARGET = 0.10
 SURFACE_CONCURRENCY = 16
 SURFACE_TARGET = 0.85
 SURFACE_WAVES = 3  # requests per run, in batches' worth: finished rows are replaced, as under a steady load
-STORY_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
-                "required": ["title", "story"]}
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+    "required": ["title", "story"],
+}
 
 
 def surface_extra(index: int) -> dict:
@@ -175,9 +178,7 @@ def machine_description() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         names = [
-            line.split(":", 1)[1].strip()
-            for line in cpuinfo.read_text().splitlines()
-            if line.startswith("model name")
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
         ]
         cpu = names[0] if names else cpu
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -268,8 +269,9 @@ class BackgroundLoad:
 
 
 @contextmanager
-def running_server(spec: ServerSpec, port: int, result: ServerResult,
-                   sample_rss: bool = True) -> Iterator[RssSampler | None]:
+def running_server(
+    spec: ServerSpec, port: int, result: ServerResult, sample_rss: bool = True
+) -> Iterator[RssSampler | None]:
     """Start the server in its own process group, wait until ``/health`` answers, and always stop it.
 
     With ``sample_rss`` the yielded sampler follows the server's process tree (five reads of /proc a second);
@@ -333,8 +335,16 @@ async def stream_one(client: AsyncOpenAI, model: str, max_tokens: int, extra: di
     arrivals: list[float] = []
     usage_tokens = None
     stream = await client.chat.completions.create(
-        **{"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})})
+        **{
+            "model": model,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **(extra or {}),
+        }
+    )
     async for chunk in stream:
         if chunk.usage is not None:
             usage_tokens = chunk.usage.completion_tokens
@@ -351,7 +361,12 @@ async def stream_one(client: AsyncOpenAI, model: str, max_tokens: int, extra: di
 
 
 async def run_level(
-    client: AsyncOpenAI, model: str, concurrency: int, requests: int, max_tokens: int, timeout_s: float,
+    client: AsyncOpenAI,
+    model: str,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    timeout_s: float,
     extra_of=lambda index: None,
 ) -> tuple[LevelResult, list[RequestResult]]:
     """Send ``requests`` streamed requests (request i with fields ``extra_of(i)``), at most ``concurrency`` in
@@ -394,8 +409,7 @@ def embedding_batches(count: int, size: int) -> list[list[str]]:
     verbs = ["watches", "rewrites", "ignores", "celebrates", "measures", "follows"]
     objects = ["the sunrise", "an old compiler", "the budget", "a paper boat", "the weather", "the stars"]
     sentences = (
-        f"{subjects[i % 6]} {verbs[i // 6 % 6]} {objects[i // 36 % 6]} on day {i}."
-        for i in range(count * size)
+        f"{subjects[i % 6]} {verbs[i // 6 % 6]} {objects[i // 36 % 6]} on day {i}." for i in range(count * size)
     )
     flat = list(sentences)
     return [flat[start : start + size] for start in range(0, len(flat), size)]
@@ -453,9 +467,23 @@ def chat_model_dir(home: Path) -> str:
 def vllm_spec(python: str, port: int, home: Path, memory: float | None = None) -> ServerSpec:
     """vLLM's own OpenAI server (``python`` has vLLM, e.g. its CPU build) on our converted SmolLM2 weights, in
     bf16; on a CPU its key/value cache gets ``VLLM_CPU_KVCACHE_SPACE`` = 2 GiB."""
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", chat_model_dir(home),
-               "--served-model-name", CHAT_MODEL, "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
-               "--max-model-len", "2048"]
+    command = [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        chat_model_dir(home),
+        "--served-model-name",
+        CHAT_MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "2048",
+    ]
     if memory is not None:
         command += ["--gpu-memory-utilization", str(memory)]
     return ServerSpec("vllm", command, CHAT_MODEL, startup_timeout_s=900, env={"VLLM_CPU_KVCACHE_SPACE": "2"})
@@ -530,23 +558,41 @@ async def load_server(
         if args.surface_rounds and spec.name == "ours":
             # untimed: the mixed load's batch sizes vary as structured answers end early, and each new batch
             # size costs the CPU kernels a first-time setup that a running server has long paid
-            await run_level(client, spec.chat_model, SURFACE_CONCURRENCY, surface_requests, args.max_tokens,
-                            args.request_timeout, surface_extra)
+            await run_level(
+                client,
+                spec.chat_model,
+                SURFACE_CONCURRENCY,
+                surface_requests,
+                args.max_tokens,
+                args.request_timeout,
+                surface_extra,
+            )
         lengths = [args.max_tokens] * surface_requests  # the mixed run's answer lengths, for the control
         for round_index in range(args.surface_rounds if spec.name == "ours" else 0):
             # in turns, the order alternating, so drift on a shared machine hits them alike; the control sends
             # plain requests as long as the last mixed run's answers (structured ones end when the JSON closes),
             # which separates what the features cost from what shorter answers cost
-            order = [("plain", lambda index: None), ("mixed", surface_extra),
-                     ("control", lambda index: {"max_tokens": lengths[index]})]
+            order = [
+                ("plain", lambda index: None),
+                ("mixed", surface_extra),
+                ("control", lambda index: {"max_tokens": lengths[index]}),
+            ]
             for kind, extra_of in order if round_index % 2 == 0 else order[::-1]:
-                level, done = await run_level(client, spec.chat_model, SURFACE_CONCURRENCY, surface_requests,
-                                              args.max_tokens, args.request_timeout, extra_of)
+                level, done = await run_level(
+                    client,
+                    spec.chat_model,
+                    SURFACE_CONCURRENCY,
+                    surface_requests,
+                    args.max_tokens,
+                    args.request_timeout,
+                    extra_of,
+                )
                 if kind == "mixed":
                     lengths = [max(1, request.tokens) for request in done]
                 getattr(result, f"surface_{kind}_tokens_per_s").append(level.tokens_per_s)
-                print(f"  {spec.name} surface round {round_index + 1} {kind}: {level.tokens_per_s:.1f} tok/s",
-                      flush=True)
+                print(
+                    f"  {spec.name} surface round {round_index + 1} {kind}: {level.tokens_per_s:.1f} tok/s", flush=True
+                )
         result.token_counting = (
             "usage.completion_tokens"
             if all(counted_by_usage)
@@ -595,9 +641,7 @@ def ratio_rows(results: dict[str, ServerResult]) -> list[dict]:
         level_ours = ours.levels.get(target.concurrency) if ours else None
         level_ref = reference.levels.get(target.concurrency) if reference else None
         ratio = (
-            getattr(level_ours, target.metric) / getattr(level_ref, target.metric)
-            if level_ours and level_ref
-            else None
+            getattr(level_ours, target.metric) / getattr(level_ref, target.metric) if level_ours and level_ref else None
         )
         if ratio is None or target.bound is None:
             verdict = "n/a" if ratio is None else "info"
@@ -671,14 +715,18 @@ def print_surface(result: ServerResult) -> None:
     if not plain or not mixed:
         return
     ratio = statistics.median(mixed) / statistics.median(plain)
-    print(f"\nrequest surface at c={SURFACE_CONCURRENCY} ({len(plain)} rounds; half json_schema, a quarter "
-          f"top_logprobs 5): plain {statistics.median(plain):.1f} tok/s, mixed {statistics.median(mixed):.1f} "
-          f"tok/s, ratio {ratio:.2f}x (target >= {SURFACE_TARGET}: {'PASS' if ratio >= SURFACE_TARGET else 'FAIL'})")
+    print(
+        f"\nrequest surface at c={SURFACE_CONCURRENCY} ({len(plain)} rounds; half json_schema, a quarter "
+        f"top_logprobs 5): plain {statistics.median(plain):.1f} tok/s, mixed {statistics.median(mixed):.1f} "
+        f"tok/s, ratio {ratio:.2f}x (target >= {SURFACE_TARGET}: {'PASS' if ratio >= SURFACE_TARGET else 'FAIL'})"
+    )
     control = result.surface_control_tokens_per_s
     if control:
-        print(f"control (plain requests as long as the mixed answers): {statistics.median(control):.1f} tok/s; "
-              f"mixed / control {statistics.median(mixed) / statistics.median(control):.2f}x (the features' own "
-              f"cost), control / plain {statistics.median(control) / statistics.median(plain):.2f}x (shorter answers)")
+        print(
+            f"control (plain requests as long as the mixed answers): {statistics.median(control):.1f} tok/s; "
+            f"mixed / control {statistics.median(mixed) / statistics.median(control):.2f}x (the features' own "
+            f"cost), control / plain {statistics.median(control) / statistics.median(plain):.2f}x (shorter answers)"
+        )
 
 
 def print_embeddings(served: float | None, direct: float) -> None:
@@ -717,10 +765,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--embedding-requests", type=int, default=20)
     parser.add_argument("--embedding-batch", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
-    parser.add_argument("--vllm-python", help="an interpreter that has vLLM, for --servers vllm (e.g. the tests' "
-                        "cached ~/.cache/qubrid_lab_tests/vllm-env/bin/python)")
-    parser.add_argument("--surface-rounds", type=int, default=0,
-                        help="rounds of plain against mixed (json_schema, top_logprobs) load at c=16 on our server")
+    parser.add_argument(
+        "--vllm-python",
+        help="an interpreter that has vLLM, for --servers vllm (e.g. the tests' "
+        "cached ~/.cache/qubrid_lab_tests/vllm-env/bin/python)",
+    )
+    parser.add_argument(
+        "--surface-rounds",
+        type=int,
+        default=0,
+        help="rounds of plain against mixed (json_schema, top_logprobs) load at c=16 on our server",
+    )
     return parser.parse_args()
 
 

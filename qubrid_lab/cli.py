@@ -15,8 +15,9 @@ from qubrid_lab.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {name: value for name, value in vars(args).items()
-                 if value is not None and name in Settings.model_fields}
+    overrides = {
+        name: value for name, value in vars(args).items() if value is not None and name in Settings.model_fields
+    }
     return Settings(**overrides)
 
 
@@ -43,12 +44,16 @@ def _when(at: float | None) -> str:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    key, record = _key_store(args).create(name=args.name, credits=args.credits, rpm=args.rpm, tpm=args.tpm,
-                                          admin=args.admin)
+    key, record = _key_store(args).create(
+        name=args.name, credits=args.credits, rpm=args.rpm, tpm=args.tpm, admin=args.admin
+    )
     print(key)
     credit = "unmetered" if record.credits is None else f"{record.credits} USD of credit"
-    print(f"key '{record.name}' ({'admin, ' if record.admin else ''}{credit}) created; only its hash is stored, so "
-          "copy it now. A running server accepts it at once.", file=sys.stderr)
+    print(
+        f"key '{record.name}' ({'admin, ' if record.admin else ''}{credit}) created; only its hash is stored, so "
+        "copy it now. A running server accepts it at once.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -58,15 +63,19 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     for key in keys:
         credits = "unmetered" if key.credits is None else f"{key.credits:g}"
         status = f"revoked {_when(key.revoked_at)}" if key.revoked_at else "live"
-        print(f"{key.name}\t{key.prefix}…\t{'yes' if key.admin else 'no'}\t{_when(key.created_at)}\t"
-              f"{_when(key.last_used_at)}\t{credits}\t{key.spent:.6f}\t{key.rpm or '-'}\t{key.tpm or '-'}\t{status}")
+        print(
+            f"{key.name}\t{key.prefix}…\t{'yes' if key.admin else 'no'}\t{_when(key.created_at)}\t"
+            f"{_when(key.last_used_at)}\t{credits}\t{key.spent:.6f}\t{key.rpm or '-'}\t{key.tpm or '-'}\t{status}"
+        )
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     record = _key_store(args).revoke(args.key)
-    print(f"revoked key '{record.name}' ({record.prefix}…); a running server refuses it from its next request",
-          file=sys.stderr)
+    print(
+        f"revoked key '{record.name}' ({record.prefix}…); a running server refuses it from its next request",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -106,8 +115,16 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
     from qubrid_lab.export.triton import export_triton
 
     settings = _settings(args)
-    model_dir = export_triton(settings, _catalogue(settings), args.model, args.out_dir, name=args.name,
-                              decoupled=not args.no_stream, max_batch_size=args.max_batch_size, gpu=args.gpu)
+    model_dir = export_triton(
+        settings,
+        _catalogue(settings),
+        args.model,
+        args.out_dir,
+        name=args.name,
+        decoupled=not args.no_stream,
+        max_batch_size=args.max_batch_size,
+        gpu=args.gpu,
+    )
     print(model_dir)
     print(f"serve it with: tritonserver --model-repository {args.out_dir}", file=sys.stderr)
     return 0
@@ -128,21 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the OpenAI-compatible server")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    serve.add_argument("--model", dest="models", action="append",
-                       help="catalogue id, model directory, .gguf file or Hub id to load (repeatable)")
+    serve.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        help="catalogue id, model directory, .gguf file or Hub id to load (repeatable)",
+    )
     serve.add_argument("--catalogue-file", type=Path, help="JSON list of extra catalogue entries")
     serve.add_argument("--device", help="auto, cpu or cuda[:N]")
-    serve.add_argument("--dtype", help="auto (measured: fastest accurate), float32, bfloat16, float16, or on a CPU "
-                                       "w8a16 or int8")
+    serve.add_argument(
+        "--dtype", help="auto (measured: fastest accurate), float32, bfloat16, float16, or on a CPU w8a16 or int8"
+    )
     serve.add_argument("--max-batch-size", type=int, help="most sequences decoded together per model")
     serve.add_argument("--max-tokens-cap", type=int, help="cap on generated tokens when a request sets none")
     serve.add_argument("--api-key-file", type=Path, help="file of accepted keys, one per line")
     serve.add_argument("--max-dataset-bytes", type=int, help="largest CSV dataset upload (default 100 MB)")
     serve.add_argument("--training-device", help="where fine-tuning jobs train: auto, cpu, cuda or cuda:N")
     serve.add_argument("--max-running-jobs", type=int, help="fine-tuning jobs trained at once (default 1)")
-    serve.add_argument("--image-url-hosts", help="hosts whose http(s) image URLs are fetched, comma-separated "
-                                                 "('*': any public host; default: any public host on loopback, "
-                                                 "none beyond)")
+    serve.add_argument(
+        "--image-url-hosts",
+        help="hosts whose http(s) image URLs are fetched, comma-separated "
+        "('*': any public host; default: any public host on loopback, "
+        "none beyond)",
+    )
     serve.add_argument("--allow-open", action="store_true", help="serve a non-loopback address without keys")
     serve.add_argument("--log-level", help="debug, info, warning")
     serve.add_argument("--owner-pid", type=int, help="stop when this process exits (set by start_server())")
@@ -150,46 +175,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", parents=[common], help="manage API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create = key_commands.add_parser("create", parents=[common],
-                                     help="create a qbt_ key (printed once; stored hashed)")
+    create = key_commands.add_parser("create", parents=[common], help="create a qbt_ key (printed once; stored hashed)")
     create.add_argument("--name", help="a unique name for the key (default: generated)")
-    create.add_argument("--credits", type=float, help="credit in USD; 0 refuses every request with 402 "
-                                                      "(default: unmetered)")
+    create.add_argument(
+        "--credits", type=float, help="credit in USD; 0 refuses every request with 402 (default: unmetered)"
+    )
     create.add_argument("--rpm", type=int, help="requests per minute (default: no limit)")
     create.add_argument("--tpm", type=int, help="tokens per minute, prompt plus completion (default: no limit)")
     create.add_argument("--admin", action="store_true", help="sees and manages every key's objects and usage")
     create.set_defaults(run=cmd_keys_create)
-    listing = key_commands.add_parser("list", parents=[common],
-                                      help="name, prefix, created, last used, limits, spend")
+    listing = key_commands.add_parser("list", parents=[common], help="name, prefix, created, last used, limits, spend")
     listing.add_argument("--all", action="store_true", help="revoked keys too")
     listing.set_defaults(run=cmd_keys_list)
     revoke = key_commands.add_parser("revoke", parents=[common], help="refuse a key from now on")
     revoke.add_argument("key", help="the key's name, or its first characters (8 or more), or the whole key")
     revoke.set_defaults(run=cmd_keys_revoke)
 
-    models = commands.add_parser("models", parents=[common],
-                                 help="the model catalogue (`models` alone is `models list`)")
+    models = commands.add_parser(
+        "models", parents=[common], help="the model catalogue (`models` alone is `models list`)"
+    )
     models.add_argument("--catalogue-file", type=Path, help="JSON list of extra catalogue entries")
     models.set_defaults(run=cmd_models_list)
     model_commands = models.add_subparsers(dest="models_command")
-    listing = model_commands.add_parser("list", parents=[common],
-                                        help="every catalogue entry: kind, backend, source, status")
-    listing.add_argument("--catalogue-file", type=Path, default=argparse.SUPPRESS,
-                         help="JSON list of extra catalogue entries")
+    listing = model_commands.add_parser(
+        "list", parents=[common], help="every catalogue entry: kind, backend, source, status"
+    )
+    listing.add_argument(
+        "--catalogue-file", type=Path, default=argparse.SUPPRESS, help="JSON list of extra catalogue entries"
+    )
     listing.set_defaults(run=cmd_models_list)
 
-    export = commands.add_parser("export", parents=[common],
-                                 help="write a model in another serving stack's format")
+    export = commands.add_parser("export", parents=[common], help="write a model in another serving stack's format")
     export_commands = export.add_subparsers(dest="export_command", required=True)
     triton = export_commands.add_parser(
-        "triton", parents=[common], help="a Triton model repository (Python backend, TensorRT-LLM ensemble tensors) "
-                                         "for a base or fine-tuned chat model")
+        "triton",
+        parents=[common],
+        help="a Triton model repository (Python backend, TensorRT-LLM ensemble tensors) "
+        "for a base or fine-tuned chat model",
+    )
     triton.add_argument("model", help="catalogue id or fine-tuned model id (ft:...)")
     triton.add_argument("out_dir", type=Path, help="the model repository to write into (created)")
     triton.add_argument("--name", default="ensemble", help="the Triton model's name (default: ensemble)")
-    triton.add_argument("--no-stream", action="store_true",
-                        help="a non-decoupled model: whole answers, usable over HTTP infer (default: decoupled, "
-                             "streamed over gRPC)")
+    triton.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="a non-decoupled model: whole answers, usable over HTTP infer (default: decoupled, streamed over gRPC)",
+    )
     triton.add_argument("--max-batch-size", type=int, default=8, help="the model config's max_batch_size")
     triton.add_argument("--gpu", action="store_true", help="run the model instance on a GPU (KIND_GPU)")
     triton.add_argument("--catalogue-file", type=Path, help="JSON or TOML list of extra catalogue entries")
@@ -214,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     except QubridLabError as exc:  # the server's refusal, or no server
         print_error(exc.message, exc.param)
         if exc.status == 401:
-            print("The server refused the API key: pass the right one with --api-key (env QUBRID_LAB_API_KEY).",
-                  file=sys.stderr)
+            print(
+                "The server refused the API key: pass the right one with --api-key (env QUBRID_LAB_API_KEY).",
+                file=sys.stderr,
+            )
         return 1
     except KeyboardInterrupt:
         return 130

@@ -47,13 +47,20 @@ class Settings(BaseSettings):
     )
     api_key_file: Path | None = Field(None, description="File with one accepted key per line ('#' comments).")
     default_price_input_per_mtok: float = Field(
-        0.10, ge=0, description="USD per million prompt and training tokens charged to keys with credits, for "
-        "models whose catalogue entry sets no price_input_per_mtok.")
+        0.10,
+        ge=0,
+        description="USD per million prompt and training tokens charged to keys with credits, for "
+        "models whose catalogue entry sets no price_input_per_mtok.",
+    )
     default_price_output_per_mtok: float = Field(
-        0.20, ge=0, description="USD per million completion tokens, for entries without price_output_per_mtok.")
+        0.20, ge=0, description="USD per million completion tokens, for entries without price_output_per_mtok."
+    )
     max_waiting_requests: int = Field(
-        256, ge=0, description="Requests that may wait for a free decoding slot per model; past that a request "
-                               "gets 503 server_overloaded with Retry-After.")
+        256,
+        ge=0,
+        description="Requests that may wait for a free decoding slot per model; past that a request "
+        "gets 503 server_overloaded with Retry-After.",
+    )
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Largest JSON body accepted.")
     max_dataset_bytes: int = Field(
         100 * 1024 * 1024, ge=1, description="Largest CSV accepted by POST /fine-tuning/datasets (streamed to disk)."
@@ -67,14 +74,17 @@ class Settings(BaseSettings):
         1, ge=0, le=64, description="Fine-tuning jobs that train at once; the rest wait queued (0 pauses the queue)."
     )
     max_images_per_request: int = Field(8, ge=0, le=64, description="Most image_url parts one chat request may hold.")
-    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image, decoded from a data URL "
-                                 "or fetched from an http(s) URL.")
+    max_image_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest image, decoded from a data URL or fetched from an http(s) URL."
+    )
     max_image_pixels: int = Field(25_000_000, ge=1, description="Largest image area (width x height) accepted.")
     image_fetch_timeout: float = Field(10.0, gt=0, le=300, description="Seconds an http(s) image may take to fetch.")
     image_url_hosts: Annotated[list[str] | None, NoDecode] = Field(
-        None, description="Hosts whose http(s) image URLs the server fetches (comma-separated in the environment; "
+        None,
+        description="Hosts whose http(s) image URLs the server fetches (comma-separated in the environment; "
         "'*': any public host; a listed host may be private). Unset: any public host when the server is bound to "
-        "loopback, none otherwise. Data URLs are always accepted.")
+        "loopback, none otherwise. Data URLs are always accepted.",
+    )
     log_level: str = Field("info", description="Uvicorn and qubrid_lab log level.")
 
     @field_validator("models", "api_keys", "image_url_hosts", mode="before")

@@ -174,23 +174,38 @@ class LabServer:
     def _repr_html_(self) -> str:
         running = self.is_running()
         dot = "#16a34a" if running else "#9ca3af"
-        models = "".join(f'<li><code>{escape(model)}</code></li>' for model in self.served_models) or "<li>none</li>"
-        rows = [("OpenAI base_url", f"<code>{escape(self.base_url)}</code>"),
-                ("API key", "set" if self.api_key else "none (open on loopback)"),
-                ("Started", "here" if self.process is not None else "elsewhere; attached to it"),
-                ("Home", f"<code>{escape(str(self.home))}</code>" if self.home else "unknown"),
-                ("Log", f"<code>{escape(str(self.log_path))}</code>" if self.log_path else "unknown")]
-        table = "".join(f'<tr><td style="padding:1px 12px 1px 0;color:#6b7280">{name}</td><td>{value}</td></tr>'
-                        for name, value in rows)
-        return (f'<div style="font-family:system-ui,sans-serif;font-size:13px">'
-                f'<b><span style="color:{dot}">●</span> qubrid_lab server {"running" if running else "stopped"}'
-                f'</b><table style="border-collapse:collapse;margin:4px 0">{table}</table>'
-                f'Models:<ul style="margin:2px 0 0 18px;padding:0">{models}</ul></div>')
+        models = "".join(f"<li><code>{escape(model)}</code></li>" for model in self.served_models) or "<li>none</li>"
+        rows = [
+            ("OpenAI base_url", f"<code>{escape(self.base_url)}</code>"),
+            ("API key", "set" if self.api_key else "none (open on loopback)"),
+            ("Started", "here" if self.process is not None else "elsewhere; attached to it"),
+            ("Home", f"<code>{escape(str(self.home))}</code>" if self.home else "unknown"),
+            ("Log", f"<code>{escape(str(self.log_path))}</code>" if self.log_path else "unknown"),
+        ]
+        table = "".join(
+            f'<tr><td style="padding:1px 12px 1px 0;color:#6b7280">{name}</td><td>{value}</td></tr>'
+            for name, value in rows
+        )
+        return (
+            f'<div style="font-family:system-ui,sans-serif;font-size:13px">'
+            f'<b><span style="color:{dot}">●</span> qubrid_lab server {"running" if running else "stopped"}'
+            f'</b><table style="border-collapse:collapse;margin:4px 0">{table}</table>'
+            f'Models:<ul style="margin:2px 0 0 18px;padding:0">{models}</ul></div>'
+        )
 
 
-def start_server(*, port: int | None = None, home: str | Path | None = None, models: list[str] | None = None,
-                 api_key: str | None = None, device: str | None = None, dtype: str | None = None,
-                 catalogue_file: str | Path | None = None, timeout: float = 600, reuse: bool = True) -> LabServer:
+def start_server(
+    *,
+    port: int | None = None,
+    home: str | Path | None = None,
+    models: list[str] | None = None,
+    api_key: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    catalogue_file: str | Path | None = None,
+    timeout: float = 600,
+    reuse: bool = True,
+) -> LabServer:
     """Start ``qubrid-lab serve`` in the background on 127.0.0.1 and wait until it answers.
 
     ``home`` is the data directory (default ``QUBRID_LAB_HOME`` or ``~/.qubrid_lab``); ``models`` the catalogue
@@ -219,8 +234,10 @@ def start_server(*, port: int | None = None, home: str | Path | None = None, mod
         if holder is not None:
             return _attach(holder, home_dir, port, models, api_key, reuse, timeout)
         if port and _healthy(f"http://{HOST}:{port}"):  # its answers would pass for those of the new server
-            raise ServerStartError(f"A server already answers on port {port}: pass reuse=True to use it, or "
-                                   "another port (None picks a free one).")
+            raise ServerStartError(
+                f"A server already answers on port {port}: pass reuse=True to use it, or "
+                "another port (None picks a free one)."
+            )
         port = port or _free_port()
         log_path = _log_path(home_dir, port)
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,8 +251,14 @@ def start_server(*, port: int | None = None, home: str | Path | None = None, mod
         if api_key:
             environment["QUBRID_LAB_API_KEYS"] = api_key
         with log_path.open("wb") as log:
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env=environment, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                start_new_session=True,
+            )
         server = LabServer(f"http://{HOST}:{port}", api_key, home_dir, process, log_path)
         _wait_until_healthy(server, timeout)
         _started[port] = server
@@ -252,20 +275,30 @@ def _home_holder(home_dir: Path) -> HomeServer | None:
     holder = home_server(home_dir)
     if holder is not None and holder.stopping():
         if not wait_until_gone(holder, STOPPING_WAIT_SECONDS):
-            raise ServerStartError(f"The server that held {home_dir} (pid {holder.pid}) was expected to stop "
-                                   f"when the process that started it exited, but it is still running after "
-                                   f"{STOPPING_WAIT_SECONDS:g} s. Stop it, or pass another home=.")
+            raise ServerStartError(
+                f"The server that held {home_dir} (pid {holder.pid}) was expected to stop "
+                f"when the process that started it exited, but it is still running after "
+                f"{STOPPING_WAIT_SECONDS:g} s. Stop it, or pass another home=."
+            )
         return None
     return holder
 
 
-def _attach(holder: HomeServer, home_dir: Path, port: int | None, models: list[str] | None, api_key: str | None,
-            reuse: bool, timeout: float) -> LabServer:
+def _attach(
+    holder: HomeServer,
+    home_dir: Path,
+    port: int | None,
+    models: list[str] | None,
+    api_key: str | None,
+    reuse: bool,
+    timeout: float,
+) -> LabServer:
     """Use the server that already holds the home (a second one there would train its jobs twice)."""
     if not reuse or (port and not holder.url.endswith(f":{port}")):
         raise ServerStartError(
             f"The server at {holder.url} (pid {holder.pid}) already uses the home directory {home_dir}, and only one "
-            "server can run per home. Use it (reuse=True, no port or its port), stop it, or pass another home=.")
+            "server can run per home. Use it (reuse=True, no port or its port), stop it, or pass another home=."
+        )
     log_path = _log_path(home_dir, int(holder.url.rsplit(":", 1)[1]))
     server = LabServer(holder.url, api_key, home_dir, log_path=log_path if log_path.is_file() else None)
     _wait_until_healthy(server, timeout, holder)
@@ -274,12 +307,14 @@ def _attach(holder: HomeServer, home_dir: Path, port: int | None, models: list[s
         raise ServerStartError(
             f"The server at {holder.url} (pid {holder.pid}), which holds the home directory {home_dir}, does not "
             f"serve {', '.join(missing)} (it serves {', '.join(server.served_models)}). Stop it and start again with "
-            "these models, or pass another home=.")
+            "these models, or pass another home=."
+        )
     return server
 
 
-def _running(port: int | None, models: list[str] | None, api_key: str | None,
-             home: str | Path | None) -> LabServer | None:
+def _running(
+    port: int | None, models: list[str] | None, api_key: str | None, home: str | Path | None
+) -> LabServer | None:
     """The server a ``reuse`` start returns, or None to start a new one."""
     home_dir = Path(home).expanduser().resolve() if home else None
     for started_port, server in reversed(list(_started.items())):
@@ -299,10 +334,13 @@ def _wait_until_healthy(server: LabServer, timeout: float, holder: HomeServer | 
         if server.process is not None and server.process.poll() is not None:
             raise ServerStartError(
                 f"The qubrid_lab server exited with status {server.process.returncode} before it was ready. "
-                f"The end of its log ({server.log_path}):\n{server.log_tail()}")
+                f"The end of its log ({server.log_path}):\n{server.log_tail()}"
+            )
         if holder is not None and not holder.alive():
-            raise ServerStartError(f"The qubrid_lab server at {server.url} (pid {holder.pid}) exited before it was "
-                                   f"ready. The end of its log ({server.log_path}):\n{server.log_tail()}")
+            raise ServerStartError(
+                f"The qubrid_lab server at {server.url} (pid {holder.pid}) exited before it was "
+                f"ready. The end of its log ({server.log_path}):\n{server.log_tail()}"
+            )
         if _healthy(server.url):
             return
         time.sleep(POLL_SECONDS)
@@ -310,7 +348,8 @@ def _wait_until_healthy(server: LabServer, timeout: float, holder: HomeServer | 
     raise ServerStartError(
         f"The qubrid_lab server did not answer on {server.url} within {timeout:g} s and was stopped; pass a "
         f"larger timeout if it was still loading models. The end of its log ({server.log_path}):\n"
-        f"{server.log_tail()}")
+        f"{server.log_tail()}"
+    )
 
 
 def _healthy(url: str) -> bool:

@@ -139,9 +139,7 @@ def tiny_model(tiny_model_dir):
     """The tiny model in float32, for tests that drive it directly (no engine, no scheduler thread)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 @pytest.fixture(scope="session")
@@ -176,8 +174,10 @@ def tiny_vision_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny vision-language models (see ``tests/vision_models.py``) as transformers directories, by family."""
     from tests.vision_models import build_idefics3, build_llava
 
-    return {"llava": build_llava(_train_tokenizer(), tmp_path_factory.mktemp("tiny-llava")),
-            "idefics3": build_idefics3(_train_tokenizer(), tmp_path_factory.mktemp("tiny-idefics3"))}
+    return {
+        "llava": build_llava(_train_tokenizer(), tmp_path_factory.mktemp("tiny-llava")),
+        "idefics3": build_idefics3(_train_tokenizer(), tmp_path_factory.mktemp("tiny-idefics3")),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -222,7 +222,8 @@ def smollm2_transformers(smollm2_dir):
     def plain(dtype: torch.dtype):
         if dtype not in loaded:
             loaded[dtype] = AutoModelForCausalLM.from_pretrained(
-                smollm2_dir, dtype=dtype, attn_implementation="sdpa").eval()
+                smollm2_dir, dtype=dtype, attn_implementation="sdpa"
+            ).eval()
         return loaded[dtype]
 
     return plain
@@ -244,5 +245,6 @@ def checked_answers(smollm2_served, smollm2_tokenizer):
             text, margin = greedy_answer(forward, smollm2_tokenizer, answer.ids(smollm2_tokenizer), answer.expected)
             assert answer.expected in text and margin >= MIN_ANSWER_MARGIN, (
                 f"{label}: {answer} answered {text!r} with a smallest lead of {margin:.2f} nats; "
-                f"pick a prompt whose answer wins by {MIN_ANSWER_MARGIN} or more")
+                f"pick a prompt whose answer wins by {MIN_ANSWER_MARGIN} or more"
+            )
     return {"chat": CAPITAL_CHAT, "text": CAPITAL_TEXT}

@@ -38,8 +38,11 @@ class Answer:
 
     def ids(self, tokenizer) -> list[int]:
         if self.messages:
-            return list(tokenizer.apply_chat_template(list(self.messages), add_generation_prompt=True, tokenize=True,
-                                                      return_dict=False))
+            return list(
+                tokenizer.apply_chat_template(
+                    list(self.messages), add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
         return tokenizer.encode(self.prompt)
 
 
@@ -49,8 +52,12 @@ class Answer:
 # near-tie in fp32 ("The" 0.152 vs "L" 0.140), which bf16 rounding flips.
 CAPITAL_CHAT = Answer("Paris", messages=({"role": "user", "content": "Name the capital city of France."},))
 CAPITAL_TEXT = Answer("Paris", prompt="The capital of France is")
-ANSWERS_BY_PRECISION = {"float32": [CAPITAL_CHAT, CAPITAL_TEXT], "bfloat16": [CAPITAL_CHAT, CAPITAL_TEXT],
-                        "w8a16": [CAPITAL_CHAT, CAPITAL_TEXT], "int8": [CAPITAL_CHAT]}
+ANSWERS_BY_PRECISION = {
+    "float32": [CAPITAL_CHAT, CAPITAL_TEXT],
+    "bfloat16": [CAPITAL_CHAT, CAPITAL_TEXT],
+    "w8a16": [CAPITAL_CHAT, CAPITAL_TEXT],
+    "int8": [CAPITAL_CHAT],
+}
 
 
 def greedy_answer(forward, tokenizer, ids: list[int], expected: str, max_tokens: int = 24) -> tuple[str, float]:

@@ -22,8 +22,13 @@ PACKAGE = Path(qubrid_lab.__file__).parent
 NOTEBOOK_LIBRARIES = {"ipywidgets", "plotly", "anywidget", "IPython", "traitlets"}
 TORCH_LIBRARIES = {"torch", "transformers", "peft", "accelerate"}
 ABOVE_THE_SERVICES = {"server", "client", "widgets", "workbench", "cli", "cli_verbs", "export"}
-JOB_MANAGER = {"training.jobs", "training.job_scheduler", "training.job_workers", "training.job_outcomes",
-               "training.worker"}
+JOB_MANAGER = {
+    "training.jobs",
+    "training.job_scheduler",
+    "training.job_workers",
+    "training.job_outcomes",
+    "training.worker",
+}
 
 # folder -> the parts of qubrid_lab it never imports
 NEVER_IMPORTS = {
@@ -36,15 +41,36 @@ NEVER_IMPORTS = {
     "server": {"client", "widgets", "workbench", "cli"},
     "client": {"data", "training", "models", "storage", "engine", *ABOVE_THE_SERVICES - {"client"}},
     # views: the job manager, its worker and the training run are the server's business, and so is the server
-    "widgets": {"models", "storage", "engine", *JOB_MANAGER, "training.runner", "server", "workbench", "cli",
-                "cli_verbs", "export"},
+    "widgets": {
+        "models",
+        "storage",
+        "engine",
+        *JOB_MANAGER,
+        "training.runner",
+        "server",
+        "workbench",
+        "cli",
+        "cli_verbs",
+        "export",
+    },
     # the API verbs are callers of the client; only ``profile`` works locally, on the training side's profile
-    "cli_verbs": {"models", "storage", "engine", *JOB_MANAGER, "training.runner", "server", "widgets", "workbench",
-                  "export"},
+    "cli_verbs": {
+        "models",
+        "storage",
+        "engine",
+        *JOB_MANAGER,
+        "training.runner",
+        "server",
+        "widgets",
+        "workbench",
+        "export",
+    },
 }
 # folder -> what it may import all the same, inside a part NEVER_IMPORTS names
-EXCEPT = {"widgets": {"server.protocol"},  # the wire models: the playground's inputs take their field ranges
-          "cli_verbs": {"server.home"}}  # where the home's running server listens
+EXCEPT = {
+    "widgets": {"server.protocol"},  # the wire models: the playground's inputs take their field ranges
+    "cli_verbs": {"server.home"},
+}  # where the home's running server listens
 # folder -> libraries it never imports
 NEVER_LOADS = {"data": TORCH_LIBRARIES, "client": TORCH_LIBRARIES, "widgets": TORCH_LIBRARIES}
 
@@ -57,7 +83,7 @@ def imported_modules(path: Path, package: Path = PACKAGE) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = module.split(".")[:-node.level] if node.level else []
+            base = module.split(".")[: -node.level] if node.level else []
             stem = ".".join([*base, node.module] if node.module else base)
             names.add(stem)
             names |= {f"{stem}.{alias.name}" for alias in node.names}  # "from pkg import module"
@@ -82,8 +108,11 @@ def violations(package: Path = PACKAGE) -> dict[str, list[str]]:
         forbidden = [f"{package.name}.{part}" for part in NEVER_IMPORTS.get(folder, ())]
         allowed = [f"{package.name}.{part}" for part in EXCEPT.get(folder, ())]
         libraries = NEVER_LOADS.get(folder, set())
-        bad = sorted(name for name in imported_modules(path, package)
-                     if (within(name, forbidden) and not within(name, allowed)) or name.split(".")[0] in libraries)
+        bad = sorted(
+            name
+            for name in imported_modules(path, package)
+            if (within(name, forbidden) and not within(name, allowed)) or name.split(".")[0] in libraries
+        )
         if bad:
             found[str(path.relative_to(package))] = bad
     return found
@@ -102,17 +131,20 @@ def test_the_rules_name_real_folders_and_modules():
             assert target.is_dir() or target.with_suffix(".py").is_file(), part
 
 
-@pytest.mark.parametrize(("folder", "line", "caught"), [
-    ("data", "from qubrid_lab.training.batches import PaddingCollator", "qubrid_lab.training.batches"),
-    ("data", "def f():\n    from qubrid_lab import server\n", "qubrid_lab.server"),
-    ("data", "from ..training import hyperparameters", "qubrid_lab.training"),
-    ("data", "import torch", "torch"),
-    ("training", "import qubrid_lab.widgets.form", "qubrid_lab.widgets.form"),
-    ("engine", "from qubrid_lab.training.runner import train", "qubrid_lab.training.runner"),
-    ("widgets", "from qubrid_lab.training.jobs import JobManager", "qubrid_lab.training.jobs"),
-    ("widgets", "from qubrid_lab.server.app import create_app", "qubrid_lab.server.app"),
-    ("client", "from qubrid_lab.server.protocol.common import Usage", "qubrid_lab.server"),
-])
+@pytest.mark.parametrize(
+    ("folder", "line", "caught"),
+    [
+        ("data", "from qubrid_lab.training.batches import PaddingCollator", "qubrid_lab.training.batches"),
+        ("data", "def f():\n    from qubrid_lab import server\n", "qubrid_lab.server"),
+        ("data", "from ..training import hyperparameters", "qubrid_lab.training"),
+        ("data", "import torch", "torch"),
+        ("training", "import qubrid_lab.widgets.form", "qubrid_lab.widgets.form"),
+        ("engine", "from qubrid_lab.training.runner import train", "qubrid_lab.training.runner"),
+        ("widgets", "from qubrid_lab.training.jobs import JobManager", "qubrid_lab.training.jobs"),
+        ("widgets", "from qubrid_lab.server.app import create_app", "qubrid_lab.server.app"),
+        ("client", "from qubrid_lab.server.protocol.common import Usage", "qubrid_lab.server"),
+    ],
+)
 def test_a_forbidden_import_is_caught_wherever_it_is_written(tmp_path, folder, line, caught):
     package = tmp_path / "qubrid_lab"
     module = package / folder / "module.py"
@@ -132,9 +164,13 @@ def test_the_wire_models_are_all_a_widget_may_import_of_the_server(tmp_path):
 
 
 def test_only_the_widgets_import_notebook_libraries():
-    outside = {str(path.relative_to(PACKAGE)): sorted({name.split(".")[0] for name in imported_modules(path)}
-                                                      & NOTEBOOK_LIBRARIES)
-               for path in PACKAGE.rglob("*.py") if folder_of(path) != "widgets"}
+    outside = {
+        str(path.relative_to(PACKAGE)): sorted(
+            {name.split(".")[0] for name in imported_modules(path)} & NOTEBOOK_LIBRARIES
+        )
+        for path in PACKAGE.rglob("*.py")
+        if folder_of(path) != "widgets"
+    }
     assert len(outside) > 20
     assert {name: found for name, found in outside.items() if found} == {}
     monitor = imported_modules(PACKAGE / "widgets" / "monitor.py")
@@ -144,25 +180,35 @@ def test_only_the_widgets_import_notebook_libraries():
 def loaded_after(statement: str) -> set[str]:
     """The modules a fresh interpreter has loaded once it ran ``statement``."""
     probe = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                          cwd=PACKAGE.parent, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent, check=False
+    )
     assert done.returncode == 0, done.stderr
     return set(json.loads(done.stdout.splitlines()[-1]))
 
 
 def heavy(modules: set[str]) -> list[str]:
     """The torch-family libraries, the engine and the job manager among ``modules``."""
-    return sorted(name for name in modules if name.split(".")[0] in TORCH_LIBRARIES
-                  or within(name, ["qubrid_lab.engine", *(f"qubrid_lab.{part}" for part in JOB_MANAGER)]))
+    return sorted(
+        name
+        for name in modules
+        if name.split(".")[0] in TORCH_LIBRARIES
+        or within(name, ["qubrid_lab.engine", *(f"qubrid_lab.{part}" for part in JOB_MANAGER)])
+    )
 
 
-@pytest.mark.parametrize("statement", [
-    "import qubrid_lab",
-    "import qubrid_lab.widgets",
-    ("import pkgutil, importlib, qubrid_lab.data as data\n"
-     "for found in pkgutil.iter_modules(data.__path__): importlib.import_module(f'qubrid_lab.data.{found.name}')"),
-    "from qubrid_lab import profile_csv",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "import qubrid_lab",
+        "import qubrid_lab.widgets",
+        (
+            "import pkgutil, importlib, qubrid_lab.data as data\n"
+            "for found in pkgutil.iter_modules(data.__path__): importlib.import_module(f'qubrid_lab.data.{found.name}')"
+        ),
+        "from qubrid_lab import profile_csv",
+    ],
+)
 def test_the_light_entry_points_load_no_torch_nor_the_engine_or_job_manager(statement):
     assert heavy(loaded_after(statement)) == []
 

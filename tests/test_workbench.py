@@ -36,8 +36,14 @@ def wait_until(condition, seconds: float) -> bool:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir):
-    running = start_server(home=tmp_path_factory.mktemp("workbench") / "home", models=[str(tiny_model_dir)],
-                           api_key=API_KEY, device="cpu", dtype="float32", timeout=STARTUP_SECONDS)
+    running = start_server(
+        home=tmp_path_factory.mktemp("workbench") / "home",
+        models=[str(tiny_model_dir)],
+        api_key=API_KEY,
+        device="cpu",
+        dtype="float32",
+        timeout=STARTUP_SECONDS,
+    )
     yield running
     running.stop()
 
@@ -45,8 +51,9 @@ def server(tmp_path_factory, tiny_model_dir):
 def test_the_server_answers_the_openai_client_with_its_key(server, tiny_model_dir):
     assert server.base_url == server.url + "/v1" and server.url.startswith("http://127.0.0.1:")
     assert [model.id for model in server.client.models.list()] == [str(tiny_model_dir)]
-    reply = server.client.chat.completions.create(model=str(tiny_model_dir), max_tokens=3,
-                                                  messages=[{"role": "user", "content": "Hello"}])
+    reply = server.client.chat.completions.create(
+        model=str(tiny_model_dir), max_tokens=3, messages=[{"role": "user", "content": "Hello"}]
+    )
     assert reply.usage.completion_tokens == 3
     assert server.http.get("/v1/models").status_code == 200
     assert httpx.get(f"{server.base_url}/models").status_code == 401  # the key is required
@@ -61,8 +68,14 @@ def test_starting_again_returns_the_running_server(server, tiny_model_dir):
 
 
 def test_stop_ends_the_process_and_can_be_repeated(tmp_path, tiny_model_dir):
-    with start_server(home=tmp_path / "home", models=[str(tiny_model_dir)], device="cpu", dtype="float32",
-                      timeout=STARTUP_SECONDS, reuse=False) as server:
+    with start_server(
+        home=tmp_path / "home",
+        models=[str(tiny_model_dir)],
+        device="cpu",
+        dtype="float32",
+        timeout=STARTUP_SECONDS,
+        reuse=False,
+    ) as server:
         assert server.is_running() and server.api_key is None
         pid = server.process.pid
     assert server.process.returncode is not None and gone(pid)
@@ -81,8 +94,9 @@ def start_kernel(home, tiny_model_dir) -> tuple[subprocess.Popen, int, int]:
         "print(server.port, server.process.pid, flush=True)\n"
         "sys.stdin.read()\n"
     )
-    kernel = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    kernel = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     started = kernel.stdout.readline().split()
     if not started:
         kernel.kill()
@@ -116,18 +130,37 @@ def test_one_server_per_home_a_second_notebook_attaches_to_it(tmp_path, tiny_mod
             start_server(home=home, reuse=False)
         with pytest.raises(ServerStartError, match="does not serve no-such-model"):
             start_server(home=home, models=["no-such-model"])
-        second = subprocess.run([sys.executable, "-m", "qubrid_lab", "--home", str(home), "serve", "--port", "0",
-                                 "--model", str(tiny_model_dir)], capture_output=True, text=True, timeout=120, check=False)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "qubrid_lab",
+                "--home",
+                str(home),
+                "serve",
+                "--port",
+                "0",
+                "--model",
+                str(tiny_model_dir),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert second.returncode == 2, second.stderr
-        assert f"already uses the home directory {home}: two servers on one home would train the same jobs " \
-               "twice" in second.stderr
+        assert (
+            f"already uses the home directory {home}: two servers on one home would train the same jobs "
+            "twice" in second.stderr
+        )
         assert attached.is_running()  # the refused server changed nothing
     finally:
         kernel.kill()
         kernel.wait()
     # The home's server is going away with its kernel: a new start waits for it, then runs its own.
-    with start_server(home=home, models=[str(tiny_model_dir)], device="cpu", dtype="float32",
-                      timeout=STARTUP_SECONDS) as fresh:
+    with start_server(
+        home=home, models=[str(tiny_model_dir)], device="cpu", dtype="float32", timeout=STARTUP_SECONDS
+    ) as fresh:
         assert gone(pid) and fresh.process is not None and fresh.process.pid != pid
         assert fresh.client.models.list().data[0].id == str(tiny_model_dir)
 
@@ -142,8 +175,10 @@ def test_a_model_that_cannot_load_fails_with_the_end_of_the_servers_log(tmp_path
 
 
 def test_importing_the_package_stays_light_and_exports_the_helpers():
-    code = ("import sys, qubrid_lab; light = 'torch' not in sys.modules; "
-            "print(light, callable(qubrid_lab.profile_csv), callable(qubrid_lab.start_server))")
+    code = (
+        "import sys, qubrid_lab; light = 'torch' not in sys.modules; "
+        "print(light, callable(qubrid_lab.profile_csv), callable(qubrid_lab.start_server))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["True", "True", "True"]
     with pytest.raises(AttributeError, match="no attribute 'profile'"):

@@ -26,10 +26,18 @@ QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def _text_config(vocab_size: int, tokenizer) -> dict:
-    return dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.pad_token_id)
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+    )
 
 
 def _quiet_special_tokens(model, tokenizer) -> None:
@@ -60,14 +68,27 @@ def build_llava(tokenizer, target: Path) -> Path:
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=TEMPLATE.replace("IMAGE", "<image>"))
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=TEMPLATE.replace("IMAGE", "<image>"),
+    )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=32, patch_size=8, projection_dim=32),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            projection_dim=32,
+        ),
         text_config=LlamaConfig(**_text_config(len(processor.tokenizer), tokenizer)),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-        vision_feature_select_strategy="default")
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(11)
     return _save(LlavaForConditionalGeneration(config).eval(), processor, target)
 
@@ -83,16 +104,28 @@ def build_idefics3(tokenizer, target: Path) -> Path:
     )
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>",
-                                                                "<global-img>"]})
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<image>", "<fake_token_around_image>", "<global-img>"]}
+    )
     processor = Idefics3Processor(
         image_processor=Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}),
-        tokenizer=tokenizer, image_seq_len=4, chat_template=TEMPLATE.replace("IMAGE", "<image>"))
+        tokenizer=tokenizer,
+        image_seq_len=4,
+        chat_template=TEMPLATE.replace("IMAGE", "<image>"),
+    )
     config = Idefics3Config(
-        vision_config=Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8).to_dict(),
+        vision_config=Idefics3VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ).to_dict(),
         text_config=LlamaConfig(**_text_config(len(processor.tokenizer), tokenizer)).to_dict(),
-        scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
     torch.manual_seed(12)
     return _save(Idefics3ForConditionalGeneration(config).eval(), processor, target)
 
@@ -108,12 +141,26 @@ def build_qwen2_vl(tokenizer):
     text = _text_config(len(tokenizer), tokenizer)
     text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}  # sums to head_dim / 2 (16 / 2)
     config = Qwen2VLConfig(
-        text_config=text, image_token_id=image, video_token_id=video, vision_start_token_id=start,
-        vision_end_token_id=end, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14,
-                                                   spatial_merge_size=2, temporal_patch_size=2, in_chans=3))
+        text_config=text,
+        image_token_id=image,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_chans=3,
+        ),
+    )
     torch.manual_seed(13)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
-                                               temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
     model = Qwen2VLForConditionalGeneration(config).eval()
     _quiet_special_tokens(model, tokenizer)
     return model, image_processor

@@ -38,8 +38,11 @@ def _stream_answer(openai_client: OpenAI, messages: list[dict], args: argparse.N
     ``QubridLabError``."""
     import openai
 
-    sampling = {name: value for name, value in (("temperature", args.temperature), ("max_tokens", args.max_tokens))
-                if value is not None}
+    sampling = {
+        name: value
+        for name, value in (("temperature", args.temperature), ("max_tokens", args.max_tokens))
+        if value is not None
+    }
     pieces: list[str] = []
     try:
         stream = openai_client.chat.completions.create(model=args.model, messages=messages, stream=True, **sampling)
@@ -66,8 +69,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages = list(system)
         if interactive:
-            print(f"chatting with {args.model}; {RESET} forgets the conversation, {EXIT} or Ctrl-D ends it",
-                  file=sys.stderr)
+            print(
+                f"chatting with {args.model}; {RESET} forgets the conversation, {EXIT} or Ctrl-D ends it",
+                file=sys.stderr,
+            )
         while (line := _read_line(interactive)) is not None and line.strip() != EXIT:
             if line.strip() == RESET:
                 messages = list(system)
@@ -86,12 +91,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def add_chat_verb(commands, parents: list[argparse.ArgumentParser]) -> None:
     chat = commands.add_parser(
-        "chat", parents=parents, help="chat with a served model (lines from stdin; the answers stream)",
+        "chat",
+        parents=parents,
+        help="chat with a served model (lines from stdin; the answers stream)",
         description="A conversation with MODEL: each line read from stdin is sent with the conversation so far and "
-                    f"the answer streams back. {RESET} forgets the conversation; {EXIT} or the end of input ends it.")
+        f"the answer streams back. {RESET} forgets the conversation; {EXIT} or the end of input ends it.",
+    )
     chat.add_argument("model", help="a model id the server serves (base or fine-tuned, ft:…)")
     chat.add_argument("--system", help="a system message that starts the conversation")
     chat.add_argument("--temperature", type=float, help="sampling temperature (default: the server's)")
     chat.add_argument("--max-tokens", type=int, help="the longest answer, in tokens (default: the server's)")
     chat.set_defaults(run=cmd_chat)
-

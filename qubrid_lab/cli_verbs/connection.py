@@ -61,5 +61,6 @@ def _home_server(home: Path | None) -> tuple[str, str | None]:
     if holder is None:
         raise ServerUnavailableError(
             f"no qubrid_lab server is running for the home {settings.home}: start one with `qubrid-lab serve` "
-            f"(in another terminal), or pass --url (env {URL_VARIABLE}) to use one elsewhere")
+            f"(in another terminal), or pass --url (env {URL_VARIABLE}) to use one elsewhere"
+        )
     return holder.url, next(iter(settings.api_keys or sorted(settings.load_api_keys())), None)

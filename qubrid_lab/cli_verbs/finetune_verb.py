@@ -45,8 +45,13 @@ def add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif kind is list:
-            group.add_argument(flag, type=module_names, default=argparse.SUPPRESS, metavar="NAMES",
-                               help=help_text + " (comma-separated)")
+            group.add_argument(
+                flag,
+                type=module_names,
+                default=argparse.SUPPRESS,
+                metavar="NAMES",
+                help=help_text + " (comma-separated)",
+            )
         else:
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=METAVARS[kind], help=help_text)
 
@@ -60,11 +65,18 @@ def check_before_upload(args: argparse.Namespace, hyperparameters: dict) -> None
     problem at once, the first one's field as ``param``."""
     from qubrid_lab.training.job_request_rules import check_request_fields
 
-    check = check_request_fields(task_type=args.task_type or "qa", hyperparameters=hyperparameters,
-                                 suffix=args.suffix, column_mapping=column_mapping(args), dataset_id=args.csv.name)
+    check = check_request_fields(
+        task_type=args.task_type or "qa",
+        hyperparameters=hyperparameters,
+        suffix=args.suffix,
+        column_mapping=column_mapping(args),
+        dataset_id=args.csv.name,
+    )
     if check.problems:
-        raise InvalidRequestError("Invalid fine-tuning job: " + "; ".join(
-            f"{field}: {problem}" for field, problem in check.problems) + ".", param=check.problems[0][0])
+        raise InvalidRequestError(
+            "Invalid fine-tuning job: " + "; ".join(f"{field}: {problem}" for field, problem in check.problems) + ".",
+            param=check.problems[0][0],
+        )
 
 
 def create_job(client: Client, args: argparse.Namespace, hyperparameters: dict) -> dict:
@@ -74,8 +86,14 @@ def create_job(client: Client, args: argparse.Namespace, hyperparameters: dict) 
     dataset = client.datasets.upload(args.csv)
     print(f"uploaded {args.csv.name} as {dataset['id']} ({dataset['row_count']} rows)", file=sys.stderr)
     try:
-        return client.jobs.create(args.model, dataset["id"], args.task_type or infer_task_type(dataset["columns"]),
-                                  hyperparameters, suffix=args.suffix, column_mapping=column_mapping(args))
+        return client.jobs.create(
+            args.model,
+            dataset["id"],
+            args.task_type or infer_task_type(dataset["columns"]),
+            hyperparameters,
+            suffix=args.suffix,
+            column_mapping=column_mapping(args),
+        )
     except QubridLabError:
         try:
             client.datasets.delete(dataset["id"])
@@ -99,20 +117,39 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_finetune_verb(commands, parents: list[argparse.ArgumentParser]) -> None:
     finetune = commands.add_parser(
-        "finetune", parents=parents, help="fine-tune a model on a CSV (or JSONL chat) file, following the job",
+        "finetune",
+        parents=parents,
+        help="fine-tune a model on a CSV (or JSONL chat) file, following the job",
         description="Upload the dataset, create a LoRA fine-tuning job and follow it with a progress bar until it "
-                    "ends, then print the fine-tuned model's id. Ctrl-C cancels the job.")
-    finetune.add_argument("csv", type=dataset_file, metavar="DATA",
-                          help="the training data: a CSV file (or a JSONL file of chat conversations)")
-    finetune.add_argument("--model", default=DEFAULT_CHAT_MODEL,
-                          help=f"the base model: a catalogue id the server serves (default {DEFAULT_CHAT_MODEL})")
-    finetune.add_argument("--task-type", choices=["qa", "not_qa", "chat"],
-                          help="default: chat for JSONL, qa when there are question and answer columns, else not_qa")
+        "ends, then print the fine-tuned model's id. Ctrl-C cancels the job.",
+    )
+    finetune.add_argument(
+        "csv",
+        type=dataset_file,
+        metavar="DATA",
+        help="the training data: a CSV file (or a JSONL file of chat conversations)",
+    )
+    finetune.add_argument(
+        "--model",
+        default=DEFAULT_CHAT_MODEL,
+        help=f"the base model: a catalogue id the server serves (default {DEFAULT_CHAT_MODEL})",
+    )
+    finetune.add_argument(
+        "--task-type",
+        choices=["qa", "not_qa", "chat"],
+        help="default: chat for JSONL, qa when there are question and answer columns, else not_qa",
+    )
     finetune.add_argument("--suffix", help="a name put in the fine-tuned model's id")
     add_column_flag(finetune)
-    finetune.add_argument("--detach", action="store_true",
-                          help="return once the job is created, printing its id (follow it with `jobs follow`)")
-    finetune.add_argument("--json", action="store_true",
-                          help="print the job's JSON (the created one with --detach, else the finished one)")
+    finetune.add_argument(
+        "--detach",
+        action="store_true",
+        help="return once the job is created, printing its id (follow it with `jobs follow`)",
+    )
+    finetune.add_argument(
+        "--json",
+        action="store_true",
+        help="print the job's JSON (the created one with --detach, else the finished one)",
+    )
     add_hyperparameter_flags(finetune)
     finetune.set_defaults(run=cmd_finetune)

@@ -46,8 +46,10 @@ def follow_job(client: Client, job_id: str, *, cancel_on_interrupt: bool) -> Job
 def _interrupted(client: Client, job_id: str, *, cancel: bool) -> None:
     """After Ctrl-C: cancel the job, or say that it keeps running."""
     if not cancel:
-        print(f"stopped following; job {job_id} keeps running (`qubrid-lab jobs cancel {job_id}` stops it)",
-              file=sys.stderr)
+        print(
+            f"stopped following; job {job_id} keeps running (`qubrid-lab jobs cancel {job_id}` stops it)",
+            file=sys.stderr,
+        )
         return
     print(f"interrupted: cancelling job {job_id}", file=sys.stderr)
     try:
@@ -70,8 +72,11 @@ def _show(bar, progress: JobProgress) -> None:
     bar.total = progress.total_steps
     bar.n = progress.steps_done
     bar.set_description_str(progress.status, refresh=False)
-    shown = [f"{label} {progress.metrics[name]:.4f}" for name, label in
-             (("training_loss", "loss"), ("validation_loss", "val loss")) if name in progress.metrics]
+    shown = [
+        f"{label} {progress.metrics[name]:.4f}"
+        for name, label in (("training_loss", "loss"), ("validation_loss", "val loss"))
+        if name in progress.metrics
+    ]
     if not progress.finished:
         shown.append(f"ETA {duration(progress.eta_seconds)}")
     if progress.retrying:
@@ -88,8 +93,11 @@ def report_finished(progress: JobProgress, *, as_json: bool) -> int:
         took = f" in {duration(progress.elapsed_seconds)}" if progress.elapsed_seconds is not None else ""
         metrics = job["training_metrics"]
         loss = f", final training loss {metrics['training_loss']:.4f}" if metrics.get("training_loss") else ""
-        print(f"job {job_id} completed: {metrics['steps_completed']} steps{took}{loss}; "
-              f"fine-tuned model {job['fine_tuned_model']}", file=sys.stderr)
+        print(
+            f"job {job_id} completed: {metrics['steps_completed']} steps{took}{loss}; "
+            f"fine-tuned model {job['fine_tuned_model']}",
+            file=sys.stderr,
+        )
     elif status == "failed":
         print(f"error: job {job_id} failed: {job.get('error') or 'no reason given'}", file=sys.stderr)
     else:

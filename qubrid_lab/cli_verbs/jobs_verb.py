@@ -16,8 +16,10 @@ def _steps(job: dict) -> str:
 
 def render_jobs(page: dict) -> str:
     """A page of jobs as a table, then how many there are in all."""
-    rows = [(job["id"], job["status"], _steps(job), job["base_model"], job["fine_tuned_model"], job["created_at"])
-            for job in page["data"]]
+    rows = [
+        (job["id"], job["status"], _steps(job), job["base_model"], job["fine_tuned_model"], job["created_at"])
+        for job in page["data"]
+    ]
     header = ("id", "status", "steps", "base model", "fine-tuned model", "created")
     return "\n".join([*([table(header, rows)] if rows else []), f"{len(rows)} of {page['total']} job(s)"])
 
@@ -32,14 +34,23 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 def render_job(job: dict) -> str:
     """A job's fields, one per line; hyperparameters on one line."""
     metrics = job["training_metrics"]
-    fields = [("id", job["id"]),
-              ("status", job["status"] + (f" ({job['status_detail']})" if job.get("status_detail") else "")),
-              ("base model", job["base_model"]), ("dataset", job["dataset_id"]), ("task type", job["task_type"]),
-              ("steps", _steps(job)), ("epochs completed", metrics["epochs_completed"]),
-              ("training loss", metrics["training_loss"]), ("validation loss", metrics["validation_loss"]),
-              ("fine-tuned model", job["fine_tuned_model"]), ("error", job.get("error")),
-              ("created", job["created_at"]), ("started", job.get("started_at")), ("completed", job["completed_at"]),
-              ("hyperparameters", " ".join(f"{name}={value}" for name, value in job["hyperparameters"].items()))]
+    fields = [
+        ("id", job["id"]),
+        ("status", job["status"] + (f" ({job['status_detail']})" if job.get("status_detail") else "")),
+        ("base model", job["base_model"]),
+        ("dataset", job["dataset_id"]),
+        ("task type", job["task_type"]),
+        ("steps", _steps(job)),
+        ("epochs completed", metrics["epochs_completed"]),
+        ("training loss", metrics["training_loss"]),
+        ("validation loss", metrics["validation_loss"]),
+        ("fine-tuned model", job["fine_tuned_model"]),
+        ("error", job.get("error")),
+        ("created", job["created_at"]),
+        ("started", job.get("started_at")),
+        ("completed", job["completed_at"]),
+        ("hyperparameters", " ".join(f"{name}={value}" for name, value in job["hyperparameters"].items())),
+    ]
     return table(None, [(name, value) for name, value in fields if value is not None])
 
 
@@ -86,7 +97,11 @@ def add_jobs_verb(commands, parents: list[argparse.ArgumentParser]) -> None:
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20, at most 100)")
     listing.add_argument("--offset", type=int, default=0, help="skip this many of the newest first")
     verb("show", cmd_jobs_show, "one job: status, steps, losses, model, hyperparameters")
-    verb("follow", cmd_jobs_follow, "a progress bar until the job ends, then the fine-tuned model's id; Ctrl-C "
-                                    "stops following and leaves the job running")
+    verb(
+        "follow",
+        cmd_jobs_follow,
+        "a progress bar until the job ends, then the fine-tuned model's id; Ctrl-C "
+        "stops following and leaves the job running",
+    )
     verb("cancel", cmd_jobs_cancel, "cancel a queued or running job (a running one stops within a step)")
     verb("events", cmd_jobs_events, "the job's log: time, level, message")

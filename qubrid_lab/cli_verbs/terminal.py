@@ -32,8 +32,12 @@ def table(headers: Sequence[str] | None, rows: Sequence[Sequence[object]]) -> st
     columns = range(len(cells[0]))
     widths = [max(len(row[index]) for row in cells) for index in columns]
     numeric = [bool(rows) and all(_is_number(row[index]) for row in rows) for index in columns]
-    return "\n".join("  ".join(cell.rjust(width) if right else cell.ljust(width)
-                               for cell, width, right in zip(row, widths, numeric)).rstrip() for row in cells)
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if right else cell.ljust(width) for cell, width, right in zip(row, widths, numeric)
+        ).rstrip()
+        for row in cells
+    )
 
 
 def _is_number(cell: object) -> bool:
@@ -67,9 +71,15 @@ def column_pair(text: str) -> tuple[str, str]:
 
 def add_column_flag(parser: argparse.ArgumentParser) -> None:
     """``--column ROLE=COLUMN`` (repeatable): the column_mapping of a profile or a job."""
-    parser.add_argument("--column", dest="columns", type=column_pair, action="append", metavar="ROLE=COLUMN",
-                        help="the dataset's column for a role (question, answer, context, text), when its name is "
-                             "not one of the accepted ones (repeatable)")
+    parser.add_argument(
+        "--column",
+        dest="columns",
+        type=column_pair,
+        action="append",
+        metavar="ROLE=COLUMN",
+        help="the dataset's column for a role (question, answer, context, text), when its name is "
+        "not one of the accepted ones (repeatable)",
+    )
 
 
 def column_mapping(args: argparse.Namespace) -> dict[str, str] | None:

@@ -44,8 +44,9 @@ class Client:
         self.api_key = (api_key if api_key is not None else os.environ.get(KEY_VARIABLE)) or None
         self.timeout = timeout
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers,
-                                 timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_SECONDS)))
+        self.http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, CONNECT_SECONDS))
+        )
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
         self.models = Models(self)
@@ -68,22 +69,30 @@ class Client:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ServerUnavailableError(f"No answer from the server at {self.url}: {type(exc).__name__}: {exc}") \
-                from exc
+            raise ServerUnavailableError(
+                f"No answer from the server at {self.url}: {type(exc).__name__}: {exc}"
+            ) from exc
         if response.status_code >= 400:
             raise error_from_response(response)
         return response.json() if response.content else None
 
-    def usage(self, start_date: date | str | None = None, end_date: date | str | None = None, *,
-              model: str | None = None, key_name: str | None = None) -> list[dict]:
+    def usage(
+        self,
+        start_date: date | str | None = None,
+        end_date: date | str | None = None,
+        *,
+        model: str | None = None,
+        key_name: str | None = None,
+    ) -> list[dict]:
         """Tokens and cost by UTC day, model and key (rows of ``GET /v1/usage``): this key's own, or with an
         admin key everyone's (``key_name`` picks one key). Days are ``date``s or ``YYYY-MM-DD``, both inclusive."""
         filters = {"start_date": start_date, "end_date": end_date, "model": model, "key_name": key_name}
         params = {name: str(value) for name, value in filters.items() if value is not None}
         return self.request("GET", "/v1/usage", params=params)["data"]
 
-    def compare(self, models: Iterable[str] | Mapping[str, str], questions: Iterable[str] | str,
-                **sampling: Any) -> pandas.DataFrame:
+    def compare(
+        self, models: Iterable[str] | Mapping[str, str], questions: Iterable[str] | str, **sampling: Any
+    ) -> pandas.DataFrame:
         """Every model's answer to every question, greedy unless ``sampling`` says otherwise: a DataFrame with a
         ``question`` column and one column per model (``models``: ids, or column names mapped to ids)."""
         from qubrid_lab.client.compare import compare

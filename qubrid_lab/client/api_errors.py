@@ -14,8 +14,16 @@ class QubridLabError(Exception):
     """A call the server refused or could not answer: its ``message``, HTTP ``status`` (None when no answer came),
     the field at fault (``param``), the error ``code`` and ``error_type``, and the server's ``request_id``."""
 
-    def __init__(self, message: str, *, status: int | None = None, param: str | None = None,
-                 code: str | None = None, error_type: str | None = None, request_id: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        request_id: str | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -62,9 +70,16 @@ class ServerUnavailableError(QubridLabError):
 
 
 _BY_STATUS: dict[int, type[QubridLabError]] = {
-    400: InvalidRequestError, 413: InvalidRequestError, 422: InvalidRequestError, 431: InvalidRequestError,
-    401: AuthenticationError, 402: InsufficientCreditsError, 403: PermissionDeniedError, 404: NotFoundError,
-    409: ConflictError, 429: RateLimitError,
+    400: InvalidRequestError,
+    413: InvalidRequestError,
+    422: InvalidRequestError,
+    431: InvalidRequestError,
+    401: AuthenticationError,
+    402: InsufficientCreditsError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    429: RateLimitError,
 }
 
 

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 PARALLEL_REQUESTS = 8  # the server decodes requests that arrive together in one batch
 
 
-def compare(client: Client, models: Iterable[str] | Mapping[str, str], questions: Iterable[str] | str,
-            **sampling) -> pandas.DataFrame:
+def compare(
+    client: Client, models: Iterable[str] | Mapping[str, str], questions: Iterable[str] | str, **sampling
+) -> pandas.DataFrame:
     """Ask every model every question (one user message each) and return the answers as a DataFrame.
 
     One row per question: a ``question`` column, then one column per model with its answer. ``models`` is a list
@@ -34,7 +35,8 @@ def compare(client: Client, models: Iterable[str] | Mapping[str, str], questions
         return client.request("POST", "/v1/chat/completions", json=body)["choices"][0]["message"]["content"]
 
     with ThreadPoolExecutor(max_workers=PARALLEL_REQUESTS) as pool:  # every request in flight at once
-        pending = {name: [pool.submit(answer, model, question) for question in questions]
-                   for name, model in columns.items()}
+        pending = {
+            name: [pool.submit(answer, model, question) for question in questions] for name, model in columns.items()
+        }
         answers = {name: [future.result() for future in futures] for name, futures in pending.items()}
     return pandas.DataFrame({"question": questions, **answers})

@@ -35,8 +35,9 @@ def _as_file(data: Any, filename: str | None) -> tuple[str, bytes]:
         return filename, bytes(data)
     if _instance_of(data, "pandas", "DataFrame"):
         chat = CHAT_COLUMN in data.columns
-        content = (data.to_json(orient="records", lines=True, force_ascii=False) if chat
-                   else data.to_csv(index=False)).encode()
+        content = (
+            data.to_json(orient="records", lines=True, force_ascii=False) if chat else data.to_csv(index=False)
+        ).encode()
         return filename or ("dataframe.jsonl" if chat else "dataframe.csv"), content
     if _instance_of(data, "datasets", "Dataset"):
         chat = CHAT_COLUMN in data.column_names
@@ -81,5 +82,6 @@ class Datasets:
 
     def _send(self, filename: str, content: Any, name: str | None) -> dict:
         media_type = MEDIA_TYPES.get(Path(filename).suffix.lower(), "application/octet-stream")
-        return self._client.request("POST", DATASETS, data={"name": name} if name else None,
-                                    files={"file": (filename, content, media_type)})
+        return self._client.request(
+            "POST", DATASETS, data={"name": name} if name else None, files={"file": (filename, content, media_type)}
+        )

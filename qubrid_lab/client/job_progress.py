@@ -76,8 +76,9 @@ class ProgressTracker:
                 continue
             if "training_loss" in data:
                 self._time_step(data["step"], timestamp(event["created_at"]))
-            self.metrics.update({name: value for name, value in data.items()
-                                 if name != "step" and isinstance(value, (int, float))})
+            self.metrics.update(
+                {name: value for name, value in data.items() if name != "step" and isinstance(value, (int, float))}
+            )
         total = job.get("total_steps") or self.total_steps
         done = job["training_metrics"]["steps_completed"]
         rate = self._seconds_per_step()
@@ -85,8 +86,16 @@ class ProgressTracker:
             eta = 0.0
         else:
             eta = max(total - done, 0) * rate if total and rate is not None else None
-        return JobProgress(job=job, events=list(events), steps_done=done, total_steps=total, seconds_per_step=rate,
-                           eta_seconds=eta, metrics=dict(self.metrics), retrying=retrying)
+        return JobProgress(
+            job=job,
+            events=list(events),
+            steps_done=done,
+            total_steps=total,
+            seconds_per_step=rate,
+            eta_seconds=eta,
+            metrics=dict(self.metrics),
+            retrying=retrying,
+        )
 
     def _time_step(self, step: int, at: float) -> None:
         if self._last_step is None or step <= self._last_step[0]:

@@ -35,20 +35,35 @@ class Jobs:
     def __init__(self, client: Client):
         self._client = client
 
-    def create(self, base_model: str, dataset_id: str, task_type: str, hyperparameters: Any = None, *,
-               suffix: str | None = None, column_mapping: dict[str, str] | None = None,
-               validation_dataset_id: str | None = None) -> dict:
+    def create(
+        self,
+        base_model: str,
+        dataset_id: str,
+        task_type: str,
+        hyperparameters: Any = None,
+        *,
+        suffix: str | None = None,
+        column_mapping: dict[str, str] | None = None,
+        validation_dataset_id: str | None = None,
+    ) -> dict:
         """Queue a job training ``base_model`` on dataset ``dataset_id``.
 
         ``task_type`` is ``qa``, ``not_qa`` or ``chat`` (a JSONL dataset); ``hyperparameters`` a dict or a
         ``Hyperparameters`` object (unset fields take the server's defaults). Every problem with the request comes
         back in one ``InvalidRequestError`` whose ``param`` names the first field at fault.
         """
-        body = {"base_model": base_model, "dataset_id": dataset_id, "task_type": task_type,
-                "hyperparameters": _plain(hyperparameters), "suffix": suffix, "column_mapping": column_mapping,
-                "validation_dataset_id": validation_dataset_id}
-        return self._client.request("POST", JOBS, json={name: value for name, value in body.items()
-                                                         if value is not None})
+        body = {
+            "base_model": base_model,
+            "dataset_id": dataset_id,
+            "task_type": task_type,
+            "hyperparameters": _plain(hyperparameters),
+            "suffix": suffix,
+            "column_mapping": column_mapping,
+            "validation_dataset_id": validation_dataset_id,
+        }
+        return self._client.request(
+            "POST", JOBS, json={name: value for name, value in body.items() if value is not None}
+        )
 
     def list(self, limit: int = 20, offset: int = 0) -> list[dict]:
         """Jobs newest first, ``limit`` of them after skipping ``offset``."""
@@ -86,9 +101,15 @@ class Jobs:
         """The checkpoints the job kept, newest first, each with its step, metrics and servable model id."""
         return self._client.request("GET", f"{JOBS}/{job_id}/checkpoints")["data"]
 
-    def follow(self, job_id: str, *, poll_seconds: float = 1.0, timeout: float | None = None,
-               stop: threading.Event | None = None,
-               unreachable_seconds: float = UNREACHABLE_SECONDS) -> Iterator[JobProgress]:
+    def follow(
+        self,
+        job_id: str,
+        *,
+        poll_seconds: float = 1.0,
+        timeout: float | None = None,
+        stop: threading.Event | None = None,
+        unreachable_seconds: float = UNREACHABLE_SECONDS,
+    ) -> Iterator[JobProgress]:
         """Yield a ``JobProgress`` (steps done, total, seconds per step, ETA, new events) whenever the job changes,
         until it has finished; the last one yielded is the finished job's.
 
@@ -105,7 +126,7 @@ class Jobs:
         while True:
             try:
                 job = job if events is None else self.get(job_id)  # first the job: once it has finished,
-                events = self.events(job_id, after=cursor)         # every one of its events is written
+                events = self.events(job_id, after=cursor)  # every one of its events is written
             except (ServerUnavailableError, RateLimitError) as exc:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > unreachable_seconds:

@@ -33,8 +33,11 @@ class Models:
 
     def chat_ids(self, *, fine_tuned: bool = True) -> list[str]:
         """Ids of the models that generate text, fine-tuned ones (``ft:…``) unless ``fine_tuned=False``."""
-        return [model["id"] for model in self.list()
-                if model["kind"] == "chat" and (fine_tuned or not model["id"].startswith("ft:"))]
+        return [
+            model["id"]
+            for model in self.list()
+            if model["kind"] == "chat" and (fine_tuned or not model["id"].startswith("ft:"))
+        ]
 
     def fine_tuned(self) -> list[dict]:
         """The fine-tuned models (id, base model, job id, status)."""

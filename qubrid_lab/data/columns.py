@@ -55,9 +55,7 @@ class ColumnError(InvalidRequestError):
     """The dataset's columns do not fit the task type (or the column_mapping is wrong); a 400."""
 
 
-def plan_columns(
-    columns: list[str], task_type: str, column_mapping: dict[str, str] | None = None
-) -> ColumnPlan:
+def plan_columns(columns: list[str], task_type: str, column_mapping: dict[str, str] | None = None) -> ColumnPlan:
     """Choose the columns a ``task_type`` job trains on from a dataset's ``columns``.
 
     ``column_mapping`` maps roles (qa: question, answer, context; not_qa: text) to column names and wins
@@ -65,9 +63,7 @@ def plan_columns(
     names accepted and how to use ``column_mapping``.
     """
     if task_type not in TASK_TYPES:
-        raise ColumnError(
-            f"task_type must be one of {', '.join(TASK_TYPES)}; got {task_type!r}.", param="task_type"
-        )
+        raise ColumnError(f"task_type must be one of {', '.join(TASK_TYPES)}; got {task_type!r}.", param="task_type")
     roles = ACCEPTED_NAMES[task_type]
     by_key: dict[str, str] = {}
     for column in columns:
@@ -99,18 +95,14 @@ def _mapped_columns(
     for role, column in mapping.items():
         if role not in roles:
             problems.append(
-                f"column_mapping key {role!r} is not a role of task_type {task_type!r} "
-                f"(use {', '.join(roles)})"
+                f"column_mapping key {role!r} is not a role of task_type {task_type!r} (use {', '.join(roles)})"
             )
         elif not isinstance(column, str) or _key(column) not in by_key:
-            problems.append(
-                f"column_mapping maps {role!r} to {column!r}, which is not a column of the dataset"
-            )
+            problems.append(f"column_mapping maps {role!r} to {column!r}, which is not a column of the dataset")
         elif by_key[_key(column)] in chosen.values():
             other = next(name for name, value in chosen.items() if value == by_key[_key(column)])
             problems.append(
-                f"column_mapping maps both {other!r} and {role!r} to column {column!r}; "
-                "each role needs its own column"
+                f"column_mapping maps both {other!r} and {role!r} to column {column!r}; each role needs its own column"
             )
         else:
             chosen[role] = by_key[_key(column)]
@@ -120,8 +112,7 @@ def _mapped_columns(
 def _explain(task_type: str, problems: list[str], columns: list[str]) -> str:
     roles = ACCEPTED_NAMES[task_type]
     accepted = "; ".join(
-        f"{role}{' (optional)' if role in OPTIONAL_ROLES else ''}: {', '.join(names)}"
-        for role, names in roles.items()
+        f"{role}{' (optional)' if role in OPTIONAL_ROLES else ''}: {', '.join(names)}" for role, names in roles.items()
     )
     needs = " and ".join(f"a {role} column" for role in roles if role not in OPTIONAL_ROLES)
     found = ", ".join(f"'{column}'" for column in columns) or "none"

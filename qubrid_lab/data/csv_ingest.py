@@ -77,8 +77,7 @@ def _parse(path: Path) -> _Table:
     text = _decode(path.read_bytes())
     if not text.strip():
         raise DatasetError(
-            "The file is empty. Upload a CSV file with a header line of column names "
-            "and at least one data row."
+            "The file is empty. Upload a CSV file with a header line of column names and at least one data row."
         )
     if "\x00" in text:
         line = _line_of(text, text.index("\x00"))
@@ -103,8 +102,7 @@ def _parse(path: Path) -> _Table:
         rows.append(record)
     if not rows:
         raise DatasetError(
-            f"The file has a header ({', '.join(columns)}) but no data rows. "
-            "Add at least one row below the header."
+            f"The file has a header ({', '.join(columns)}) but no data rows. Add at least one row below the header."
         )
     return _Table(columns=columns, rows=rows)
 

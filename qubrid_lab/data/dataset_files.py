@@ -16,7 +16,8 @@ def dataset_suffix(filename: str | None) -> str:
     if suffix not in FORMATS:
         raise DatasetError(
             f"Only CSV and JSONL files are accepted, and '{filename}' ends in neither .csv nor .jsonl. Export the "
-            "data as CSV (comma-separated, UTF-8), or as JSONL with one {\"messages\": [...]} conversation per line.")
+            'data as CSV (comma-separated, UTF-8), or as JSONL with one {"messages": [...]} conversation per line.'
+        )
     return suffix
 
 

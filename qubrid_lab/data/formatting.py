@@ -39,9 +39,7 @@ class ExampleSet:
     skipped_too_long: int = 0  # qa rows whose prompt alone leaves no room for one answer token
 
 
-def build_examples(
-    rows: list[dict[str, str]], plan: ColumnPlan, tokenizer, max_seq_length: int
-) -> ExampleSet:
+def build_examples(rows: list[dict[str, str]], plan: ColumnPlan, tokenizer, max_seq_length: int) -> ExampleSet:
     """Tokenize dataset ``rows`` for ``plan.task_type`` with the base model's ``tokenizer``.
 
     Examples are at most ``max_seq_length`` tokens and keep the order of the rows they come from.
@@ -110,15 +108,17 @@ def _chat_examples(rows, plan: ColumnPlan, tokenizer, max_seq_length: int) -> Ex
     for row in rows:
         turns = row[plan.messages]
         messages = [{"role": m["role"], "content": m["content"]} for m in turns]
-        trained = [k for k, m in enumerate(turns) if m["role"] == "assistant" and m.get("weight", 1)
-                   and m["content"].strip()]
+        trained = [
+            k for k, m in enumerate(turns) if m["role"] == "assistant" and m.get("weight", 1) and m["content"].strip()
+        ]
         if not trained:
             result.skipped_empty += 1
             continue
         # 1. Each trained turn's prompt (its history, as the chat endpoint renders it) and the turn itself.
         histories, throughs = [messages[:k] for k in trained], [messages[: k + 1] for k in trained]
-        prompts = _chat_ids(tokenizer, histories, _with_added_token_text(tokenizer, histories),
-                            add_generation_prompt=True)
+        prompts = _chat_ids(
+            tokenizer, histories, _with_added_token_text(tokenizer, histories), add_generation_prompt=True
+        )
         fulls = _chat_ids(tokenizer, throughs, _with_added_token_text(tokenizer, throughs))
         ids: list[int] = []
         labels: list[int] = []
@@ -127,10 +127,11 @@ def _chat_examples(rows, plan: ColumnPlan, tokenizer, max_seq_length: int) -> Ex
             #    prompt, dropping what came before.
             if prompt[: len(ids)] != ids:
                 ids, labels = [], []
-            completion = full[len(prompt):] if full[: len(prompt)] == prompt else _assistant_turn_apart(tokenizer,
-                                                                                                        through)
+            completion = (
+                full[len(prompt) :] if full[: len(prompt)] == prompt else _assistant_turn_apart(tokenizer, through)
+            )
             completion = _through_end_of_turn(completion, control_ids, tokenizer)
-            context = prompt[len(ids):]
+            context = prompt[len(ids) :]
             ids += list(context) + completion
             labels += [IGNORE_INDEX] * len(context) + completion
         # 3. Cut to max_seq_length; drop the conversation when no trained token is left.
@@ -144,9 +145,7 @@ def _chat_examples(rows, plan: ColumnPlan, tokenizer, max_seq_length: int) -> Ex
     return result
 
 
-def _chat_ids(
-    tokenizer, conversations: list[list[dict[str, str]]], marked: set[int], **options
-) -> list[list[int]]:
+def _chat_ids(tokenizer, conversations: list[list[dict[str, str]]], marked: set[int], **options) -> list[list[int]]:
     """Token ids of each conversation rendered by the chat template, special-token text in cells as text.
 
     transformers sanitizes row by row (about 1 ms a row), so only the ``marked`` conversations, whose cells
@@ -170,17 +169,13 @@ def _chat_ids(
 
 def _with_added_token_text(tokenizer, conversations: list[list[dict[str, str]]]) -> set[int]:
     """Indices of the conversations whose cells contain the text of one of the tokenizer's added tokens."""
-    texts = {token.content for token in tokenizer.added_tokens_decoder.values()} | set(
-        tokenizer.all_special_tokens
-    )
+    texts = {token.content for token in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
     texts = sorted((text for text in texts if text.strip()), key=len, reverse=True)
     if not texts:
         return set()
     pattern = re.compile("|".join(map(re.escape, texts)))
     return {
-        i
-        for i, conversation in enumerate(conversations)
-        if any(pattern.search(m["content"]) for m in conversation)
+        i for i, conversation in enumerate(conversations) if any(pattern.search(m["content"]) for m in conversation)
     }
 
 

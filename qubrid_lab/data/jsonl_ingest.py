@@ -15,8 +15,10 @@ from qubrid_lab.data.csv_ingest import CsvSummary, DatasetError
 
 ROLES = ("system", "user", "assistant")
 MESSAGES_COLUMN = "messages"  # the one "column" a chat dataset has
-FORMAT_HINT = ('Each line must be one JSON object like {"messages": [{"role": "user", "content": "..."}, '
-               '{"role": "assistant", "content": "..."}]}.')
+FORMAT_HINT = (
+    'Each line must be one JSON object like {"messages": [{"role": "user", "content": "..."}, '
+    '{"role": "assistant", "content": "..."}]}.'
+)
 
 
 def inspect_jsonl(path: Path, filename: str) -> CsvSummary:
@@ -31,7 +33,7 @@ def read_conversations(path: Path) -> list[dict[str, list[dict]]]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        line = data[:error.start].count(b"\n") + 1
+        line = data[: error.start].count(b"\n") + 1
         raise DatasetError(f"Line {line} is not UTF-8 text. Save the file as UTF-8 and upload it again.") from None
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -46,13 +48,16 @@ def _messages(line: str, number: int) -> list[dict]:
     try:
         item = json.loads(line)
     except json.JSONDecodeError as error:
-        raise DatasetError(f"Line {number} is not valid JSON ({error.msg} at column {error.colno}). "
-                           f"{FORMAT_HINT}") from None
+        raise DatasetError(
+            f"Line {number} is not valid JSON ({error.msg} at column {error.colno}). {FORMAT_HINT}"
+        ) from None
     if not isinstance(item, dict) or not isinstance(item.get(MESSAGES_COLUMN), list) or not item[MESSAGES_COLUMN]:
         raise DatasetError(f"Line {number} has no 'messages' list. {FORMAT_HINT}")
     if "tools" in item or "functions" in item:
-        raise DatasetError(f"Line {number}: tool and function definitions are not supported for fine-tuning here "
-                           "yet; keep plain conversations.")
+        raise DatasetError(
+            f"Line {number}: tool and function definitions are not supported for fine-tuning here "
+            "yet; keep plain conversations."
+        )
     messages = [_message(message, number, index) for index, message in enumerate(item[MESSAGES_COLUMN])]
     if not any(m["role"] == "assistant" and m["weight"] and m["content"].strip() for m in messages):
         raise DatasetError(f"Line {number} has no assistant message to learn from (one with text and weight 1).")
@@ -78,7 +83,8 @@ def _message(message: object, number: int, index: int) -> dict:
 def _text(content: object, where: str) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         return "".join(part["text"] for part in content)
     raise DatasetError(f"{where}: content must be text (a string, or a list of text parts).")

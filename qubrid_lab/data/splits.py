@@ -25,8 +25,10 @@ def validation_split_problem(usable_rows: int, validation_split: float) -> str |
     """Why ``validation_split`` cannot split ``usable_rows`` rows (too few to keep one on each side), or None."""
     if validation_split == 0 or usable_rows >= MIN_ROWS_TO_VALIDATE:
         return None
-    return (f"validation_split {validation_split} needs at least {MIN_ROWS_TO_VALIDATE} usable rows (one to train "
-            f"on, one to validate); the dataset has {usable_rows}. Add rows or set validation_split to 0")
+    return (
+        f"validation_split {validation_split} needs at least {MIN_ROWS_TO_VALIDATE} usable rows (one to train "
+        f"on, one to validate); the dataset has {usable_rows}. Add rows or set validation_split to 0"
+    )
 
 
 def split_examples(examples: list[dict[str, list[int]]], validation_split: float, seed: int) -> Split:

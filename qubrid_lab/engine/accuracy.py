@@ -62,7 +62,9 @@ def divergence(reference: torch.Tensor, candidate: torch.Tensor, bar: AccuracyBa
     if isinstance(reference, (list, tuple)):
         reference, candidate = torch.cat(list(reference)), torch.cat(list(candidate))
     if reference.shape != candidate.shape:
-        raise ValueError(f"logits differ in shape: reference {tuple(reference.shape)}, candidate {tuple(candidate.shape)}")
+        raise ValueError(
+            f"logits differ in shape: reference {tuple(reference.shape)}, candidate {tuple(candidate.shape)}"
+        )
     ref = reference.float().log_softmax(-1)
     cand = candidate.float().log_softmax(-1)
     kl = (ref.exp() * (ref - cand)).sum(-1).clamp(min=0)
@@ -70,9 +72,13 @@ def divergence(reference: torch.Tensor, candidate: torch.Tensor, bar: AccuracyBa
     clear = (best[:, 0] - best[:, 1]) >= bar.clear_margin
     agree = ref.argmax(-1) == cand.argmax(-1)
     return Divergence(
-        mean_kl=float(kl.mean()), max_kl=float(kl.max()), top1=float(agree.float().mean()),
+        mean_kl=float(kl.mean()),
+        max_kl=float(kl.max()),
+        top1=float(agree.float().mean()),
         clear_top1=float(agree[clear].float().mean()) if bool(clear.any()) else 1.0,
-        positions=int(kl.numel()), clear_positions=int(clear.sum()))
+        positions=int(kl.numel()),
+        clear_positions=int(clear.sum()),
+    )
 
 
 def reference_logits(model, prompt: list[int], continuation: list[int]) -> torch.Tensor:
@@ -83,8 +89,9 @@ def reference_logits(model, prompt: list[int], continuation: list[int]) -> torch
     return logits[len(prompt) - 1 : len(prompt) + len(continuation) - 1].float().cpu()
 
 
-def served_logits(forward: Forward, prompt: list[int], continuation: list[int], device: torch.device,
-                  prefix: int = 0) -> torch.Tensor:
+def served_logits(
+    forward: Forward, prompt: list[int], continuation: list[int], device: torch.device, prefix: int = 0
+) -> torch.Tensor:
     """The engine's path for one request: prefill (in two parts after a shared ``prefix``, as the scheduler
     does), then one decode step per continuation token over the request's cache. Same rows as
     :func:`reference_logits`."""
@@ -109,6 +116,13 @@ def greedy_continuation(model, prompt: list[int], max_new_tokens: int) -> list[i
     """The model's own greedy continuation of ``prompt`` (transformers' ``generate``), without the prompt."""
     ids = torch.tensor([prompt], device=model.device)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    return out[0, len(prompt) :].tolist()

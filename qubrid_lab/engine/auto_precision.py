@@ -80,8 +80,10 @@ class PrecisionChoice:
             elif "error" in figures:
                 parts.append(f"{label} does not run ({figures['error']})")
             else:
-                parts.append(f"{label} fails the accuracy bar (mean KL {figures['mean_kl']:.3g}, "
-                             f"clear top-1 {figures['clear_top1']:.2f})")
+                parts.append(
+                    f"{label} fails the accuracy bar (mean KL {figures['mean_kl']:.3g}, "
+                    f"clear top-1 {figures['clear_top1']:.2f})"
+                )
         if not parts:
             return f"{self.precision.label} ({self.how})"
         sizes = "/".join(str(b) for b in BATCH_SIZES)
@@ -101,8 +103,9 @@ def fastest_passing(candidates: dict[str, dict], default: str) -> str:
     def ratios(label: str) -> list[float]:
         return [base / own for base, own in zip(_step_ms(passing[default]), _step_ms(passing[label]))]
 
-    faster = {label: _geometric_mean(ratios(label)) for label in passing
-              if label != default and min(ratios(label)) >= 1.0}
+    faster = {
+        label: _geometric_mean(ratios(label)) for label in passing if label != default and min(ratios(label)) >= 1.0
+    }
     best = max(faster, key=faster.get, default=None)
     return best if best is not None and faster[best] >= SWITCH_SPEEDUP else default
 
@@ -115,8 +118,9 @@ def _geometric_mean(values: list[float]) -> float:
     return math.prod(values) ** (1 / len(values))
 
 
-def choose_precision(location: str, config_dir: Path, tokenizer, device: torch.device, cache_dir: Path,
-                     fused: bool = True) -> PrecisionChoice:
+def choose_precision(
+    location: str, config_dir: Path, tokenizer, device: torch.device, cache_dir: Path, fused: bool = True
+) -> PrecisionChoice:
     """Measure (or reuse a cached measurement of) every candidate precision of this model on ``device``."""
     from filelock import FileLock
 
@@ -132,20 +136,29 @@ def choose_precision(location: str, config_dir: Path, tokenizer, device: torch.d
         if cached is not None:
             return PrecisionChoice(Precision.from_label(cached["dtype"]), "cached", cached["candidates"])
         started = time.perf_counter()
-        log.info("dtype auto: measuring %s on %s for %s (once per machine and model)",
-                 ", ".join(c.label for c in candidates), device, location)
+        log.info(
+            "dtype auto: measuring %s on %s for %s (once per machine and model)",
+            ", ".join(c.label for c in candidates),
+            device,
+            location,
+        )
         figures = measure_candidates(location, tokenizer, device, candidates, fused)
         label = fastest_passing(figures, default)
         entries = _read_cache(cache_file)
-        entries[key] = {"dtype": label, "candidates": figures, "identity": _identity(device, config_dir),
-                        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "seconds": round(time.perf_counter() - started, 1)}
+        entries[key] = {
+            "dtype": label,
+            "candidates": figures,
+            "identity": _identity(device, config_dir),
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         _write_cache(cache_file, entries)
     return PrecisionChoice(Precision.from_label(label), "measured", figures)
 
 
-def measure_candidates(location: str, tokenizer, device: torch.device, candidates: list[Precision],
-                       fused: bool = True) -> dict[str, dict]:
+def measure_candidates(
+    location: str, tokenizer, device: torch.device, candidates: list[Precision], fused: bool = True
+) -> dict[str, dict]:
     """Accuracy against transformers' fp32 forward for each candidate, then decode speed for those that pass.
 
     Speed is timed in :data:`TIMED_ROUNDS` rounds that take the candidates in turn (each round's order the
@@ -153,8 +166,14 @@ def measure_candidates(location: str, tokenizer, device: torch.device, candidate
     load on a shared machine during one candidate's turn decided the pick. That needs the passing candidates
     loaded together; one that would not fit in half the free memory is timed alone, all rounds in a row.
     """
-    prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False)) for text in PROBE_MESSAGES]
+    prompts = [
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+        for text in PROBE_MESSAGES
+    ]
     reference, _ = load_causal_lm(location, Precision(torch.float32), device, fused=False)
     continuations = [greedy_continuation(reference, ids, PROBE_TOKENS) or [ids[-1]] for ids in prompts]
     references = [reference_logits(reference, ids, cont) for ids, cont in zip(prompts, continuations)]
@@ -179,11 +198,11 @@ def measure_candidates(location: str, tokenizer, device: torch.device, candidate
                     held[precision.label] = (model, forward)
                     held_bytes += size
                 else:
-                    figures[precision.label]["decode_ms"] = _time_rounds({precision.label: forward}, device,
-                                                                         prompts[0])[precision.label]
+                    figures[precision.label]["decode_ms"] = _time_rounds(
+                        {precision.label: forward}, device, prompts[0]
+                    )[precision.label]
         except Exception as exc:  # noqa: BLE001 - a path this machine or model cannot run is simply no candidate
-            log.warning("dtype auto: %s cannot serve this model here: %s: %s", precision.label,
-                        type(exc).__name__, exc)
+            log.warning("dtype auto: %s cannot serve this model here: %s: %s", precision.label, type(exc).__name__, exc)
             figures[precision.label] = {"passes": False, "error": f"{type(exc).__name__}: {exc}"}
         model = forward = reference = None
         _free_memory()
@@ -206,8 +225,10 @@ def _time_rounds(forwards: dict, device: torch.device, prompt: list[int]) -> dic
             for batch in BATCH_SIZES:
                 samples[label][batch].append(decode_step_ms(forwards[label], device, prompt, batch))
         order.reverse()
-    return {label: {str(b): round(statistics.median(times), 2) for b, times in by_batch.items()}
-            for label, by_batch in samples.items()}
+    return {
+        label: {str(b): round(statistics.median(times), 2) for b, times in by_batch.items()}
+        for label, by_batch in samples.items()
+    }
 
 
 def _free_memory() -> None:
@@ -233,8 +254,9 @@ def decode_step_ms(forward, device: torch.device, prompt: list[int], batch: int)
     """Median milliseconds of one decode step for ``batch`` rows that each hold ``prompt``."""
     prefill = PrefillKV()
     with torch.inference_mode():
-        logits = forward(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)[None],
-                         prefill, None)
+        logits = forward(
+            torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)[None], prefill, None
+        )
         prefill.keys = [k.expand(batch, -1, -1, -1) for k in prefill.keys]
         prefill.values = [v.expand(batch, -1, -1, -1) for v in prefill.values]
         kv = BatchKV(device)
@@ -263,16 +285,30 @@ def _identity(device: torch.device, config_dir: Path) -> dict:
     """What the measurement depends on: the processor (and the instruction set torch uses on it), the model's
     files, and torch."""
     if device.type == "cuda":
-        machine = {"gpu": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device))}
+        machine = {
+            "gpu": torch.cuda.get_device_name(device),
+            "capability": list(torch.cuda.get_device_capability(device)),
+        }
     else:
-        machine = {"cpu": _cpu_model(), "isa": torch.backends.cpu.get_cpu_capability(),
-                   "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""), "threads": torch.get_num_threads()}
+        machine = {
+            "cpu": _cpu_model(),
+            "isa": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+            "threads": torch.get_num_threads(),
+        }
     config = Path(config_dir) / "config.json"
     weights = sorted((p.name, p.stat().st_size) for p in Path(config_dir).glob("*.safetensors"))
-    model = {"config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else "",
-             "weights": weights}
-    return {"machine": machine, "model": model, "torch": torch.__version__, "method": METHOD,
-            "bar": [ACCURACY_BAR.max_mean_kl, ACCURACY_BAR.min_clear_top1, ACCURACY_BAR.clear_margin]}
+    model = {
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else "",
+        "weights": weights,
+    }
+    return {
+        "machine": machine,
+        "model": model,
+        "torch": torch.__version__,
+        "method": METHOD,
+        "bar": [ACCURACY_BAR.max_mean_kl, ACCURACY_BAR.min_clear_top1, ACCURACY_BAR.clear_margin],
+    }
 
 
 def _cache_key(device: torch.device, config_dir: Path) -> str:

@@ -65,8 +65,12 @@ class GenerationHandle:
     prompt_field: str = "messages"  # the request field an error about the prompt names
     max_new_tokens: int = 0
     adapter: str | None = None  # the LoRA adapter (fine-tuned model) to decode with; None: the base model
-    shared_prefix: int = 0  # leading prompt tokens many prompts share (a chat template's system block), set by the backend
-    prompt_logprobs: list[TokenLogprob] | None = None  # with echo and logprobs: the prompt's tokens, set before any event
+    shared_prefix: int = (
+        0  # leading prompt tokens many prompts share (a chat template's system block), set by the backend
+    )
+    prompt_logprobs: list[TokenLogprob] | None = (
+        None  # with echo and logprobs: the prompt's tokens, set before any event
+    )
     matchers: list | None = None  # structured outputs: one grammar matcher per choice, set by the backend
     images: object | None = None  # a vision model's prompt: what its images add to the prefill (vision.ImageInputs)
     first_token_at: float | None = None
@@ -88,15 +92,24 @@ class GenerationHandle:
 class GenerationRun:
     """All prompts of one API request, submitted to one backend; events of every choice on one queue."""
 
-    def __init__(self, backend: ChatBackend, prompts: list[list[int]], params: SamplingParams, n: int,
-                 prompt_field: str = "messages", prompt_texts: list[str] | None = None, images: object | None = None):
+    def __init__(
+        self,
+        backend: ChatBackend,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int,
+        prompt_field: str = "messages",
+        prompt_texts: list[str] | None = None,
+        images: object | None = None,
+    ):
         self.submitted_at = time.perf_counter()
         self.prompt_texts = prompt_texts or []
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.handles = [
-            GenerationHandle(ids, params, self.queue, loop, n=n, first_index=i * n, prompt_field=prompt_field,
-                             images=images)
+            GenerationHandle(
+                ids, params, self.queue, loop, n=n, first_index=i * n, prompt_field=prompt_field, images=images
+            )
             for i, ids in enumerate(prompts)
         ]
         self.choices = n * len(prompts)
@@ -142,8 +155,9 @@ async def drain(queue: asyncio.Queue, choices: int) -> AsyncIterator[Event]:
             choices -= 1
 
 
-def run_metrics(submitted_at: float, first_token_at: float | None, finished_at: float | None,
-                completion_tokens: int) -> dict:
+def run_metrics(
+    submitted_at: float, first_token_at: float | None, finished_at: float | None, completion_tokens: int
+) -> dict:
     """The ``x_metrics`` block: time to first token, output tokens per second, total seconds."""
     end = finished_at or time.perf_counter()
     first = first_token_at or end
@@ -225,9 +239,12 @@ def start_local(backend, request: GenerationRequest) -> GenerationRun:
         run = GenerationRun(backend, [ids], params, request.n, images=images)
         return ToolCallRun(run, tools.functions) if tools.functions else run
     several = len(request.prompts) > 1
-    prompts = [backend.encode_text(prompt) if isinstance(prompt, str)
-               else backend.checked_ids(prompt, f"prompt[{i}]" if several else "prompt")
-               for i, prompt in enumerate(request.prompts)]
+    prompts = [
+        backend.encode_text(prompt)
+        if isinstance(prompt, str)
+        else backend.checked_ids(prompt, f"prompt[{i}]" if several else "prompt")
+        for i, prompt in enumerate(request.prompts)
+    ]
     texts = [prompt if isinstance(prompt, str) else backend.decode(prompt) for prompt in request.prompts]
     return GenerationRun(backend, prompts, request.params, request.n, prompt_field="prompt", prompt_texts=texts)
 

@@ -34,8 +34,14 @@ def transformers_forward(model) -> Forward:
 
     def forward(input_ids, position_ids, kv, attention_mask, every_position=False, **inputs):
         inputs[cache_argument] = as_transformers_cache(kv, layers)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                    logits_to_keep=0 if every_position else 1, **inputs)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=0 if every_position else 1,
+            **inputs,
+        )
         return out.logits if every_position else out.logits[:, -1]
 
     return forward
@@ -45,8 +51,13 @@ def _fuse(*linears: nn.Linear) -> nn.Linear:
     """One linear layer computing the concatenated outputs of ``linears`` (same input)."""
     first = linears[0]
     has_bias = first.bias is not None
-    fused = nn.Linear(first.in_features, sum(layer.out_features for layer in linears), bias=has_bias,
-                      dtype=first.weight.dtype, device=first.weight.device)
+    fused = nn.Linear(
+        first.in_features,
+        sum(layer.out_features for layer in linears),
+        bias=has_bias,
+        dtype=first.weight.dtype,
+        device=first.weight.device,
+    )
     with torch.no_grad():
         fused.weight.copy_(torch.cat([layer.weight for layer in linears]))
         if has_bias:
@@ -68,15 +79,20 @@ class FusedLlama:
         for layer in model.model.layers:
             attention, mlp = layer.self_attn, layer.mlp
             attention.qkv_proj = _fuse(attention.q_proj, attention.k_proj, attention.v_proj)
-            attention.qkv_split = (attention.q_proj.out_features, attention.k_proj.out_features,
-                                   attention.v_proj.out_features)
+            attention.qkv_split = (
+                attention.q_proj.out_features,
+                attention.k_proj.out_features,
+                attention.v_proj.out_features,
+            )
             mlp.gate_up_proj = _fuse(mlp.gate_proj, mlp.up_proj)
             del attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj
 
     def __init__(self, model):
         self.model = model
         self.config = model.config
-        self.head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        self.head_dim = (
+            getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        )
         self.eps = self.config.rms_norm_eps
         self.act = {"silu": F.silu, "gelu": F.gelu}[self.config.hidden_act]
 

@@ -64,16 +64,18 @@ class PackedPrefillKV:
         self.mask = torch.zeros((sum(lengths), sum(lengths) + sum(befores)), dtype=torch.bool, device=device)
         row = column = 0
         for length, before in zip(lengths, befores):
-            self.mask[row:row + length, column:column + before] = True
-            self.mask[row:row + length, column + before:column + before + length] = torch.ones(
-                (length, length), dtype=torch.bool, device=device).tril()
+            self.mask[row : row + length, column : column + before] = True
+            self.mask[row : row + length, column + before : column + before + length] = torch.ones(
+                (length, length), dtype=torch.bool, device=device
+            ).tril()
             row, column = row + length, column + before + length
         self.last_tokens = torch.tensor(lengths, device=device).cumsum(0) - 1
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         keys, values = [], []
-        for prompt, k, v in zip(self.prompts, key_states.split(self.lengths, dim=-2),
-                                value_states.split(self.lengths, dim=-2)):
+        for prompt, k, v in zip(
+            self.prompts, key_states.split(self.lengths, dim=-2), value_states.split(self.lengths, dim=-2)
+        ):
             k, v = prompt.write(layer, k, v)
             keys.append(k)
             values.append(v)
@@ -123,8 +125,8 @@ class BatchKV:
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         end = self.length + key_states.shape[-2]
-        self.keys[layer][:, :, self.length:end] = key_states
-        self.values[layer][:, :, self.length:end] = value_states
+        self.keys[layer][:, :, self.length : end] = key_states
+        self.values[layer][:, :, self.length : end] = value_states
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def step_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -155,7 +157,10 @@ class BatchKV:
         old_rows, added = self.rows, mask.shape[0]
         keys, values = [], []
         for i in range(len(self.keys)):
-            for source, old, target in ((prefill.keys[i], self.keys[i], keys), (prefill.values[i], self.values[i], values)):
+            for source, old, target in (
+                (prefill.keys[i], self.keys[i], keys),
+                (prefill.values[i], self.values[i], values),
+            ):
                 heads, head_dim = old.shape[1], old.shape[3]
                 merged = torch.zeros((old_rows + added, heads, capacity, head_dim), dtype=old.dtype, device=self.device)
                 merged[:old_rows, :, length - self.length : length] = old[:, :, : self.length]

@@ -47,17 +47,28 @@ def checked_ids(ids: list[int], vocabulary: int, model_id: str, field: str) -> l
     """``ids`` when every one is a token of a ``vocabulary``-token model; else a 400 naming the first that is not."""
     outside = next((i for i, token in enumerate(ids) if not 0 <= token < vocabulary), None)
     if outside is not None:
-        raise InvalidRequestError(f"{field}[{outside}] is token id {ids[outside]}, outside model '{model_id}''s "
-                                  f"vocabulary (ids 0 to {vocabulary - 1}).", param=field)
+        raise InvalidRequestError(
+            f"{field}[{outside}] is token id {ids[outside]}, outside model '{model_id}''s "
+            f"vocabulary (ids 0 to {vocabulary - 1}).",
+            param=field,
+        )
     return ids
 
 
 class LocalChatEngine:
     """A causal LM loaded with transformers and served through the continuous-batching scheduler."""
 
-    def __init__(self, entry: ModelEntry, cache_dir: Path, device: str = "auto", dtype: str = "auto",
-                 max_batch_size: int = 32, max_tokens_cap: int | None = None, fused: bool = True,
-                 thread: ModelThread | None = None):
+    def __init__(
+        self,
+        entry: ModelEntry,
+        cache_dir: Path,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 32,
+        max_tokens_cap: int | None = None,
+        fused: bool = True,
+        thread: ModelThread | None = None,
+    ):
         self.model_id = entry.id
         self.entry = entry
         self.device = pick_device(device)
@@ -70,7 +81,8 @@ class LocalChatEngine:
         started = time.perf_counter()
         self.processor = None  # a vision model's processor (images, and the chat template it renders them with)
         self.tokenizer, self.model, forward, self.created, self.precision_choice = self._thread.submit(
-            self._load, cache_dir, explicit, fused).result()
+            self._load, cache_dir, explicit, fused
+        ).result()
         self.vision = self.processor is not None
         self.precision: Precision = self.precision_choice.precision
         self.lora = LoraSet(self.model)
@@ -79,11 +91,24 @@ class LocalChatEngine:
         eos_ids = set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
         eos_ids.add(self.tokenizer.eos_token_id)
         eos_ids.discard(None)
-        self.scheduler = BatchScheduler(forward, self.tokenizer, self.device, eos_ids, max_batch_size, self._thread,
-                                        self.lora, vocab_size=self.model.config.get_text_config().vocab_size)
+        self.scheduler = BatchScheduler(
+            forward,
+            self.tokenizer,
+            self.device,
+            eos_ids,
+            max_batch_size,
+            self._thread,
+            self.lora,
+            vocab_size=self.model.config.get_text_config().vocab_size,
+        )
         self._thread.submit(lambda: self.scheduler.texts.ll_tokenizer).result()  # built now, not on a request
-        log.info("loaded %s on %s in %s, in %.1fs", entry.id, self.device, self.precision_choice.summary(),
-                 time.perf_counter() - started)
+        log.info(
+            "loaded %s on %s in %s, in %.1fs",
+            entry.id,
+            self.device,
+            self.precision_choice.summary(),
+            time.perf_counter() - started,
+        )
 
     def _load(self, cache_dir: Path, explicit: Precision | None, fused: bool):
         from transformers import AutoTokenizer
@@ -93,8 +118,10 @@ class LocalChatEngine:
         if is_vision_model(config_dir):
             return self._load_vision(location, config_dir, explicit)
         if self.entry.vision:
-            raise InvalidRequestError(f"Model '{self.model_id}' is marked vision: true, but its config has no "
-                                      "vision tower (vision_config): it reads text only. Remove the key.")
+            raise InvalidRequestError(
+                f"Model '{self.model_id}' is marked vision: true, but its config has no "
+                "vision tower (vision_config): it reads text only. Remove the key."
+            )
         tokenizer = AutoTokenizer.from_pretrained(location)
         if tokenizer.chat_template is None:
             raise InvalidRequestError(f"Model '{self.model_id}' has no chat template; it cannot serve chat.")
@@ -108,28 +135,41 @@ class LocalChatEngine:
     def _load_vision(self, location: str, config_dir: str, explicit: Precision | None):
         """A vision-language model. ``dtype auto`` serves it in the device's default precision: the accuracy
         measurement behind auto decodes text with causal LMs only."""
-        choice = PrecisionChoice(explicit, "set") if explicit else PrecisionChoice(
-            precision_candidates(self.device)[0], "default (vision models are not measured)")
+        choice = (
+            PrecisionChoice(explicit, "set")
+            if explicit
+            else PrecisionChoice(precision_candidates(self.device)[0], "default (vision models are not measured)")
+        )
         processor, model, forward = load_vision_lm(location, choice.precision, self.device)
         if not (processor.chat_template or processor.tokenizer.chat_template):
             raise InvalidRequestError(f"Model '{self.model_id}' has no chat template; it cannot serve chat.")
         self.processor = processor
         return processor.tokenizer, model, forward, registered_at(config_dir), choice
 
-    def _render(self, messages: list[dict], tools: list[dict] | None = None,
-                chat_template: str | None = None) -> list[int]:
+    def _render(
+        self, messages: list[dict], tools: list[dict] | None = None, chat_template: str | None = None
+    ) -> list[int]:
         if self.processor is not None:
             return self.tokenizer.encode(render(self.processor, messages, tools), add_special_tokens=False)
-        return list(self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False, chat_template=chat_template))
+        return list(
+            self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+                chat_template=chat_template,
+            )
+        )
 
     @property
     def native_tools(self) -> bool:
         """Whether the chat template renders tools itself (else the fallback prompt describes them)."""
         return "tools" in (self.tokenizer.chat_template or "")
 
-    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                    chat_template: str | None = None) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], tools: list[dict] | None = None, chat_template: str | None = None
+    ) -> list[int]:
         """Token ids of the conversation rendered by the model's own chat template (or ``chat_template``, a
         fine-tune's), ready for the reply."""
         with self._encode_lock:
@@ -142,8 +182,10 @@ class LocalChatEngine:
         """A conversation holding images: its token ids (each image's placeholder expanded) and what the images
         add to its prefill (:class:`~qubrid_lab.engine.vision.ImageInputs`)."""
         if self.processor is None:
-            raise InvalidRequestError(f"Model '{self.model_id}' reads text only; send text parts only, or use a "
-                                      "vision model.", param="messages")
+            raise InvalidRequestError(
+                f"Model '{self.model_id}' reads text only; send text parts only, or use a vision model.",
+                param="messages",
+            )
         with self._encode_lock:
             return encode(self.processor, self.model, render(self.processor, messages, tools), images)
 
@@ -174,7 +216,11 @@ class LocalChatEngine:
             prefixes = list(self._template_prefixes.values())
         best = 0
         for prefix in prefixes:
-            if MIN_SHARED_PREFIX <= len(prefix) < len(ids) and len(prefix) > best and tuple(ids[:len(prefix)]) == prefix:
+            if (
+                MIN_SHARED_PREFIX <= len(prefix) < len(ids)
+                and len(prefix) > best
+                and tuple(ids[: len(prefix)]) == prefix
+            ):
                 best = len(prefix)
         return best
 
@@ -184,8 +230,9 @@ class LocalChatEngine:
 
     def checked_ids(self, ids: list[int], field: str) -> list[int]:
         """A prompt sent as token ids, each within the vocabulary."""
-        return checked_ids(ids, min(len(self.tokenizer), self.model.config.get_text_config().vocab_size),
-                           self.model_id, field)
+        return checked_ids(
+            ids, min(len(self.tokenizer), self.model.config.get_text_config().vocab_size), self.model_id, field
+        )
 
     def decode(self, ids: list[int]) -> str:
         with self._encode_lock:
@@ -202,13 +249,17 @@ class LocalChatEngine:
         if room < 1:
             raise InvalidRequestError(
                 f"The prompt is {len(handle.prompt_ids)} tokens; model '{self.model_id}' holds at most "
-                f"{self.context_length} tokens in all. Shorten the prompt.", param=handle.prompt_field)
+                f"{self.context_length} tokens in all. Shorten the prompt.",
+                param=handle.prompt_field,
+            )
         wanted = handle.params.max_tokens or self.max_tokens_cap or room
         if wanted > room:
             if handle.params.max_tokens:
                 raise InvalidRequestError(
                     f"max_tokens is {wanted} but the prompt already takes {len(handle.prompt_ids)} of the model's "
-                    f"{self.context_length} tokens: at most {room} can be generated.", param="max_tokens")
+                    f"{self.context_length} tokens: at most {room} can be generated.",
+                    param="max_tokens",
+                )
             wanted = room
         handle.max_new_tokens = wanted
         handle.shared_prefix = self._shared_prefix(handle.prompt_ids)
@@ -248,8 +299,13 @@ def _trained_template(model_id: str, base: LocalChatEngine, adapter_dir: Path) -
     template = saved.read_text()
     if template == base.tokenizer.chat_template:
         return None
-    log.warning("%s was trained with a chat template other than %s's current one; its prompts are rendered with "
-                "the one it was trained with (%s)", model_id, base.model_id, saved)
+    log.warning(
+        "%s was trained with a chat template other than %s's current one; its prompts are rendered with "
+        "the one it was trained with (%s)",
+        model_id,
+        base.model_id,
+        saved,
+    )
     return template
 
 
@@ -262,8 +318,9 @@ class FineTunedChat:
     def __init__(self, model_id: str, base: LocalChatEngine, adapter_dir: Path, created: int):
         self.model_id = model_id
         self.base = base
-        self.entry = ModelEntry(model_id, "chat", f"dir:{adapter_dir}", owned_by="user",
-                                description=f"LoRA fine-tune of {base.model_id}")
+        self.entry = ModelEntry(
+            model_id, "chat", f"dir:{adapter_dir}", owned_by="user", description=f"LoRA fine-tune of {base.model_id}"
+        )
         self.created = created
         self.context_length = base.context_length
         self.chat_template = _trained_template(model_id, base, Path(adapter_dir))
@@ -329,11 +386,13 @@ class LocalEmbeddingEngine:
 
     def _embed_ids(self, inputs: list[list[int]]) -> tuple[np.ndarray, int]:
         """Inputs sent as token ids go to the model as they are (no special tokens added), cut to its limit."""
-        rows = [ids[:self.max_input_tokens] for ids in inputs]
+        rows = [ids[: self.max_input_tokens] for ids in inputs]
         width = max(map(len, rows))
         pad = self.model.tokenizer.pad_token_id or 0
-        features = {"input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in rows]),
-                    "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])}
+        features = {
+            "input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in rows]),
+            "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
+        }
         if "token_type_ids" in self.model.tokenizer.model_input_names:
             features["token_type_ids"] = torch.zeros_like(features["input_ids"])
         with torch.inference_mode():

@@ -58,12 +58,14 @@ class TokenTexts:
         return self.bytes_of(token_id).decode("utf-8", errors="backslashreplace")
 
     def logprob(self, text: str, token_id: int, logprob: float | None, top: list[tuple[int, float]]) -> TokenLogprob:
-        return TokenLogprob(token_id, text, self.bytes_of(token_id), logprob,
-                            [(self.text_of(i), self.bytes_of(i), lp) for i, lp in top])
+        return TokenLogprob(
+            token_id, text, self.bytes_of(token_id), logprob, [(self.text_of(i), self.bytes_of(i), lp) for i, lp in top]
+        )
 
 
-def chosen_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int],
-                    top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+def chosen_logprobs(
+    logits: torch.Tensor, rows: list[int], tokens: list[int], top: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
     """For each row index in ``rows`` of ``logits`` (``[rows, vocab]``): the log probability of its token in
     ``tokens`` (indexed like ``rows``) and the ``top`` most likely token ids with theirs."""
     index = torch.tensor(rows, device=logits.device)

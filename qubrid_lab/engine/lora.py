@@ -109,12 +109,16 @@ class LoraSet:
         except (OSError, ValueError) as exc:
             raise InvalidRequestError(f"{adapter_dir} does not hold a readable LoRA adapter: {exc}") from exc
         if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-            raise InvalidRequestError(f"{adapter_dir}: only plain LoRA adapters can be served (not DoRA or other peft types).")
+            raise InvalidRequestError(
+                f"{adapter_dir}: only plain LoRA adapters can be served (not DoRA or other peft types)."
+            )
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             match = _KEY.match(key)
             if match is None:
-                raise InvalidRequestError(f"{adapter_dir}: the adapter changes '{key}', which serving does not support.")
+                raise InvalidRequestError(
+                    f"{adapter_dir}: the adapter changes '{key}', which serving does not support."
+                )
             pairs.setdefault(match["module"], {})[match["part"]] = tensor
         updates = {}
         for module, pair in pairs.items():
@@ -134,8 +138,10 @@ class LoraSet:
             parent, _, leaf = module.rpartition(".")
             fused = next((f for f, members in FUSED_MEMBERS.items() if leaf in members), None)
             if fused is None or f"{parent}.{fused}" not in self._layers:
-                raise InvalidRequestError(f"{adapter_dir}: the adapter's layer '{module}' is not in this base model; "
-                                          "was it trained on another model?")
+                raise InvalidRequestError(
+                    f"{adapter_dir}: the adapter's layer '{module}' is not in this base model; "
+                    "was it trained on another model?"
+                )
             placed.setdefault(f"{parent}.{fused}", None)
         for layer, update in list(placed.items()):
             if update is None:
@@ -155,7 +161,7 @@ class LoraSet:
         for (member, update), width in zip(present, widths):
             if update is not None:
                 rank = update.a.shape[0]
-                b[row:row + width, col:col + rank] = update.b
+                b[row : row + width, col : col + rank] = update.b
                 col += rank
             row += width
         return LowRank(a, b)
@@ -163,16 +169,21 @@ class LoraSet:
     def _cast(self, layer: str, update: LowRank) -> LowRank:
         module = self._layers[layer]
         if update.a.shape[1] != module.in_features or update.b.shape[0] != module.out_features:
-            raise InvalidRequestError(f"The adapter's update of '{layer}' has shape {tuple(update.b.shape)} x "
-                                      f"{tuple(update.a.shape)}, which does not fit the base model's layer.")
+            raise InvalidRequestError(
+                f"The adapter's update of '{layer}' has shape {tuple(update.b.shape)} x "
+                f"{tuple(update.a.shape)}, which does not fit the base model's layer."
+            )
         dtype = _activation_dtype(self.model)
         return LowRank(update.a.to(self.device, dtype).contiguous(), update.b.to(self.device, dtype).contiguous())
 
 
 def _is_linear(module: nn.Module) -> bool:
     """A plain, dynamic-int8 or w8a16 linear layer."""
-    return (isinstance(module, nn.Linear) or type(module).__name__ in ("Linear", "Int8WeightLinear")
-            and hasattr(module, "in_features"))
+    return (
+        isinstance(module, nn.Linear)
+        or type(module).__name__ in ("Linear", "Int8WeightLinear")
+        and hasattr(module, "in_features")
+    )
 
 
 def _member_widths(model: nn.Module, parent: str, fused: str, out_features: int) -> tuple[int, ...]:

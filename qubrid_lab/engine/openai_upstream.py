@@ -57,9 +57,11 @@ def api_key_of(entry: ModelEntry) -> str | None:
         return None
     key = os.environ.get(entry.api_key_env)
     if not key:
-        raise InvalidRequestError(f"Model '{entry.id}' (backend 'openai') takes its upstream key from the "
-                                  f"environment variable {entry.api_key_env}, which is not set. Set it, or "
-                                  "remove api_key_env from the entry if the upstream needs no key.")
+        raise InvalidRequestError(
+            f"Model '{entry.id}' (backend 'openai') takes its upstream key from the "
+            f"environment variable {entry.api_key_env}, which is not set. Set it, or "
+            "remove api_key_env from the entry if the upstream needs no key."
+        )
     return key
 
 
@@ -101,8 +103,10 @@ class TokenCounter:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_location(entry, cache_dir))
         except (OSError, ValueError) as exc:
-            raise InvalidRequestError(f"Model '{entry.id}' (backend 'openai') names tokenizer "
-                                      f"'{entry.tokenizer}', which cannot be loaded: {exc}") from exc
+            raise InvalidRequestError(
+                f"Model '{entry.id}' (backend 'openai') names tokenizer "
+                f"'{entry.tokenizer}', which cannot be loaded: {exc}"
+            ) from exc
 
     def text(self, text: str, special_tokens: bool = False) -> int:
         """Tokens in ``text``; with ``special_tokens`` (an embedding input) the ones the tokenizer adds too."""
@@ -117,8 +121,11 @@ class TokenCounter:
         # the text only: an image's tokens depend on the upstream model's processor
         if self.tokenizer is not None and self.tokenizer.chat_template:
             messages = [{**message, "content": message_text(message)} for message in request.messages]
-            return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False))
+            return len(
+                self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
         # no template to render with: each message's role and text
         return sum(self.text(f"{message['role']}\n{message_text(message)}\n") for message in request.messages)
 
@@ -142,7 +149,8 @@ class _Upstream:
         session = self._sessions.get(loop)
         if session is None or session.closed:
             session = self._sessions[loop] = aiohttp.ClientSession(
-                headers=self.headers, timeout=TIMEOUT, connector=aiohttp.TCPConnector(limit=0))
+                headers=self.headers, timeout=TIMEOUT, connector=aiohttp.TCPConnector(limit=0)
+            )
         return session
 
     def failure(self, what: str) -> UpstreamError:
@@ -184,12 +192,17 @@ class _Upstream:
         message = error.get("message") or text[:500] or f"HTTP {status}"
         if status in (400, 404, 422):
             return UpstreamRefusal(
-                400 if status == 422 else status, message, param=error.get("param"),
+                400 if status == 422 else status,
+                message,
+                param=error.get("param"),
                 error_type=error.get("type") or "invalid_request_error",
-                code=error.get("code") or ("not_found" if status == 404 else "invalid_request"))
+                code=error.get("code") or ("not_found" if status == 404 else "invalid_request"),
+            )
         if status in (401, 403):
-            return self.failure(f"refused this server's key ({status}: {message}); check the key in "
-                                f"{self.entry.api_key_env or 'api_key_env (none is set)'}")
+            return self.failure(
+                f"refused this server's key ({status}: {message}); check the key in "
+                f"{self.entry.api_key_env or 'api_key_env (none is set)'}"
+            )
         return self.failure(f"answered {status}: {message}")
 
     def close(self) -> None:
@@ -223,8 +236,15 @@ async def _lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 class UpstreamRun(RemoteRun):
     """One request streaming from the upstream; the same interface as :class:`GenerationRun`."""
 
-    def __init__(self, upstream: _Upstream, request: GenerationRequest, response: aiohttp.ClientResponse,
-                 choices: int, submitted_at: float, runs: set):
+    def __init__(
+        self,
+        upstream: _Upstream,
+        request: GenerationRequest,
+        response: aiohttp.ClientResponse,
+        choices: int,
+        submitted_at: float,
+        runs: set,
+    ):
         self.upstream, self.request, self.response, self.choices = upstream, request, response, choices
         self.submitted_at = submitted_at
         self.prompt_tokens = 0
@@ -257,8 +277,9 @@ class UpstreamRun(RemoteRun):
                     text = delta.get("content") or choice.get("text") or ""
                     if delta.get("tool_calls") and own:
                         _gather_calls(calls[index], delta["tool_calls"])
-                    logprobs = _logprobs_of(choice.get("logprobs")) if self.request.params.logprobs is not None \
-                        else None
+                    logprobs = (
+                        _logprobs_of(choice.get("logprobs")) if self.request.params.logprobs is not None else None
+                    )
                     self.finished_at = time.perf_counter()
                     if text:
                         self.first_token_at = self.first_token_at or self.finished_at
@@ -266,8 +287,16 @@ class UpstreamRun(RemoteRun):
                             pieces[index].append(text)
                     if choice.get("finish_reason"):
                         gathered = calls[index] if own else {}
-                        finishes.append(Finish(index, choice["finish_reason"], text, 0, logprobs,
-                                               tool_calls=[gathered[k] for k in sorted(gathered)] or None))
+                        finishes.append(
+                            Finish(
+                                index,
+                                choice["finish_reason"],
+                                text,
+                                0,
+                                logprobs,
+                                tool_calls=[gathered[k] for k in sorted(gathered)] or None,
+                            )
+                        )
                     elif text or logprobs:
                         yield Delta(index, text, logprobs)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
@@ -306,8 +335,9 @@ class UpstreamRun(RemoteRun):
 def _gather_calls(calls: dict[int, dict], fragments: list[dict]) -> None:
     """Add a chunk's tool-call fragments (the id and name first, then pieces of the arguments) to ``calls``."""
     for fragment in fragments:
-        call = calls.setdefault(fragment.get("index", 0), {"id": "", "type": "function",
-                                                          "function": {"name": "", "arguments": ""}})
+        call = calls.setdefault(
+            fragment.get("index", 0), {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+        )
         call["id"] = fragment.get("id") or call["id"]
         function = fragment.get("function") or {}
         call["function"]["name"] += function.get("name") or ""
@@ -319,13 +349,25 @@ def _logprobs_of(upstream: dict | None) -> list[TokenLogprob] | None:
     if not upstream:
         return None
     if "content" in upstream:
-        return [TokenLogprob(-1, item["token"], bytes(item.get("bytes") or item["token"].encode()), item["logprob"],
-                             [(top["token"], bytes(top.get("bytes") or top["token"].encode()), top["logprob"])
-                              for top in item.get("top_logprobs") or []])
-                for item in upstream["content"] or []]
-    return [TokenLogprob(-1, token, token.encode(), logprob, [(t, t.encode(), lp) for t, lp in (top or {}).items()])
-            for token, logprob, top in zip(upstream.get("tokens") or [], upstream.get("token_logprobs") or [],
-                                           upstream.get("top_logprobs") or [])]
+        return [
+            TokenLogprob(
+                -1,
+                item["token"],
+                bytes(item.get("bytes") or item["token"].encode()),
+                item["logprob"],
+                [
+                    (top["token"], bytes(top.get("bytes") or top["token"].encode()), top["logprob"])
+                    for top in item.get("top_logprobs") or []
+                ],
+            )
+            for item in upstream["content"] or []
+        ]
+    return [
+        TokenLogprob(-1, token, token.encode(), logprob, [(t, t.encode(), lp) for t, lp in (top or {}).items()])
+        for token, logprob, top in zip(
+            upstream.get("tokens") or [], upstream.get("token_logprobs") or [], upstream.get("top_logprobs") or []
+        )
+    ]
 
 
 class OpenAIUpstreamChat(_Upstream):
@@ -341,9 +383,16 @@ class OpenAIUpstreamChat(_Upstream):
 
     async def start(self, request: GenerationRequest) -> UpstreamRun:
         params = request.params
-        body = {"model": self.entry.upstream_model, "stream": True, "stream_options": {"include_usage": True},
-                "n": request.n, "temperature": params.temperature, "top_p": params.top_p,
-                "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty}
+        body = {
+            "model": self.entry.upstream_model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "n": request.n,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+        }
         if params.max_tokens:
             body["max_tokens"] = params.max_tokens
         if params.stop:
@@ -351,18 +400,23 @@ class OpenAIUpstreamChat(_Upstream):
         if params.seed is not None:
             body["seed"] = params.seed
         if request.echo and any(not isinstance(prompt, str) for prompt in request.prompts or []):
-            raise InvalidRequestError(f"Model '{self.model_id}' is served by the 'openai' backend, which cannot "
-                                      "echo a prompt sent as token ids; send the prompt as text, or leave echo unset.",
-                                      param="echo")
+            raise InvalidRequestError(
+                f"Model '{self.model_id}' is served by the 'openai' backend, which cannot "
+                "echo a prompt sent as token ids; send the prompt as text, or leave echo unset.",
+                param="echo",
+            )
         if params.echo_logprobs:
-            raise InvalidRequestError(f"Model '{self.model_id}' is served by the 'openai' backend, which does not "
-                                      "return the prompt's log probabilities: send echo or logprobs, not both.",
-                                      param="echo")
+            raise InvalidRequestError(
+                f"Model '{self.model_id}' is served by the 'openai' backend, which does not "
+                "return the prompt's log probabilities: send echo or logprobs, not both.",
+                param="echo",
+            )
         if request.response_format is not None:
             body["response_format"] = request.response_format
         if request.tools:
-            body.update(tools=request.tools, tool_choice=request.tool_choice,
-                        parallel_tool_calls=request.parallel_tool_calls)
+            body.update(
+                tools=request.tools, tool_choice=request.tool_choice, parallel_tool_calls=request.parallel_tool_calls
+            )
         if params.logprobs is not None and request.messages is not None:
             body["logprobs"], body["top_logprobs"] = True, params.logprobs
         elif params.logprobs is not None:
@@ -380,16 +434,22 @@ class OpenAIUpstreamEmbedding(_Upstream):
     """An embedding model served by an OpenAI-compatible upstream."""
 
     async def embed(self, inputs: list[str | list[int]]) -> tuple[np.ndarray, int]:
-        response = await self.open("/embeddings", {"model": self.entry.upstream_model, "input": inputs,
-                                                   "encoding_format": "float"})
+        response = await self.open(
+            "/embeddings", {"model": self.entry.upstream_model, "input": inputs, "encoding_format": "float"}
+        )
         try:
             body = await response.json(content_type=None)
             rows = sorted(body["data"], key=lambda item: item["index"])
             vectors = np.asarray([row["embedding"] for row in rows], dtype=np.float32)
             usage = body.get("usage") or {}
-            tokens = int(usage["prompt_tokens"]) if "prompt_tokens" in usage else \
-                sum(self.counter.text(item, special_tokens=True) if isinstance(item, str) else len(item)
-                    for item in inputs)
+            tokens = (
+                int(usage["prompt_tokens"])
+                if "prompt_tokens" in usage
+                else sum(
+                    self.counter.text(item, special_tokens=True) if isinstance(item, str) else len(item)
+                    for item in inputs
+                )
+            )
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise self.failure(f"broke off its embeddings answer: {type(exc).__name__}: {exc}") from exc
         except (ValueError, KeyError, TypeError) as exc:

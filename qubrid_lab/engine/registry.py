@@ -35,12 +35,18 @@ class ModelRegistry:
         return models[model_id]
 
     def chat_model(self, model_id: str, hidden: set[str] = frozenset()) -> ChatBackend:
-        return self._of_kind(model_id, self.chat, self.embedding, hidden,
-                             "is an embedding model; it cannot generate text. Use it with /v1/embeddings.")
+        return self._of_kind(
+            model_id,
+            self.chat,
+            self.embedding,
+            hidden,
+            "is an embedding model; it cannot generate text. Use it with /v1/embeddings.",
+        )
 
     def embedding_model(self, model_id: str, hidden: set[str] = frozenset()) -> EmbeddingBackend:
-        return self._of_kind(model_id, self.embedding, self.chat, hidden,
-                             "is a text-generation model, not an embedding model.")
+        return self._of_kind(
+            model_id, self.embedding, self.chat, hidden, "is a text-generation model, not an embedding model."
+        )
 
     @staticmethod
     def _of_kind(model_id: str, wanted: dict, other: dict, hidden: set[str], mismatch: str):
@@ -59,9 +65,14 @@ class ModelRegistry:
         own batch, a managed vLLM loads it at runtime."""
         base = self.chat.get(base_model)
         if base is None or not hasattr(base, "fine_tuned"):
-            raise ModelNotFoundError(base_model, sorted(self.chat), reason=(
-                f"The fine-tuned model '{model_id}' needs its base model '{base_model}' loaded on this server "
-                "by the local engine or a managed vLLM; add it to QUBRID_LAB_MODELS (or --model) and restart."))
+            raise ModelNotFoundError(
+                base_model,
+                sorted(self.chat),
+                reason=(
+                    f"The fine-tuned model '{model_id}' needs its base model '{base_model}' loaded on this server "
+                    "by the local engine or a managed vLLM; add it to QUBRID_LAB_MODELS (or --model) and restart."
+                ),
+            )
         self.remove_adapter(model_id)
         self.chat[model_id] = base.fine_tuned(model_id, Path(adapter_dir), created)
 
@@ -110,8 +121,13 @@ def _load_backend(entry: ModelEntry, settings: Settings, thread: ModelThread) ->
     if entry.backend == "openai":
         from qubrid_lab.engine.openai_upstream import OpenAIUpstreamChat, OpenAIUpstreamEmbedding
 
-        log.info("serving %s (%s) from the OpenAI-compatible upstream %s as '%s'", entry.id, entry.kind,
-                 entry.base_url, entry.upstream_model)
+        log.info(
+            "serving %s (%s) from the OpenAI-compatible upstream %s as '%s'",
+            entry.id,
+            entry.kind,
+            entry.base_url,
+            entry.upstream_model,
+        )
         backend = OpenAIUpstreamEmbedding if entry.kind == "embedding" else OpenAIUpstreamChat
         return backend(entry, cache_dir=settings.model_cache_dir)
     if entry.backend == "vllm":
@@ -122,13 +138,26 @@ def _load_backend(entry: ModelEntry, settings: Settings, thread: ModelThread) ->
     if entry.backend == "triton":
         from qubrid_lab.engine.triton_backend import TritonChat
 
-        log.info("serving %s from Triton at %s (%s, %s interface, model '%s')", entry.id, entry.url,
-                 entry.protocol, entry.interface, entry.triton_model)
+        log.info(
+            "serving %s from Triton at %s (%s, %s interface, model '%s')",
+            entry.id,
+            entry.url,
+            entry.protocol,
+            entry.interface,
+            entry.triton_model,
+        )
         return TritonChat(entry, settings.model_cache_dir)
     from qubrid_lab.engine.local import LocalChatEngine, LocalEmbeddingEngine
 
     log.info("loading %s (%s, %s)", entry.id, entry.kind, entry.source)
     if entry.kind == "embedding":
         return LocalEmbeddingEngine(entry, settings.model_cache_dir, settings.device, thread=thread)
-    return LocalChatEngine(entry, settings.model_cache_dir, settings.device, settings.dtype,
-                           settings.max_batch_size, settings.max_tokens_cap, thread=thread)
+    return LocalChatEngine(
+        entry,
+        settings.model_cache_dir,
+        settings.device,
+        settings.dtype,
+        settings.max_batch_size,
+        settings.max_tokens_cap,
+        thread=thread,
+    )

@@ -114,8 +114,17 @@ class PrefixCache:
 class BatchScheduler:
     """Owns a model's forward pass and decodes every submitted request in one shared batch."""
 
-    def __init__(self, forward: Forward, tokenizer, device: torch.device, eos_ids: set[int], max_batch_size: int,
-                 model_thread: ModelThread, lora: LoraSet | None = None, vocab_size: int | None = None):
+    def __init__(
+        self,
+        forward: Forward,
+        tokenizer,
+        device: torch.device,
+        eos_ids: set[int],
+        max_batch_size: int,
+        model_thread: ModelThread,
+        lora: LoraSet | None = None,
+        vocab_size: int | None = None,
+    ):
         self.forward = forward
         self.lora = lora
         self.decoder = copy.deepcopy(tokenizer.backend_tokenizer)  # a private copy: decoding runs on this thread
@@ -143,8 +152,9 @@ class BatchScheduler:
     def active_rows_for(self, adapter: str) -> int:
         """Rows and waiting choices that decode with ``adapter``."""
         with self._lock:
-            return (sum(1 for r in self._rows if r.adapter == adapter and not r.done)
-                    + sum(h.n for h in self._pending if h.adapter == adapter and not h.cancelled))
+            return sum(1 for r in self._rows if r.adapter == adapter and not r.done) + sum(
+                h.n for h in self._pending if h.adapter == adapter and not h.cancelled
+            )
 
     def submit(self, handle: GenerationHandle) -> None:
         with self._lock:
@@ -238,8 +248,12 @@ class BatchScheduler:
         return [handle for handle in taken if self._adapter_loaded(handle)]
 
     def _packs(self, handle: GenerationHandle) -> bool:
-        return (self._packed is not None and not handle.params.echo_logprobs and handle.images is None
-                and len(handle.prompt_ids) - handle.shared_prefix <= MAX_PACKED_TOKENS)
+        return (
+            self._packed is not None
+            and not handle.params.echo_logprobs
+            and handle.images is None
+            and len(handle.prompt_ids) - handle.shared_prefix <= MAX_PACKED_TOKENS
+        )
 
     @staticmethod
     def _packs_of(handles: list[GenerationHandle]) -> list[list[GenerationHandle]]:
@@ -299,13 +313,14 @@ class BatchScheduler:
         """Prompts of one adapter prefilled in one packed pass: each one's keys/values and last logits."""
         with self._adapters([handles[0].adapter]):
             prefixes = [self._prefix(handle) for handle in handles]
-            ids = [token for handle in handles for token in handle.prompt_ids[handle.shared_prefix:]]
-            positions = torch.cat([torch.arange(h.shared_prefix, len(h.prompt_ids), device=self.device)
-                                   for h in handles])
+            ids = [token for handle in handles for token in handle.prompt_ids[handle.shared_prefix :]]
+            positions = torch.cat(
+                [torch.arange(h.shared_prefix, len(h.prompt_ids), device=self.device) for h in handles]
+            )
             kv = PackedPrefillKV([len(h.prompt_ids) - h.shared_prefix for h in handles], prefixes, self.device)
             logits = self._packed(torch.tensor([ids], dtype=torch.long, device=self.device), positions[None], kv)
         self.packed_prompts += len(handles)
-        return [(prefill, logits[i:i + 1]) for i, prefill in enumerate(kv.prompts)]
+        return [(prefill, logits[i : i + 1]) for i, prefill in enumerate(kv.prompts)]
 
     def _join(self, handle: GenerationHandle, prefill: PrefillKV, logits: torch.Tensor) -> None:
         """Add a prefilled prompt's rows to the batch (n choices share the prompt: its cache is copied n times)
@@ -317,12 +332,16 @@ class BatchScheduler:
         logits = logits.expand(handle.n, -1)
         images = handle.images
         new_rows = [
-            _Row(handle, handle.first_index + i, handle.adapter,
-                 RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),
-                 TextAssembler(self.decoder, handle.params.stop),
-                 matcher=handle.matchers[i] if handle.matchers else None,
-                 pending=[] if handle.params.logprobs is not None else None,
-                 position_offset=images.position_offset if images is not None else 0)
+            _Row(
+                handle,
+                handle.first_index + i,
+                handle.adapter,
+                RowSampler(handle.params, logits.shape[-1], self.device, seed_offset=i),
+                TextAssembler(self.decoder, handle.params.stop),
+                matcher=handle.matchers[i] if handle.matchers else None,
+                pending=[] if handle.params.logprobs is not None else None,
+                position_offset=images.position_offset if images is not None else 0,
+            )
             for i in range(handle.n)
         ]
         self._rows.extend(new_rows)
@@ -339,8 +358,10 @@ class BatchScheduler:
         ids, top = handle.prompt_ids, handle.params.logprobs or 0
         text = TextAssembler(self.decoder, [])  # no stop strings: each push returns its token's text
         found = [(None, [])] + prompt_logprobs(logits, ids, top)
-        return [self.texts.logprob(text.push(token), token, lp, alternatives)
-                for token, (lp, alternatives) in zip(ids, found)]
+        return [
+            self.texts.logprob(text.push(token), token, lp, alternatives)
+            for token, (lp, alternatives) in zip(ids, found)
+        ]
 
     def _logprobs(self, logits: torch.Tensor, rows: list[_Row], tokens: list[int]) -> list | None:
         """Per row, (logprob, top rivals) of its chosen token when it asked for logprobs, else None."""
@@ -351,7 +372,7 @@ class BatchScheduler:
         found = chosen_logprobs(logits, wanted, [tokens[i] for i in wanted], top)
         per_row: list = [None] * len(rows)
         for i, (logprob, rivals) in zip(wanted, found):
-            per_row[i] = (logprob, rivals[:rows[i].handle.params.logprobs])
+            per_row[i] = (logprob, rivals[: rows[i].handle.params.logprobs])
         return per_row
 
     # 3. decode
@@ -385,8 +406,9 @@ class BatchScheduler:
             delta = row.text.push(token)
             if row.pending is not None:
                 piece = row.text.piece
-                row.pending.append((row.decoded, row.decoded + len(piece), self.texts.logprob(piece, token,
-                                                                                              *logprobs[i])))
+                row.pending.append(
+                    (row.decoded, row.decoded + len(piece), self.texts.logprob(piece, token, *logprobs[i]))
+                )
                 row.decoded += len(piece)
             if row.matcher is not None and advance(row.matcher, token):  # the grammar is complete
                 self._finish(row, "stop", delta + row.text.flush())

@@ -27,15 +27,17 @@ def json_grammar(schema: dict, strict: bool) -> str:
     from llguidance import LLMatcher
 
     try:
-        grammar = LLMatcher.grammar_from_json_schema(schema, defaults=GRAMMAR_DEFAULTS,
-                                                     overrides=None if strict else {"lenient": True})
+        grammar = LLMatcher.grammar_from_json_schema(
+            schema, defaults=GRAMMAR_DEFAULTS, overrides=None if strict else {"lenient": True}
+        )
     except (ValueError, TypeError) as exc:
         raise ValueError(f"the schema cannot be used: {exc}") from exc
     problem = LLMatcher.validate_grammar(grammar)
     if problem:
-        raise ValueError(f"the schema cannot be enforced: {problem}" +
-                         (" (strict mode enforces every keyword; leave strict unset to ignore those it cannot)"
-                          if strict else ""))
+        raise ValueError(
+            f"the schema cannot be enforced: {problem}"
+            + (" (strict mode enforces every keyword; leave strict unset to ignore those it cannot)" if strict else "")
+        )
     return grammar
 
 
@@ -45,8 +47,10 @@ def matchers(texts: TokenTexts, grammar: str, n: int, model_id: str):
 
     found = [LLMatcher(texts.ll_tokenizer, grammar) for _ in range(n)]
     if found[0].is_error():
-        raise InvalidRequestError(f"response_format cannot be enforced for model '{model_id}': "
-                                  f"{found[0].get_error()}", param="response_format")
+        raise InvalidRequestError(
+            f"response_format cannot be enforced for model '{model_id}': {found[0].get_error()}",
+            param="response_format",
+        )
     return found
 
 

@@ -32,9 +32,11 @@ FALLBACK_PROMPT = (
     '{{"name": "<function name>", "arguments": {{<the arguments>}}}}; to call several, answer with a JSON array '
     "of such objects. A function's result will be given to you in the next message. {rule}"
 )
-RULES = {"auto": "If no function is needed, answer normally.",
-         "required": "You must call at least one function.",
-         "named": "You must call the function {name}."}
+RULES = {
+    "auto": "If no function is needed, answer normally.",
+    "required": "You must call at least one function.",
+    "named": "You must call the function {name}.",
+}
 TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 FENCED = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
 
@@ -72,8 +74,16 @@ def plan(request: GenerationRequest, native: bool) -> ToolPlan:
     if offered and not native:
         named = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
         rule = RULES["named"].format(name=named) if named else RULES.get(choice, RULES["auto"])
-        listing = json.dumps([{"name": name, "description": f.get("description") or "",
-                               "parameters": f.get("parameters") or NO_PARAMETERS} for name, f in offered.items()])
+        listing = json.dumps(
+            [
+                {
+                    "name": name,
+                    "description": f.get("description") or "",
+                    "parameters": f.get("parameters") or NO_PARAMETERS,
+                }
+                for name, f in offered.items()
+            ]
+        )
         block = FALLBACK_PROMPT.format(functions=listing, rule=rule)
         if messages and messages[0]["role"] == "system":
             messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{block}"}
@@ -85,8 +95,10 @@ def plan(request: GenerationRequest, native: bool) -> ToolPlan:
 
 def _native(message: dict, names: dict[str, str]) -> dict:
     """A message in transformers' chat-template format (a call's arguments as an object)."""
-    out = {"role": "system" if message["role"] == "developer" else message["role"],
-           "content": message.get("content") or ""}
+    out = {
+        "role": "system" if message["role"] == "developer" else message["role"],
+        "content": message.get("content") or "",
+    }
     if message.get("tool_calls"):
         out["tool_calls"] = [{"type": "function", "function": _call_json(call)} for call in message["tool_calls"]]
     if message["role"] == "tool":
@@ -114,9 +126,16 @@ def _forcing_grammar(offered: dict[str, dict], choice, parallel: bool) -> str | 
     if not offered or choice in ("auto", "none"):
         return None
     named = choice["function"]["name"] if isinstance(choice, dict) else None
-    calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-              "properties": {"name": {"const": name}, "arguments": _closed(f.get("parameters") or NO_PARAMETERS)}}
-             for name, f in offered.items() if named in (None, name)]
+    calls = [
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", "arguments"],
+            "properties": {"name": {"const": name}, "arguments": _closed(f.get("parameters") or NO_PARAMETERS)},
+        }
+        for name, f in offered.items()
+        if named in (None, name)
+    ]
     one = calls[0] if len(calls) == 1 else {"anyOf": calls}
     # several calls are an array; one call may stay a bare object, which ends the answer when it closes (an
     # array left to the model tends to repeat its call until max_tokens)
@@ -158,8 +177,13 @@ def parse_calls(text: str, functions: dict[str, dict]) -> list[dict] | None:
                 jsonschema.validate(arguments, _closed(functions[item["name"]].get("parameters") or NO_PARAMETERS))
             except (jsonschema.ValidationError, jsonschema.SchemaError):
                 return None
-            calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                          "function": {"name": item["name"], "arguments": json.dumps(arguments)}})
+            calls.append(
+                {
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {"name": item["name"], "arguments": json.dumps(arguments)},
+                }
+            )
     return calls or None
 
 

@@ -34,13 +34,40 @@ from qubrid_lab.models.catalogue import ModelEntry
 log = logging.getLogger(__name__)
 
 TENSOR_NAMES = {  # our name -> the model's, per interface (entries override with tensor_names)
-    "tensorrt_llm": {name: name for name in (
-        "text_input", "max_tokens", "temperature", "top_p", "random_seed", "stop_words", "presence_penalty",
-        "frequency_penalty", "stream", "text_output", "finish_reason", "num_input_tokens", "num_output_tokens")},
-    "vllm": {name: name for name in (
-        "text_input", "stream", "sampling_parameters", "exclude_input_in_output", "return_finish_reason",
-        "return_num_input_tokens", "return_num_output_tokens", "text_output", "finish_reason",
-        "num_input_tokens", "num_output_tokens")},
+    "tensorrt_llm": {
+        name: name
+        for name in (
+            "text_input",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "random_seed",
+            "stop_words",
+            "presence_penalty",
+            "frequency_penalty",
+            "stream",
+            "text_output",
+            "finish_reason",
+            "num_input_tokens",
+            "num_output_tokens",
+        )
+    },
+    "vllm": {
+        name: name
+        for name in (
+            "text_input",
+            "stream",
+            "sampling_parameters",
+            "exclude_input_in_output",
+            "return_finish_reason",
+            "return_num_input_tokens",
+            "return_num_output_tokens",
+            "text_output",
+            "finish_reason",
+            "num_input_tokens",
+            "num_output_tokens",
+        )
+    },
 }
 TRTLLM_INPUT_OF = {"seed": "random_seed"}  # request fields whose TensorRT-LLM input has another name
 DEFAULT_MAX_TOKENS = 256  # TensorRT-LLM requires max_tokens; what a request without one gets (capped by context)
@@ -55,8 +82,9 @@ def triton_status(entry: ModelEntry) -> str:
             return "not live"
         if not client.is_server_ready():
             return "live, not ready"
-        return "ready" if client.is_model_ready(entry.triton_model) else f"ready, but model '{entry.triton_model}' " \
-                                                                          "is not"
+        return (
+            "ready" if client.is_model_ready(entry.triton_model) else f"ready, but model '{entry.triton_model}' is not"
+        )
     except Exception as exc:  # tritonclient raises its own exception types for every transport failure
         return f"unreachable: {exc}"
 
@@ -95,8 +123,10 @@ class TritonChat:
 
     def failure(self, what: str) -> UpstreamError:
         self.healthy = False  # until Triton next finishes a request (/metrics: qubrid_lab_backend_up)
-        return UpstreamError(f"Triton serving model '{self.model_id}' (backend 'triton', {self.entry.protocol} "
-                             f"{self.entry.url}, model '{self.entry.triton_model}') {what}")
+        return UpstreamError(
+            f"Triton serving model '{self.model_id}' (backend 'triton', {self.entry.protocol} "
+            f"{self.entry.url}, model '{self.entry.triton_model}') {what}"
+        )
 
     def _client(self):
         loop = asyncio.get_running_loop()
@@ -128,23 +158,47 @@ class TritonChat:
 
     def _refuse_unsupported(self, request: GenerationRequest, declared: dict) -> None:
         params, interface = request.params, self.entry.interface
-        refused = [(field, why) for field, why, asked in (
-            ("prompt", "whose models take prompt text; send the prompt as text, not token ids",
-             any(not isinstance(prompt, str) for prompt in request.prompts or [])),
-            ("tools", "which cannot call tools; leave tools unset (or tool_choice 'none') for this model",
-             request.tools and request.tool_choice != "none"),
-            ("response_format", "which cannot constrain its output to a format; leave response_format unset (or "
-             "'text') for this model", request.response_format is not None),
-            ("logprobs", "whose tensor interfaces return no log probabilities; leave logprobs unset for this model",
-             params.logprobs is not None)) if asked]
+        refused = [
+            (field, why)
+            for field, why, asked in (
+                (
+                    "prompt",
+                    "whose models take prompt text; send the prompt as text, not token ids",
+                    any(not isinstance(prompt, str) for prompt in request.prompts or []),
+                ),
+                (
+                    "tools",
+                    "which cannot call tools; leave tools unset (or tool_choice 'none') for this model",
+                    request.tools and request.tool_choice != "none",
+                ),
+                (
+                    "response_format",
+                    "which cannot constrain its output to a format; leave response_format unset (or "
+                    "'text') for this model",
+                    request.response_format is not None,
+                ),
+                (
+                    "logprobs",
+                    "whose tensor interfaces return no log probabilities; leave logprobs unset for this model",
+                    params.logprobs is not None,
+                ),
+            )
+            if asked
+        ]
         if refused:
             field, why = refused[0]
-            raise InvalidRequestError(f"Model '{self.model_id}' is served by the 'triton' backend, {why}.",
-                                      param=field)
-        used = [field for field, is_set in (
-            ("temperature", params.temperature != 1.0), ("top_p", params.top_p != 1.0),
-            ("seed", params.seed is not None), ("presence_penalty", params.presence_penalty != 0.0),
-            ("frequency_penalty", params.frequency_penalty != 0.0)) if is_set]
+            raise InvalidRequestError(f"Model '{self.model_id}' is served by the 'triton' backend, {why}.", param=field)
+        used = [
+            field
+            for field, is_set in (
+                ("temperature", params.temperature != 1.0),
+                ("top_p", params.top_p != 1.0),
+                ("seed", params.seed is not None),
+                ("presence_penalty", params.presence_penalty != 0.0),
+                ("frequency_penalty", params.frequency_penalty != 0.0),
+            )
+            if is_set
+        ]
         if interface == "vllm":  # every sampling field travels in the one JSON tensor
             if params.max_tokens:
                 used.append("max_tokens")
@@ -156,7 +210,9 @@ class TritonChat:
             raise InvalidRequestError(
                 f"Model '{self.model_id}' is served by the 'triton' backend ({interface} interface, Triton model "
                 f"'{self.entry.triton_model}'), which declares no input for '{field}'; leave {field} unset for "
-                "this model, or serve it with a model that takes it.", param=field)
+                "this model, or serve it with a model that takes it.",
+                param=field,
+            )
 
     def _streaming(self) -> bool:
         return self.entry.protocol == "grpc" and self._decoupled
@@ -166,8 +222,7 @@ class TritonChat:
             from tritonclient.grpc import InferInput
         else:
             from tritonclient.http import InferInput
-        array = np.array([value] if np.ndim(value) == 0 else value,
-                         dtype=object if datatype == "BYTES" else None)
+        array = np.array([value] if np.ndim(value) == 0 else value, dtype=object if datatype == "BYTES" else None)
         if datatype != "BYTES":
             array = array.astype({"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": bool}[datatype])
         if self._batched:
@@ -182,19 +237,34 @@ class TritonChat:
         stream = self._streaming()
         tensors = [self._tensor("text_input", prompt.encode(), "BYTES")]
         if self.entry.interface == "vllm":
-            sampling = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": max_tokens,
-                        "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty}
+            sampling = {
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "max_tokens": max_tokens,
+                "presence_penalty": params.presence_penalty,
+                "frequency_penalty": params.frequency_penalty,
+            }
             if seed is not None:
                 sampling["seed"] = seed
             if params.stop:
                 sampling["stop"] = params.stop
-            optional = {"sampling_parameters": (json.dumps(sampling).encode(), "BYTES"), "stream": (stream, "BOOL"),
-                        "exclude_input_in_output": (True, "BOOL"), "return_finish_reason": (True, "BOOL"),
-                        "return_num_input_tokens": (True, "BOOL"), "return_num_output_tokens": (True, "BOOL")}
+            optional = {
+                "sampling_parameters": (json.dumps(sampling).encode(), "BYTES"),
+                "stream": (stream, "BOOL"),
+                "exclude_input_in_output": (True, "BOOL"),
+                "return_finish_reason": (True, "BOOL"),
+                "return_num_input_tokens": (True, "BOOL"),
+                "return_num_output_tokens": (True, "BOOL"),
+            }
         else:
-            optional = {"max_tokens": (max_tokens, "INT32"), "temperature": (params.temperature, "FP32"),
-                        "top_p": (params.top_p, "FP32"), "presence_penalty": (params.presence_penalty, "FP32"),
-                        "frequency_penalty": (params.frequency_penalty, "FP32"), "stream": (stream, "BOOL")}
+            optional = {
+                "max_tokens": (max_tokens, "INT32"),
+                "temperature": (params.temperature, "FP32"),
+                "top_p": (params.top_p, "FP32"),
+                "presence_penalty": (params.presence_penalty, "FP32"),
+                "frequency_penalty": (params.frequency_penalty, "FP32"),
+                "stream": (stream, "BOOL"),
+            }
             if seed is not None:
                 optional["random_seed"] = (seed, "UINT64")
             if params.stop:
@@ -242,8 +312,10 @@ class TritonRun(RemoteRun):
 
     def begin(self) -> None:
         self.chat._runs.add(self)
-        self._tasks = [asyncio.get_running_loop().create_task(self._choice(index, prompt, inputs))
-                       for index, prompt, inputs in self.jobs]
+        self._tasks = [
+            asyncio.get_running_loop().create_task(self._choice(index, prompt, inputs))
+            for index, prompt, inputs in self.jobs
+        ]
 
     async def _responses(self, inputs: list) -> AsyncIterator[dict[str, np.ndarray]]:
         """The outputs of each response to one Triton request, as they arrive."""
@@ -267,8 +339,11 @@ class TritonRun(RemoteRun):
         else:
             result = await client.infer(model, inputs)
             response = result.get_response()
-            names = [o.name for o in response.outputs] if hasattr(response, "outputs") else \
-                [o["name"] for o in response.get("outputs", [])]
+            names = (
+                [o.name for o in response.outputs]
+                if hasattr(response, "outputs")
+                else [o["name"] for o in response.get("outputs", [])]
+            )
             yield {name: result.as_numpy(name) for name in names}
 
     async def _choice(self, index: int, prompt: str, inputs: list) -> None:
@@ -289,7 +364,7 @@ class TritonRun(RemoteRun):
                 if not piece:
                     continue
                 if not streamed and piece.startswith(prompt):  # a model that echoes its input
-                    piece = piece[len(prompt):]
+                    piece = piece[len(prompt) :]
                 delta = text.push_text(piece)
                 self.first_token_at = self.first_token_at or time.perf_counter()
                 if delta:
@@ -317,8 +392,11 @@ class TritonRun(RemoteRun):
         prompt_index = index // self.request.n  # n choices share one prompt: counted once
         if prompt_index not in self._prompt_counted:
             self._prompt_counted.add(prompt_index)
-            self.prompt_tokens += prompt_tokens if prompt_tokens is not None else \
-                len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            self.prompt_tokens += (
+                prompt_tokens
+                if prompt_tokens is not None
+                else len(chat.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            )
         self.finished_at = time.perf_counter()
         chat.healthy = True
         await self.queue.put(Finish(index, reason, "", completion_tokens))
@@ -348,16 +426,27 @@ def _final_flagged_stream(client, model: str, inputs: list):
     ``stream_infer`` makes)."""
     from tritonclient.grpc._utils import _get_inference_request
 
-    request = _get_inference_request(model_name=model, inputs=inputs, model_version="", request_id="",
-                                     outputs=None, sequence_id=0, sequence_start=False, sequence_end=False,
-                                     priority=0, timeout=None, parameters=None)
+    request = _get_inference_request(
+        model_name=model,
+        inputs=inputs,
+        model_version="",
+        request_id="",
+        outputs=None,
+        sequence_id=0,
+        sequence_start=False,
+        sequence_end=False,
+        priority=0,
+        timeout=None,
+        parameters=None,
+    )
     request.parameters["triton_enable_empty_final_response"].bool_param = True
 
     async def one_request():
         yield request
 
-    return client._client_stub.ModelStreamInfer(one_request(), metadata=client._get_metadata(None),
-                                                timeout=TIMEOUT_SECONDS)
+    return client._client_stub.ModelStreamInfer(
+        one_request(), metadata=client._get_metadata(None), timeout=TIMEOUT_SECONDS
+    )
 
 
 def _text(array) -> str:

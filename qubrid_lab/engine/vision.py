@@ -62,8 +62,10 @@ def template_messages(messages: list[dict]) -> list[dict]:
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
-            content = [{"type": "image"} if part["type"] == "image_url" else {"type": "text", "text": part["text"]}
-                       for part in content]
+            content = [
+                {"type": "image"} if part["type"] == "image_url" else {"type": "text", "text": part["text"]}
+                for part in content
+            ]
         rendered.append({**message, "content": content})
     return rendered
 
@@ -71,15 +73,21 @@ def template_messages(messages: list[dict]) -> list[dict]:
 def render(processor, messages: list[dict], tools: list[dict] | None) -> str:
     """The conversation as prompt text, through the processor's chat template (the tokenizer's when it has none)."""
     owner = processor if getattr(processor, "chat_template", None) else processor.tokenizer
-    return owner.apply_chat_template(template_messages(messages), tools=tools, add_generation_prompt=True,
-                                     tokenize=False)
+    return owner.apply_chat_template(
+        template_messages(messages), tools=tools, add_generation_prompt=True, tokenize=False
+    )
 
 
 def encode(processor, model, text: str, images: list) -> tuple[list[int], ImageInputs]:
     """Token ids of ``text`` with each image placeholder expanded, and what the images add to the prefill."""
     wants_types = rope_index(model) is not None  # multimodal positions need each token's kind (text or image)
-    batch = processor(text=[text], images=images, return_tensors="pt", add_special_tokens=False,
-                      **({"return_mm_token_type_ids": True} if wants_types else {}))
+    batch = processor(
+        text=[text],
+        images=images,
+        return_tensors="pt",
+        add_special_tokens=False,
+        **({"return_mm_token_type_ids": True} if wants_types else {}),
+    )
     ids = batch.pop("input_ids")
     batch.pop("attention_mask", None)
     return ids[0].tolist(), image_inputs(model, ids, {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
@@ -95,7 +103,8 @@ def image_inputs(model, ids: torch.Tensor, tensors: dict[str, torch.Tensor]) -> 
     inputs = ImageInputs(tensors)
     positions_of = rope_index(model)
     if positions_of is not None and "image_grid_thw" in tensors:
-        positions, deltas = positions_of(ids, mm_token_type_ids=tensors["mm_token_type_ids"],
-                                         image_grid_thw=tensors["image_grid_thw"])
+        positions, deltas = positions_of(
+            ids, mm_token_type_ids=tensors["mm_token_type_ids"], image_grid_thw=tensors["image_grid_thw"]
+        )
         inputs.positions, inputs.position_offset = positions, int(deltas.flatten()[0])
     return inputs

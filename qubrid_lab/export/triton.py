@@ -45,12 +45,15 @@ def model_config(name: str, *, decoupled: bool, max_batch_size: int, gpu: bool) 
     """The repository's ``config.pbtxt``."""
     inputs = ",\n".join(
         f'  {{ name: "{n}" data_type: {t} dims: {d}{" optional: true" if optional else ""} }}'
-        for n, t, d, optional in INPUTS)
+        for n, t, d, optional in INPUTS
+    )
     outputs = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: {d} }}' for n, t, d in OUTPUTS)
-    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
-            f"model_transaction_policy {{ decoupled: {'true' if decoupled else 'false'} }}\n"
-            f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
-            f"instance_group [ {{ count: 1 kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n")
+    return (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
+        f"model_transaction_policy {{ decoupled: {'true' if decoupled else 'false'} }}\n"
+        f"input [\n{inputs}\n]\noutput [\n{outputs}\n]\n"
+        f"instance_group [ {{ count: 1 kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"
+    )
 
 
 def _write_weights(settings: Settings, catalogue: Catalogue, model: str, target: Path) -> str:
@@ -65,19 +68,25 @@ def _write_weights(settings: Settings, catalogue: Catalogue, model: str, target:
         from qubrid_lab.storage.jobs import JobStore
 
         try:
-            record = JobStore(Database(settings.database_path)).get_model(model) \
-                if settings.database_path.is_file() else None
+            record = (
+                JobStore(Database(settings.database_path)).get_model(model)
+                if settings.database_path.is_file()
+                else None
+            )
         except NotFoundError:
             record = None
         if record is None:
             raise InvalidRequestError(
                 f"'{model}' is neither a catalogue model nor a fine-tuned model of this home ({settings.home}); "
                 f"chat models: {', '.join(m for m, e in catalogue.entries.items() if e.kind == 'chat')}.",
-                param="model")
+                param="model",
+            )
         entry, adapter_dir = catalogue.get(record.base_model), record.adapter_dir
     if entry.kind != "chat" or not entry.source:
-        raise InvalidRequestError(f"'{entry.id}' cannot be exported: only chat models whose weights are on this "
-                                  "machine (a 'source') can.", param="model")
+        raise InvalidRequestError(
+            f"'{entry.id}' cannot be exported: only chat models whose weights are on this machine (a 'source') can.",
+            param="model",
+        )
     location = weights_location(entry, settings.model_cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(location)
     weights = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
@@ -92,8 +101,17 @@ def _write_weights(settings: Settings, catalogue: Catalogue, model: str, target:
     return what
 
 
-def export_triton(settings: Settings, catalogue: Catalogue, model: str, out_dir: Path, *, name: str = "ensemble",
-                  decoupled: bool = True, max_batch_size: int = 8, gpu: bool = False) -> Path:
+def export_triton(
+    settings: Settings,
+    catalogue: Catalogue,
+    model: str,
+    out_dir: Path,
+    *,
+    name: str = "ensemble",
+    decoupled: bool = True,
+    max_batch_size: int = 8,
+    gpu: bool = False,
+) -> Path:
     """Write the model repository for ``model`` into ``out_dir`` (created; an existing model of that name there
     is refused, never overwritten). Returns the model's directory."""
     model_dir = Path(out_dir) / name
@@ -105,8 +123,9 @@ def export_triton(settings: Settings, catalogue: Catalogue, model: str, out_dir:
     try:
         what = _write_weights(settings, catalogue, model, partial / "1" / "weights")
         shutil.copyfile(Path(__file__).with_name("triton_python_model.py"), partial / "1" / "model.py")
-        (partial / "config.pbtxt").write_text(model_config(name, decoupled=decoupled,
-                                                           max_batch_size=max_batch_size, gpu=gpu))
+        (partial / "config.pbtxt").write_text(
+            model_config(name, decoupled=decoupled, max_batch_size=max_batch_size, gpu=gpu)
+        )
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -39,9 +39,17 @@ class Generator:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
-    def stream(self, prompt: str, max_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0,
-               seed: int | None = None, stop_words: list[str] = (), presence_penalty: float = 0.0,
-               frequency_penalty: float = 0.0):
+    def stream(
+        self,
+        prompt: str,
+        max_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_words: list[str] = (),
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+    ):
         """Yields new text as it is decoded, then one final ``(finish_reason, prompt_tokens, completion_tokens)``
         tuple. Text that could be the start of a stop word is held back until it cannot."""
         prompt_ids = self.prompt_tokens(prompt)
@@ -78,7 +86,7 @@ class Generator:
             cuts = [i for i in (text.find(word, max(0, emitted - hold)) for word in stop_words) if i >= 0]
             if cuts:
                 if min(cuts) > emitted:
-                    yield text[emitted:min(cuts)]
+                    yield text[emitted : min(cuts)]
                 emitted, reason, stopped_by_word = min(cuts), "stop", True
                 break
             ready = len(text) - hold if not text.endswith("\ufffd") else emitted
@@ -146,6 +154,7 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+
             def get(name, request=request):
                 tensor = self.pb.get_input_tensor_by_name(request, name)
                 return None if tensor is None else tensor.as_numpy()
@@ -163,8 +172,10 @@ class TritonPythonModel:
                 sender = request.get_response_sender()
                 for piece in self.generator.stream(**settings):
                     if isinstance(piece, tuple):
-                        sender.send(self.pb.InferenceResponse(self._tensors(outputs("", piece))),
-                                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                        sender.send(
+                            self.pb.InferenceResponse(self._tensors(outputs("", piece))),
+                            flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                        )
                     else:
                         sender.send(self.pb.InferenceResponse(self._tensors(outputs(piece))))
             else:

@@ -27,8 +27,15 @@ SOURCE_SCHEMES = ("bundled", "hf", "dir", "gguf")
 BACKEND_KEYS = {
     "local": ("source",),
     "openai": ("base_url", "upstream_model", "api_key_env", "tokenizer", "source"),
-    "vllm": ("source", "python", "args", "gpu_memory_utilization", "max_model_len", "tensor_parallel_size",
-             "max_lora_rank"),
+    "vllm": (
+        "source",
+        "python",
+        "args",
+        "gpu_memory_utilization",
+        "max_model_len",
+        "tensor_parallel_size",
+        "max_lora_rank",
+    ),
     "triton": ("url", "protocol", "interface", "triton_model", "tokenizer", "tensor_names", "source"),
 }
 BACKENDS = tuple(BACKEND_KEYS)
@@ -49,15 +56,21 @@ def _price(value: object) -> bool:
 # keys that are not plain strings: what each must be, checked as entries are read
 _KEY_CHECKS = {
     "vision": ("true or false", lambda v: isinstance(v, bool)),
-    "args": ("a list of strings (extra vLLM arguments)", lambda v: isinstance(v, list)
-             and all(isinstance(a, str) for a in v)),
-    "gpu_memory_utilization": ("a number above 0 and at most 1", lambda v: isinstance(v, (int, float))
-                               and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1),
+    "args": (
+        "a list of strings (extra vLLM arguments)",
+        lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v),
+    ),
+    "gpu_memory_utilization": (
+        "a number above 0 and at most 1",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1,
+    ),
     "max_model_len": ("a positive whole number", _whole(1)),
     "tensor_parallel_size": ("a positive whole number", _whole(1)),
     "max_lora_rank": (f"a whole number from 1 to {MAX_LORA_RANK}", _whole(1, MAX_LORA_RANK)),
-    "tensor_names": ("an object mapping our tensor names to the model's", lambda v: isinstance(v, dict)
-                     and all(isinstance(k, str) and isinstance(n, str) for k, n in v.items())),
+    "tensor_names": (
+        "an object mapping our tensor names to the model's",
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(n, str) for k, n in v.items()),
+    ),
     "price_input_per_mtok": ("a number of USD, 0 or more", lambda v: _price(v)),
     "price_output_per_mtok": ("a number of USD, 0 or more", lambda v: _price(v)),
 }
@@ -70,8 +83,9 @@ class ModelEntry:
 
     ``backend`` ``local`` (the embedded engine) loads the weights named by ``source``; ``openai`` forwards to
     an OpenAI-compatible server at ``base_url`` (model ``upstream_model``, key in the environment variable
-    ``api_key_env``; ``tokenizer`` counts answers it sends no usage for); ``vllm`` runs vLLM's OpenAI server on ``source`` as a child process (interpreter
-    ``python``, extra arguments ``args``); ``triton`` sends requests to a Triton Inference Server at ``url``
+    ``api_key_env``; ``tokenizer`` counts answers it sends no usage for); ``vllm`` runs vLLM's OpenAI server
+    on ``source`` as a child process (interpreter ``python``, extra arguments ``args``); ``triton`` sends
+    requests to a Triton Inference Server at ``url``
     through tritonclient (``protocol`` grpc or http, tensor ``interface`` tensorrt_llm or vllm, model
     ``triton_model``, chat template from ``tokenizer``). Remote entries may name a ``source`` too: the weights
     jobs fine-tune from.
@@ -129,28 +143,37 @@ class Catalogue:
 
     def register(self, entry: ModelEntry) -> None:
         if entry.backend not in BACKENDS:
-            raise InvalidRequestError(f"Model '{entry.id}' has backend '{entry.backend}'; this version serves "
-                                      "backend " + " or ".join(f"'{b}'" for b in BACKENDS) + ".")
+            raise InvalidRequestError(
+                f"Model '{entry.id}' has backend '{entry.backend}'; this version serves "
+                "backend " + " or ".join(f"'{b}'" for b in BACKENDS) + "."
+            )
         if entry.kind not in get_args(ModelKind):
             raise InvalidRequestError(f"Model '{entry.id}' has kind '{entry.kind}'; use 'chat' or 'embedding'.")
         named = f"Model '{entry.id}' (backend '{entry.backend}')"
         if entry.kind == "embedding" and entry.backend in CHAT_ONLY_BACKENDS:
-            raise InvalidRequestError(f"{named} is an embedding model, but backend '{entry.backend}' serves chat "
-                                      "models; serve embedding models with backend 'local' or 'openai'.")
+            raise InvalidRequestError(
+                f"{named} is an embedding model, but backend '{entry.backend}' serves chat "
+                "models; serve embedding models with backend 'local' or 'openai'."
+            )
         if entry.backend == "openai" and not entry.base_url.startswith(("http://", "https://")):
-            raise InvalidRequestError(f"{named} needs base_url, the upstream's http(s) address ending in /v1; "
-                                      f"got '{entry.base_url}'.")
+            raise InvalidRequestError(
+                f"{named} needs base_url, the upstream's http(s) address ending in /v1; got '{entry.base_url}'."
+            )
         if entry.backend == "triton":
             if not entry.url:
                 raise InvalidRequestError(f"{named} needs url, the Triton server's host:port (gRPC or HTTP port).")
             if entry.protocol not in TRITON_PROTOCOLS:
                 raise InvalidRequestError(f"{named} has protocol '{entry.protocol}'; use 'grpc' or 'http'.")
             if entry.interface not in TRITON_INTERFACES:
-                raise InvalidRequestError(f"{named} has interface '{entry.interface}'; use 'tensorrt_llm' (the "
-                                          "TensorRT-LLM ensemble's tensors) or 'vllm' (Triton's vLLM backend).")
+                raise InvalidRequestError(
+                    f"{named} has interface '{entry.interface}'; use 'tensorrt_llm' (the "
+                    "TensorRT-LLM ensemble's tensors) or 'vllm' (Triton's vLLM backend)."
+                )
             if not entry.tokenizer:
-                raise InvalidRequestError(f"{named} needs tokenizer: a model directory or Hub id whose tokenizer "
-                                          "applies the chat template (Triton models take prompt text).")
+                raise InvalidRequestError(
+                    f"{named} needs tokenizer: a model directory or Hub id whose tokenizer "
+                    "applies the chat template (Triton models take prompt text)."
+                )
         if entry.remote and not entry.source:
             self.entries[entry.id] = entry
             return
@@ -180,8 +203,12 @@ class Catalogue:
         elif spec.count("/") == 1 and not path.exists():
             entry = ModelEntry(spec, "chat", f"hf:{spec}", owned_by=spec.split("/")[0])
         else:
-            raise ModelNotFoundError(spec, sorted(self.entries), reason=f"'{spec}' is neither a catalogue id, a "
-                                     "model directory, a .gguf file, nor a Hugging Face repo id (owner/name).")
+            raise ModelNotFoundError(
+                spec,
+                sorted(self.entries),
+                reason=f"'{spec}' is neither a catalogue id, a "
+                "model directory, a .gguf file, nor a Hugging Face repo id (owner/name).",
+            )
         self.register(entry)
         return entry
 
@@ -204,8 +231,9 @@ def _read_entries(path: Path) -> list:
         try:
             import tomllib
         except ImportError:  # Python 3.10
-            raise InvalidRequestError(f"Catalogue file {path}: TOML catalogues need Python 3.11 or newer; "
-                                      "write it as a JSON list instead.") from None
+            raise InvalidRequestError(
+                f"Catalogue file {path}: TOML catalogues need Python 3.11 or newer; write it as a JSON list instead."
+            ) from None
         try:
             items = tomllib.loads(path.read_text()).get("models")
         except (OSError, ValueError) as exc:
@@ -227,21 +255,34 @@ def _entry_from(item: object, where: str) -> ModelEntry:
         raise InvalidRequestError(f"{where}: each entry is an object with at least 'id' and 'kind'.")
     where = f"{where} ('{item['id']}')"
     backend = item.get("backend", "local")
-    common = {"id", "kind", "owned_by", "description", "vision", "backend", "price_input_per_mtok",
-              "price_output_per_mtok"}
+    common = {
+        "id",
+        "kind",
+        "owned_by",
+        "description",
+        "vision",
+        "backend",
+        "price_input_per_mtok",
+        "price_output_per_mtok",
+    }
     allowed = common | set(BACKEND_KEYS.get(backend, ()))
     for key in item:
         if key not in allowed:
-            raise InvalidRequestError(f"{where}: unknown key '{key}' for backend '{backend}'; its keys are "
-                                      + ", ".join(sorted(allowed)) + ".")
+            raise InvalidRequestError(
+                f"{where}: unknown key '{key}' for backend '{backend}'; its keys are "
+                + ", ".join(sorted(allowed))
+                + "."
+            )
     for key, value in item.items():
         if key in _KEY_CHECKS and not _KEY_CHECKS[key][1](value):
             raise InvalidRequestError(f"{where}: key '{key}' must be {_KEY_CHECKS[key][0]}; got {value!r}.")
         if key not in _KEY_CHECKS and not isinstance(value, str):
             raise InvalidRequestError(f"{where}: key '{key}' must be a string; got {value!r}.")
     if item.get("vision") and (backend == "triton" or item["kind"] != "chat"):
-        raise InvalidRequestError(f"{where}: 'vision: true' is for chat models served by the local, openai or vllm "
-                                  "backend; Triton's tensor interfaces take text only.")
+        raise InvalidRequestError(
+            f"{where}: 'vision: true' is for chat models served by the local, openai or vllm "
+            "backend; Triton's tensor interfaces take text only."
+        )
     required = {"local": ("source", "owned_by"), "vllm": ("source",), "triton": ("url", "tokenizer")}
     for key in required.get(backend, ()):
         if not item.get(key):
@@ -253,8 +294,9 @@ def _entry_from(item: object, where: str) -> ModelEntry:
         fields.setdefault("upstream_model", item["id"])
         fields.setdefault("owned_by", urlsplit(str(item.get("base_url", ""))).hostname or "upstream")
     elif backend == "triton":
-        fields.setdefault("triton_model", "ensemble" if fields.get("interface", "tensorrt_llm") == "tensorrt_llm"
-                          else "vllm_model")
+        fields.setdefault(
+            "triton_model", "ensemble" if fields.get("interface", "tensorrt_llm") == "tensorrt_llm" else "vllm_model"
+        )
         fields.setdefault("owned_by", str(item["url"]).split("://")[-1].split(":")[0] or "triton")
     elif backend == "vllm":
         fields.setdefault("owned_by", "vllm")

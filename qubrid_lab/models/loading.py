@@ -112,7 +112,9 @@ def source_status(entry: ModelEntry, cache_dir: Path) -> str:
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(entry.location, "config.json")
-    return "ready (in the Hugging Face cache)" if isinstance(cached, str) else "downloaded from the Hub on its first load"
+    return (
+        "ready (in the Hugging Face cache)" if isinstance(cached, str) else "downloaded from the Hub on its first load"
+    )
 
 
 def registered_at(location: str) -> int:

@@ -33,20 +33,25 @@ class Int8WeightLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float()
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.weight_int8 = nn.Parameter((weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8),
-                                        requires_grad=False)
+        self.weight_int8 = nn.Parameter(
+            (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8), requires_grad=False
+        )
         self.scales = nn.Parameter(scales.to(torch.bfloat16), requires_grad=False)
         self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
-        self.bias = (nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
-                     if linear.bias is not None else None)
+        self.bias = (
+            nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+            if linear.bias is not None
+            else None
+        )
         self.small_rows = small_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows > self.small_rows:
             return F.linear(x, self.weight, self.bias)
-        out = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features).contiguous(), self.weight_int8,
-                                                 self.scales)
+        out = torch.ops.aten._weight_int8pack_mm(
+            x.reshape(rows, self.in_features).contiguous(), self.weight_int8, self.scales
+        )
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)

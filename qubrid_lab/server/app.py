@@ -55,8 +55,9 @@ def _catalogue_of(registry: ModelRegistry) -> Catalogue:
     return catalogue
 
 
-def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: bool = True,
-               catalogue: Catalogue | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, registry: ModelRegistry, *, close_registry: bool = True, catalogue: Catalogue | None = None
+) -> FastAPI:
     """The server's app; ``registry`` holds the loaded models and is closed when the app shuts down.
 
     ``catalogue`` lists the models jobs may fine-tune (its chat models); by default the bundled ones and
@@ -70,9 +71,15 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
     keys = KeyStore(database)
     meter = Meter(settings, UsageLedger(database), keys, catalogue.entries)
     job_manager = JobManager(
-        settings, catalogue, datasets, JobStore(database),
-        on_model_ready=registry.add_adapter, on_model_removed=registry.remove_adapter,
-        gpu_reservations=registry.gpu_reservations, on_trained=meter.record_training)
+        settings,
+        catalogue,
+        datasets,
+        JobStore(database),
+        on_model_ready=registry.add_adapter,
+        on_model_removed=registry.remove_adapter,
+        gpu_reservations=registry.gpu_reservations,
+        on_trained=meter.record_training,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -97,15 +104,26 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
     install_error_handlers(app)
     document_errors(app)
 
-    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes,
-                       streamed_paths={prefix + fine_tuning_datasets.UPLOAD_PATH for prefix in FINE_TUNING_PREFIXES}
-                       | {"/v1" + files.UPLOAD_PATH})
+    app.add_middleware(
+        BodySizeLimit,
+        limit=settings.max_request_bytes,
+        streamed_paths={prefix + fine_tuning_datasets.UPLOAD_PATH for prefix in FINE_TUNING_PREFIXES}
+        | {"/v1" + files.UPLOAD_PATH},
+    )
     metrics = Metrics(app.state)
     meter.metrics = metrics
     app.add_middleware(RequestObserver, metrics=metrics)  # outermost: every response gets its request id
 
-    for router in (chat.router, completions.router, responses.router, embeddings.router, models.router, usage.router,
-                   files.router, openai_fine_tuning.router):
+    for router in (
+        chat.router,
+        completions.router,
+        responses.router,
+        embeddings.router,
+        models.router,
+        usage.router,
+        files.router,
+        openai_fine_tuning.router,
+    ):
         app.include_router(router, prefix="/v1", dependencies=[Depends(auth)])
     for prefix in FINE_TUNING_PREFIXES:
         for router in (fine_tuning_datasets.router, fine_tuning_jobs.router, fine_tuning_models.router):
@@ -126,8 +144,11 @@ def create_app(settings: Settings, registry: ModelRegistry, *, close_registry: b
             "auth": auth.enabled,
             "active_sequences": {model_id: backend.active_sequences for model_id, backend in registry.chat.items()},
             # what each embedded chat model is served in, and for --dtype auto what was measured to choose it
-            "precision": {model_id: backend.precision_choice.as_dict() for model_id, backend in registry.chat.items()
-                          if hasattr(backend, "precision_choice")},
+            "precision": {
+                model_id: backend.precision_choice.as_dict()
+                for model_id, backend in registry.chat.items()
+                if hasattr(backend, "precision_choice")
+            },
         }
 
     return app
@@ -150,17 +171,21 @@ class BodySizeLimit:
         self.streamed_paths = streamed_paths
 
     def _too_large(self, size: int):
-        return error_response(PayloadTooLargeError(
-            f"The request body is {size} bytes or more; this server accepts at most {self.limit} "
-            "(QUBRID_LAB_MAX_REQUEST_BYTES)."))
+        return error_response(
+            PayloadTooLargeError(
+                f"The request body is {size} bytes or more; this server accepts at most {self.limit} "
+                "(QUBRID_LAB_MAX_REQUEST_BYTES)."
+            )
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         header_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
         if header_bytes > MAX_HEADER_BYTES:
-            error = HeadersTooLargeError(f"The request's headers are {header_bytes} bytes; this server accepts at "
-                                         f"most {MAX_HEADER_BYTES}.")
+            error = HeadersTooLargeError(
+                f"The request's headers are {header_bytes} bytes; this server accepts at most {MAX_HEADER_BYTES}."
+            )
             return await error_response(error)(scope, receive, send)
         if scope["path"] in self.streamed_paths:
             return await self.app(scope, receive, send)

@@ -53,7 +53,8 @@ class BearerAuth:
             if not self.enabled:
                 return None
             raise AuthenticationError(
-                "Missing API key: send it as 'Authorization: Bearer qbt_...'.", headers={"WWW-Authenticate": "Bearer"})
+                "Missing API key: send it as 'Authorization: Bearer qbt_...'.", headers={"WWW-Authenticate": "Bearer"}
+            )
         if len(token) > MAX_KEY_LENGTH:
             raise AuthenticationError("Invalid API key.", headers={"WWW-Authenticate": "Bearer"})
         key = self.legacy.get(key_hash(token)) or self.store.find(token)
@@ -62,8 +63,9 @@ class BearerAuth:
         if not self.enabled:
             return None  # an open server ignores whatever token a client sends anyway
         if self.store.revoked(token):
-            raise AuthenticationError("This API key has been revoked; ask an admin for a new one.",
-                                      headers={"WWW-Authenticate": "Bearer"})
+            raise AuthenticationError(
+                "This API key has been revoked; ask an admin for a new one.", headers={"WWW-Authenticate": "Bearer"}
+            )
         raise AuthenticationError("Invalid API key.", headers={"WWW-Authenticate": "Bearer"})
 
 

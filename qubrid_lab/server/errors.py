@@ -37,7 +37,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            return error_response(NotFoundError(f"No route {request.method} {request.url.path}. See /docs for the API."))
+            return error_response(
+                NotFoundError(f"No route {request.method} {request.url.path}. See /docs for the API.")
+            )
         error = InvalidRequestError(str(exc.detail))
         error.status_code = exc.status_code
         return error_response(error)

@@ -69,7 +69,9 @@ def claim_home(home: Path, url: str, *, owner_pid: int | None = None) -> Iterato
             raise ConflictError(
                 f"Another qubrid_lab server (pid {holder.pid}, {holder.url}) already uses the home directory "
                 f"{home}: two servers on one home would train the same jobs twice. Use that server, stop it, or "
-                "start this one with --home <another directory> (env QUBRID_LAB_HOME).", param="home") from None
+                "start this one with --home <another directory> (env QUBRID_LAB_HOME).",
+                param="home",
+            ) from None
         _acquire_within(lock, home, STOPPING_WAIT_SECONDS)
     info = HomeServer(pid=os.getpid(), url=url, owner_pid=owner_pid)
     path = home / INFO_NAME
@@ -101,7 +103,9 @@ def _acquire_within(lock: FileLock, home: Path, timeout: float) -> None:
         who = f"pid {holder.pid}, {holder.url}" if holder else "a process that has not described itself"
         raise ConflictError(
             f"The home directory {home} is still held by another qubrid_lab server ({who}) after waiting "
-            f"{timeout:g} s for it to stop. Stop it, or use --home <another directory>.", param="home") from None
+            f"{timeout:g} s for it to stop. Stop it, or use --home <another directory>.",
+            param="home",
+        ) from None
 
 
 def process_alive(pid: int) -> bool:

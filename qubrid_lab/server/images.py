@@ -42,8 +42,13 @@ class ImagePolicy:
         hosts = settings.image_url_hosts
         if hosts is None:  # unset: a loopback server's user fetches as themselves; a shared server fetches nothing
             hosts = [ANY_PUBLIC_HOST] if settings.loopback_only else []
-        return cls(settings.max_images_per_request, settings.max_image_bytes, settings.max_image_pixels,
-                   settings.image_fetch_timeout, frozenset(h.lower() for h in hosts))
+        return cls(
+            settings.max_images_per_request,
+            settings.max_image_bytes,
+            settings.max_image_pixels,
+            settings.image_fetch_timeout,
+            frozenset(h.lower() for h in hosts),
+        )
 
     def listed(self, host: str) -> bool:
         """Whether the operator named ``host`` itself (which allows it even at a private address)."""
@@ -69,7 +74,9 @@ def check_count(urls: list[tuple[str, str]], policy: ImagePolicy) -> None:
     if len(urls) > policy.max_images:
         raise InvalidRequestError(
             f"The messages hold {len(urls)} images; this server takes at most {policy.max_images} per request "
-            "(QUBRID_LAB_MAX_IMAGES_PER_REQUEST). Send fewer images.", param="messages")
+            "(QUBRID_LAB_MAX_IMAGES_PER_REQUEST). Send fewer images.",
+            param="messages",
+        )
 
 
 async def load_images(messages: list[dict], policy: ImagePolicy) -> list:
@@ -97,8 +104,9 @@ def check_fetchable(messages: list[dict], policy: ImagePolicy) -> None:
 def _data_url(url: str, field: str, policy: ImagePolicy) -> bytes:
     header, comma, payload = url.partition(",")
     if not comma or not header.startswith("data:image/"):
-        raise InvalidRequestError(f"{field} is a data URL without an image: expected "
-                                  "'data:image/<type>;base64,<data>'.", param=field)
+        raise InvalidRequestError(
+            f"{field} is a data URL without an image: expected 'data:image/<type>;base64,<data>'.", param=field
+        )
     if len(payload) * 3 // 4 > policy.max_bytes:
         raise _too_large(field, policy)
     try:
@@ -111,8 +119,11 @@ def _data_url(url: str, field: str, policy: ImagePolicy) -> bytes:
 
 
 def _too_large(field: str, policy: ImagePolicy) -> InvalidRequestError:
-    return InvalidRequestError(f"{field} is larger than this server's limit of {policy.max_bytes:,} bytes per image "
-                               "(QUBRID_LAB_MAX_IMAGE_BYTES). Send a smaller image.", param=field)
+    return InvalidRequestError(
+        f"{field} is larger than this server's limit of {policy.max_bytes:,} bytes per image "
+        "(QUBRID_LAB_MAX_IMAGE_BYTES). Send a smaller image.",
+        param=field,
+    )
 
 
 def _allowed_url(url: str, field: str, policy: ImagePolicy) -> httpx.URL:
@@ -121,14 +132,17 @@ def _allowed_url(url: str, field: str, policy: ImagePolicy) -> httpx.URL:
     except (httpx.InvalidURL, TypeError):
         raise InvalidRequestError(f"{field} is not a valid URL.", param=field) from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise InvalidRequestError(f"{field} must be an http(s) URL or a data URL (data:image/...;base64,...).",
-                                  param=field)
+        raise InvalidRequestError(
+            f"{field} must be an http(s) URL or a data URL (data:image/...;base64,...).", param=field
+        )
     if not policy.fetches(parsed.host):
-        allowed = ("no hosts" if not policy.hosts else ", ".join(sorted(policy.hosts)))
+        allowed = "no hosts" if not policy.hosts else ", ".join(sorted(policy.hosts))
         raise InvalidRequestError(
             f"{field}: this server does not fetch images from '{parsed.host}' (it fetches from {allowed}; "
             "a server bound beyond loopback fetches nothing unless QUBRID_LAB_IMAGE_URL_HOSTS lists hosts). "
-            "Send the image as a data URL instead.", param=field)
+            "Send the image as a data URL instead.",
+            param=field,
+        )
     return parsed
 
 
@@ -144,7 +158,9 @@ async def _checked_addresses(url: httpx.URL, field: str, policy: ImagePolicy) ->
     if not policy.listed(url.host) and not all(address.is_global for address in addresses):
         raise InvalidRequestError(
             f"{field}: '{url.host}' is a private, loopback or link-local address; this server fetches from such "
-            "hosts only when QUBRID_LAB_IMAGE_URL_HOSTS names them.", param=field)
+            "hosts only when QUBRID_LAB_IMAGE_URL_HOSTS names them.",
+            param=field,
+        )
     return list(dict.fromkeys(str(address) for address in addresses))
 
 
@@ -158,17 +174,20 @@ async def _fetch(url: str, field: str, policy: ImagePolicy) -> bytes:
                 if location is None:
                     return body
                 url = urljoin(url, location)
-            raise InvalidRequestError(f"{field}: the image URL redirects more than {MAX_REDIRECTS} times.",
-                                      param=field)
+            raise InvalidRequestError(f"{field}: the image URL redirects more than {MAX_REDIRECTS} times.", param=field)
     except TimeoutError:
-        raise InvalidRequestError(f"{field}: fetching the image took longer than {policy.fetch_timeout:g} s "
-                                  "(QUBRID_LAB_IMAGE_FETCH_TIMEOUT).", param=field) from None
+        raise InvalidRequestError(
+            f"{field}: fetching the image took longer than {policy.fetch_timeout:g} s "
+            "(QUBRID_LAB_IMAGE_FETCH_TIMEOUT).",
+            param=field,
+        ) from None
     except httpx.HTTPError as exc:
         raise InvalidRequestError(f"{field}: fetching the image failed ({type(exc).__name__}).", param=field) from None
 
 
-async def _get(client: httpx.AsyncClient, target: httpx.URL, addresses: list[str], field: str,
-               policy: ImagePolicy) -> tuple[bytes, str | None]:
+async def _get(
+    client: httpx.AsyncClient, target: httpx.URL, addresses: list[str], field: str, policy: ImagePolicy
+) -> tuple[bytes, str | None]:
     """GET ``target`` from the first of ``addresses`` that connects: the body, or where it redirects to."""
     for address in addresses[:-1]:
         try:
@@ -178,15 +197,19 @@ async def _get(client: httpx.AsyncClient, target: httpx.URL, addresses: list[str
     return await _get_from(client, target, addresses[-1], field, policy)
 
 
-async def _get_from(client: httpx.AsyncClient, target: httpx.URL, address: str, field: str,
-                    policy: ImagePolicy) -> tuple[bytes, str | None]:
-    async with client.stream("GET", target.copy_with(host=address), headers={"Host": target.netloc.decode()},
-                             extensions={"sni_hostname": target.host}) as response:
+async def _get_from(
+    client: httpx.AsyncClient, target: httpx.URL, address: str, field: str, policy: ImagePolicy
+) -> tuple[bytes, str | None]:
+    async with client.stream(
+        "GET",
+        target.copy_with(host=address),
+        headers={"Host": target.netloc.decode()},
+        extensions={"sni_hostname": target.host},
+    ) as response:
         if response.is_redirect and "location" in response.headers:
             return b"", response.headers["location"]
         if response.status_code != 200:
-            raise InvalidRequestError(f"{field}: fetching the image answered HTTP {response.status_code}.",
-                                      param=field)
+            raise InvalidRequestError(f"{field}: fetching the image answered HTTP {response.status_code}.", param=field)
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > policy.max_bytes:
             raise _too_large(field, policy)
@@ -208,8 +231,11 @@ def _decode(data: bytes, field: str, policy: ImagePolicy):
         if width * height > policy.max_pixels:
             raise InvalidRequestError(
                 f"{field} is {width}x{height} pixels; this server takes at most {policy.max_pixels:,} pixels per "
-                "image (QUBRID_LAB_MAX_IMAGE_PIXELS). Send a smaller image.", param=field)
+                "image (QUBRID_LAB_MAX_IMAGE_PIXELS). Send a smaller image.",
+                param=field,
+            )
         return image.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
-        raise InvalidRequestError(f"{field} is not an image this server can read (PNG, JPEG, GIF, WebP, BMP, ...).",
-                                  param=field) from None
+        raise InvalidRequestError(
+            f"{field} is not an image this server can read (PNG, JPEG, GIF, WebP, BMP, ...).", param=field
+        ) from None

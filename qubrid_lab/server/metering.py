@@ -53,8 +53,9 @@ class Charge:
     reserved: int
     settled: bool = field(default=False)
 
-    def settle(self, prompt_tokens: int, completion_tokens: int,
-               ttft_seconds: float | None = None) -> asyncio.Future | None:
+    def settle(
+        self, prompt_tokens: int, completion_tokens: int, ttft_seconds: float | None = None
+    ) -> asyncio.Future | None:
         """Settle the reservation now; the ledger row is written on a worker thread, whose future is returned
         (await it to have the row readable before answering)."""
         if self.settled:
@@ -84,6 +85,7 @@ class Meter:
         entry = self.entries.get(model_id)
         if entry is None and model_id.startswith("ft:"):
             entry = self.entries.get(model_id.split(":")[1])
+
         def priced(side: str) -> float:
             own = getattr(entry, f"price_{side}_per_mtok", None)
             return getattr(self.settings, f"default_price_{side}_per_mtok") if own is None else own
@@ -104,10 +106,18 @@ class Meter:
         if key is not None and key.metered and key.spent >= key.credits:
             raise InsufficientFundsError(
                 f"The credit of API key '{key.name}' is spent ({key.spent:.6f} of {key.credits:.6f} USD); ask an "
-                "admin for more credit or for another key.")
+                "admin for more credit or for another key."
+            )
 
-    def admit(self, key: ApiKey | None, model: str, prompt_characters: int, max_completion_tokens: int | None,
-              choices: int = 1, backend=None) -> Charge:
+    def admit(
+        self,
+        key: ApiKey | None,
+        model: str,
+        prompt_characters: int,
+        max_completion_tokens: int | None,
+        choices: int = 1,
+        backend=None,
+    ) -> Charge:
         """Check credit, tokens per minute and the model's waiting room before any work; reserve the tokens."""
         self.require_credit(key)
         if backend is not None:
@@ -121,8 +131,10 @@ class Meter:
                 raise RateLimitError(
                     f"This request may use about {reserved} tokens (its prompt and {choices} × max_tokens), more "
                     f"than the {key.tpm} tokens per minute API key '{key.name}' is allowed; lower max_tokens or "
-                    "split the request.", param="max_tokens" if max_completion_tokens else None,
-                    headers={"Retry-After": "60"})
+                    "split the request.",
+                    param="max_tokens" if max_completion_tokens else None,
+                    headers={"Retry-After": "60"},
+                )
             if not self._limiter.hit(item, key.id, "tokens", cost=reserved):
                 raise self._too_fast(item, key, "tokens", f"{key.tpm} tokens per minute")
         return Charge(self, key, model, reserved if key is not None and key.tpm else 0)
@@ -135,13 +147,16 @@ class Meter:
             raise ServerOverloadedError(
                 f"Model '{model}' has {active} sequences decoding or waiting; with this request's {choices} it would "
                 f"pass its limit (max_batch_size {self.settings.max_batch_size} + max_waiting_requests "
-                f"{self.settings.max_waiting_requests}); retry shortly.", headers={"Retry-After": "1"})
+                f"{self.settings.max_waiting_requests}); retry shortly.",
+                headers={"Retry-After": "1"},
+            )
 
     def _too_fast(self, item, key: ApiKey, counter: str, limit: str) -> RateLimitError:
         reset_at = self._limiter.get_window_stats(item, key.id, counter).reset_time
         wait = max(1, math.ceil(reset_at - time.time()))
-        return RateLimitError(f"API key '{key.name}' is over its limit of {limit}; retry in {wait} s.",
-                              headers={"Retry-After": str(wait)})
+        return RateLimitError(
+            f"API key '{key.name}' is over its limit of {limit}; retry in {wait} s.", headers={"Retry-After": str(wait)}
+        )
 
     # --- settling -----------------------------------------------------------------------------------
 
@@ -152,8 +167,9 @@ class Meter:
         key = charge.key
         if charge.reserved and key is not None:
             item = RateLimitItemPerMinute(key.tpm)
-            window = MemoryStorage.sliding_window_keys(item.key_for(key.id, "tokens"), item.get_expiry(),
-                                                       time.time())[1]
+            window = MemoryStorage.sliding_window_keys(item.key_for(key.id, "tokens"), item.get_expiry(), time.time())[
+                1
+            ]
             difference = prompt_tokens + completion_tokens - charge.reserved
             if difference < 0:
                 self._storage.decr(window, -difference)
@@ -162,13 +178,23 @@ class Meter:
 
         def record() -> None:
             try:
-                self.ledger.record(key_id=key.id if key else OPEN_KEY_ID, key_name=key.name if key else OPEN_KEY_NAME,
-                                   model=charge.model, price=self.price(charge.model), prompt_tokens=prompt_tokens,
-                                   completion_tokens=completion_tokens,
-                                   charge=bool(key and key.metered and key.stored))
+                self.ledger.record(
+                    key_id=key.id if key else OPEN_KEY_ID,
+                    key_name=key.name if key else OPEN_KEY_NAME,
+                    model=charge.model,
+                    price=self.price(charge.model),
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    charge=bool(key and key.metered and key.stored),
+                )
             except Exception:  # an answer already sent is not failed for its bookkeeping; the log says what was lost
-                log.exception("usage of %s on %s (%d + %d tokens) could not be recorded",
-                              key.name if key else OPEN_KEY_NAME, charge.model, prompt_tokens, completion_tokens)
+                log.exception(
+                    "usage of %s on %s (%d + %d tokens) could not be recorded",
+                    key.name if key else OPEN_KEY_NAME,
+                    charge.model,
+                    prompt_tokens,
+                    completion_tokens,
+                )
 
         try:
             loop = asyncio.get_running_loop()
@@ -185,8 +211,14 @@ class Meter:
                 key = self.keys.get(job.owner)
             except QubridError:
                 key = None
-        self.ledger.record(key_id=job.owner or OPEN_KEY_ID, key_name=key.name if key else (job.owner or OPEN_KEY_NAME),
-                           model=job.base_model, price=self.price(job.base_model), training_tokens=tokens,
-                           charge=bool(key and key.metered), requests=0)
+        self.ledger.record(
+            key_id=job.owner or OPEN_KEY_ID,
+            key_name=key.name if key else (job.owner or OPEN_KEY_NAME),
+            model=job.base_model,
+            price=self.price(job.base_model),
+            training_tokens=tokens,
+            charge=bool(key and key.metered),
+            requests=0,
+        )
         if self.metrics is not None:
             self.metrics.observe_generation(job.base_model, 0, 0, training_tokens=tokens)

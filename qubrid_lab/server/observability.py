@@ -31,25 +31,51 @@ class Metrics:
 
     def __init__(self, app_state):
         self.registry = CollectorRegistry()
-        self.requests = Counter("qubrid_lab_requests", "HTTP requests by route, method and status.",
-                                ["route", "method", "status"], registry=self.registry)
-        self.latency = Histogram("qubrid_lab_request_duration_seconds", "Request time until the response "
-                                 "ended (a stream's whole length).", ["route"], buckets=LATENCY_BUCKETS,
-                                 registry=self.registry)
-        self.ttft = Histogram("qubrid_lab_time_to_first_token_seconds", "Time to the first generated token.",
-                              ["model"], buckets=TTFT_BUCKETS, registry=self.registry)
-        self.tokens = Counter("qubrid_lab_tokens", "Tokens by model and kind (prompt, completion, training).",
-                              ["model", "kind"], registry=self.registry)
+        self.requests = Counter(
+            "qubrid_lab_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "qubrid_lab_request_duration_seconds",
+            "Request time until the response ended (a stream's whole length).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "qubrid_lab_time_to_first_token_seconds",
+            "Time to the first generated token.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "qubrid_lab_tokens",
+            "Tokens by model and kind (prompt, completion, training).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(app_state))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def observe_generation(self, model: str, prompt_tokens: int, completion_tokens: int,
-                           ttft_seconds: float | None = None, training_tokens: int = 0) -> None:
-        for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens),
-                            ("training", training_tokens)):
+    def observe_generation(
+        self,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft_seconds: float | None = None,
+        training_tokens: int = 0,
+    ) -> None:
+        for kind, count in (
+            ("prompt", prompt_tokens),
+            ("completion", completion_tokens),
+            ("training", training_tokens),
+        ):
             if count:
                 self.tokens.labels(model, kind).inc(count)
         if ttft_seconds is not None and completion_tokens:
@@ -64,13 +90,18 @@ class _StateCollector:
 
     def collect(self):
         settings, registry = self.state.settings, self.state.registry
-        running = GaugeMetricFamily("qubrid_lab_sequences_running", "Sequences decoding now, per model.",
-                                    labels=["model"])
-        waiting = GaugeMetricFamily("qubrid_lab_sequences_waiting", "Sequences waiting for a decoding slot, per "
-                                    "model (for remote backends: requests in flight beyond max_batch_size).",
-                                    labels=["model"])
-        up = GaugeMetricFamily("qubrid_lab_backend_up", "1 when the model's backend can take requests.",
-                               labels=["model", "backend"])
+        running = GaugeMetricFamily(
+            "qubrid_lab_sequences_running", "Sequences decoding now, per model.", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "qubrid_lab_sequences_waiting",
+            "Sequences waiting for a decoding slot, per "
+            "model (for remote backends: requests in flight beyond max_batch_size).",
+            labels=["model"],
+        )
+        up = GaugeMetricFamily(
+            "qubrid_lab_backend_up", "1 when the model's backend can take requests.", labels=["model", "backend"]
+        )
         for model_id, backend in registry.all().items():
             entry = getattr(backend, "entry", None)
             up.add_metric([model_id, getattr(entry, "backend", "local")], 1.0 if _healthy(backend) else 0.0)
@@ -87,10 +118,10 @@ class _StateCollector:
         for status in ("queued", "running", "paused", "completed", "failed", "cancelled"):
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status
-        steps = GaugeMetricFamily("qubrid_lab_job_steps_completed", "Steps a running job has trained.",
-                                  labels=["job"])
-        loss = GaugeMetricFamily("qubrid_lab_job_training_loss", "A running job's latest training loss.",
-                                 labels=["job"])
+        steps = GaugeMetricFamily("qubrid_lab_job_steps_completed", "Steps a running job has trained.", labels=["job"])
+        loss = GaugeMetricFamily(
+            "qubrid_lab_job_training_loss", "A running job's latest training loss.", labels=["job"]
+        )
         for job in jobs.with_status("running"):
             steps.add_metric([job.id], job.steps_completed)
             if job.training_loss is not None:
@@ -159,8 +190,7 @@ class RequestObserver:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"x-request-id", request_id.encode())]}
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
@@ -170,7 +200,13 @@ class RequestObserver:
             template = _route_template(scope)
             self.metrics.observe_request(template, scope["method"], status, seconds)
             key = scope.get("state", {}).get("key")
-            access_log.info("request_id=%s method=%s route=%s status=%d duration_ms=%.1f key=%s", request_id,
-                            scope["method"], template, status, seconds * 1000,
-                            getattr(key, "name", "-") if key is not None else "-")
+            access_log.info(
+                "request_id=%s method=%s route=%s status=%d duration_ms=%.1f key=%s",
+                request_id,
+                scope["method"],
+                template,
+                status,
+                seconds * 1000,
+                getattr(key, "name", "-") if key is not None else "-",
+            )
             request_id_var.reset(token)

@@ -69,11 +69,21 @@ ROUTE_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
 STREAMING = {"/v1/chat/completions", "/v1/completions", "/v1/responses"}
 UNPROTECTED = {"/health"}
 ERROR_SCHEMA = {
-    "type": "object", "required": ["error"], "additionalProperties": False,
-    "properties": {"error": {
-        "type": "object", "required": ["message", "type", "code", "param"],
-        "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "string"},
-                       "param": {"type": ["string", "null"]}}}},
+    "type": "object",
+    "required": ["error"],
+    "additionalProperties": False,
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code", "param"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "code": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+            },
+        }
+    },
 }
 
 
@@ -108,8 +118,12 @@ def document_errors(app: FastAPI) -> None:
                 if path in STREAMING:
                     ok = next(code for code in responses if code.startswith("2"))
                     responses[ok].setdefault("content", {})["text/event-stream"] = {
-                        "schema": {"type": "string", "description": "Server-sent events: one chunk object per "
-                                   "'data:' line, then 'data: [DONE]'."}}
+                        "schema": {
+                            "type": "string",
+                            "description": "Server-sent events: one chunk object per "
+                            "'data:' line, then 'data: [DONE]'.",
+                        }
+                    }
         app.openapi_schema = schema
         return schema
 

@@ -47,12 +47,14 @@ def serve(settings: Settings, *, allow_open: bool = False, owner_pid: int | None
     if not keys and not stored and not settings.loopback_only and not allow_open:
         raise InvalidRequestError(
             f"Refusing to serve on {settings.host} with no API keys: anyone on the network could use it. "
-            "Create a key with `qubrid-lab keys create --admin`, or pass --allow-open.")
+            "Create a key with `qubrid-lab keys create --admin`, or pass --allow-open."
+        )
     port = settings.port or _free_port(settings.host)
     with claim_home(settings.home, _local_url(settings.host, port), owner_pid=owner_pid):
         if owner_pid is not None:
-            threading.Thread(target=_stop_when_gone, args=(owner_pid,), name="qubrid-lab:owner-watch",
-                             daemon=True).start()
+            threading.Thread(
+                target=_stop_when_gone, args=(owner_pid,), name="qubrid-lab:owner-watch", daemon=True
+            ).start()
         catalogue = default_catalogue()
         if settings.catalogue_file:
             catalogue.load_file(settings.catalogue_file)
@@ -60,14 +62,20 @@ def serve(settings: Settings, *, allow_open: bool = False, owner_pid: int | None
         app = create_app(settings, registry, catalogue=catalogue)
         base = f"http://{settings.host}:{port}/v1"
         if keys:
-            log.info("%d API key(s) from the key file or QUBRID_LAB_API_KEYS are accepted: they are unmetered, "
-                     "unlimited and not admins (hashed in memory only). `qubrid-lab keys create` makes keys with "
-                     "credit, limits and ownership.", len(keys))
+            log.info(
+                "%d API key(s) from the key file or QUBRID_LAB_API_KEYS are accepted: they are unmetered, "
+                "unlimited and not admins (hashed in memory only). `qubrid-lab keys create` makes keys with "
+                "credit, limits and ownership.",
+                len(keys),
+            )
         if keys or stored:
             log.info("serving %s at %s; %d stored API key(s) live", ", ".join(registry.all()), base, stored)
         else:
-            log.warning("serving %s at %s with NO API keys: every request to this address is accepted",
-                        ", ".join(registry.all()), base)
+            log.warning(
+                "serving %s at %s with NO API keys: every request to this address is accepted",
+                ", ".join(registry.all()),
+                base,
+            )
         uvicorn.run(app, host=settings.host, port=port, log_level=settings.log_level.lower())
 
 

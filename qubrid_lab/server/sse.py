@@ -14,10 +14,11 @@ UNICODE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u
 
 
 def sse_event(payload: dict) -> str:
-    text = json.dumps(payload, separators=(',', ':'), ensure_ascii=False).translate(UNICODE_LINE_BREAKS)
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).translate(UNICODE_LINE_BREAKS)
     return f"data: {text}\n\n"
 
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -58,10 +58,15 @@ class _PartCollector:
         self.handle = None
 
     def callbacks(self) -> dict:
-        return {"on_part_begin": self.on_part_begin, "on_part_data": self.on_part_data,
-                "on_part_end": self.on_part_end, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-                "on_headers_finished": self.on_headers_finished}
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+        }
 
     def on_part_begin(self) -> None:
         self.disposition, self.name, self.is_file, self.text = b"", None, False, bytearray()
@@ -86,7 +91,8 @@ class _PartCollector:
             raise InvalidRequestError(f"{self.file_field}: send one file per upload.", param=self.file_field)
         if b"filename" not in options:
             raise InvalidRequestError(
-                f"{self.file_field}: must be a file part (with a filename), not a text field.", param=self.file_field)
+                f"{self.file_field}: must be a file part (with a filename), not a text field.", param=self.file_field
+            )
         raw = options[b"filename"].decode("utf-8", "replace")
         self.upload.filename = raw.replace("\\", "/").rsplit("/", 1)[-1]  # some browsers send a full path
         self.is_file = True
@@ -98,7 +104,9 @@ class _PartCollector:
             if self.upload.size > self.max_file_bytes:
                 raise PayloadTooLargeError(
                     f"The file is over {describe_bytes(self.max_file_bytes)} ({self.max_file_bytes} bytes), the "
-                    f"largest dataset this server accepts ({self.limit_setting}).", param=self.file_field)
+                    f"largest dataset this server accepts ({self.limit_setting}).",
+                    param=self.file_field,
+                )
             self.handle.write(data[start:end])
         elif self.name is not None:
             self.text += data[start:end]
@@ -118,8 +126,9 @@ class _PartCollector:
             self.handle.close()
 
 
-async def receive_upload(request: Request, target: Path, *, file_field: str, max_file_bytes: int,
-                         limit_setting: str) -> Upload:
+async def receive_upload(
+    request: Request, target: Path, *, file_field: str, max_file_bytes: int, limit_setting: str
+) -> Upload:
     """Stream the multipart body of ``request``, writing its ``file_field`` part to ``target``.
 
     On any failure (413 over ``max_file_bytes``, a malformed body, a client that goes away) ``target`` is
@@ -129,12 +138,16 @@ async def receive_upload(request: Request, target: Path, *, file_field: str, max
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
         raise InvalidRequestError(
             f"Send the dataset as multipart/form-data with the CSV in a '{file_field}' part "
-            f"(curl -F {file_field}=@data.csv).", param=file_field)
+            f"(curl -F {file_field}=@data.csv).",
+            param=file_field,
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_file_bytes + FORM_OVERHEAD_BYTES:
         raise PayloadTooLargeError(
             f"The upload is {describe_bytes(int(declared))}; the largest dataset this server accepts is "
-            f"{describe_bytes(max_file_bytes)} ({max_file_bytes} bytes, {limit_setting}).", param=file_field)
+            f"{describe_bytes(max_file_bytes)} ({max_file_bytes} bytes, {limit_setting}).",
+            param=file_field,
+        )
 
     upload = Upload(path=target)
     collector = _PartCollector(upload, file_field, max_file_bytes, limit_setting)
@@ -145,7 +158,8 @@ async def receive_upload(request: Request, target: Path, *, file_field: str, max
         parser.finalize()
         if not upload.received:
             raise InvalidRequestError(
-                f"{file_field}: a CSV file is required (a multipart part named '{file_field}').", param=file_field)
+                f"{file_field}: a CSV file is required (a multipart part named '{file_field}').", param=file_field
+            )
     except BaseException as exc:
         try:
             collector.close()
@@ -156,7 +170,9 @@ async def receive_upload(request: Request, target: Path, *, file_field: str, max
             raise InsufficientStorageError(
                 f"The upload could not be stored: the disk holding {target.parent.parent} is full "
                 f"({os.strerror(exc.errno)}). Free some space there (or set QUBRID_LAB_HOME to a larger disk) and "
-                "upload again; nothing of this upload was kept.", param=file_field) from None
+                "upload again; nothing of this upload was kept.",
+                param=file_field,
+            ) from None
         if isinstance(exc, MultipartParseError):
             raise InvalidRequestError(f"The multipart body could not be parsed: {exc}.", param=file_field) from None
         raise

@@ -72,8 +72,18 @@ class DatasetStore:
                     connection.execute(
                         "INSERT INTO datasets (id, name, filename, stored_as, size_bytes, row_count, columns,"
                         " created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (dataset_id, name or filename, filename, stored_as, summary.size_bytes, summary.row_count,
-                         json.dumps(summary.columns), time.time(), owner))
+                        (
+                            dataset_id,
+                            name or filename,
+                            filename,
+                            stored_as,
+                            summary.size_bytes,
+                            summary.row_count,
+                            json.dumps(summary.columns),
+                            time.time(),
+                            owner,
+                        ),
+                    )
             except BaseException:
                 (self.files_dir / stored_as).unlink(missing_ok=True)
                 raise
@@ -84,8 +94,9 @@ class DatasetStore:
     def get(self, dataset_id: str, scope: str | None = None) -> DatasetRecord:
         """The dataset, if ``scope`` (an owner id; None: everyone's) may see it; else 404."""
         with self.db.connect() as connection:
-            row = connection.execute(f"SELECT * FROM datasets WHERE id = ? AND {OWNED}",
-                                     (dataset_id, scope, scope)).fetchone()
+            row = connection.execute(
+                f"SELECT * FROM datasets WHERE id = ? AND {OWNED}", (dataset_id, scope, scope)
+            ).fetchone()
         if row is None:
             raise NotFoundError(f"No dataset '{dataset_id}'.", param="dataset_id")
         return self._record(row)
@@ -99,25 +110,31 @@ class DatasetStore:
     def all(self, scope: str | None = None) -> list[DatasetRecord]:
         """Every dataset ``scope`` may see, newest first."""
         with self.db.connect() as connection:
-            rows = connection.execute(f"SELECT * FROM datasets WHERE {OWNED} ORDER BY created_at DESC, rowid DESC",
-                                      (scope, scope)).fetchall()
+            rows = connection.execute(
+                f"SELECT * FROM datasets WHERE {OWNED} ORDER BY created_at DESC, rowid DESC", (scope, scope)
+            ).fetchall()
         return [self._record(row) for row in rows]
 
     def delete(self, dataset_id: str, scope: str | None = None) -> None:
         """Forget the dataset and delete its file; refused while a queued or running job trains on it."""
         marks = ", ".join("?" * len(ACTIVE_STATUSES))
         with self.db.transaction() as connection:
-            row = connection.execute(f"SELECT stored_as FROM datasets WHERE id = ? AND {OWNED}",
-                                     (dataset_id, scope, scope)).fetchone()
+            row = connection.execute(
+                f"SELECT stored_as FROM datasets WHERE id = ? AND {OWNED}", (dataset_id, scope, scope)
+            ).fetchone()
             if row is None:
                 raise NotFoundError(f"No dataset '{dataset_id}'.", param="dataset_id")
             users = connection.execute(
                 "SELECT id, status FROM jobs WHERE (dataset_id = ? OR validation_dataset_id = ?)"
-                f" AND status IN ({marks}) ORDER BY created_at", (dataset_id, dataset_id, *ACTIVE_STATUSES)).fetchall()
+                f" AND status IN ({marks}) ORDER BY created_at",
+                (dataset_id, dataset_id, *ACTIVE_STATUSES),
+            ).fetchall()
             if users:
                 jobs = ", ".join(f"{job['id']} ({job['status']})" for job in users)
                 raise ConflictError(
                     f"Dataset '{dataset_id}' is in use by fine-tuning job {jobs}; cancel the job or wait for it to "
-                    "finish, then delete the dataset.", param="dataset_id")
+                    "finish, then delete the dataset.",
+                    param="dataset_id",
+                )
             connection.execute("DELETE FROM datasets WHERE id = ?", (dataset_id,))
         (self.files_dir / row["stored_as"]).unlink(missing_ok=True)

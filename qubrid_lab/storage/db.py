@@ -188,8 +188,9 @@ class Database:
                 self._idle, self._pid = [], os.getpid()
             if self._idle:
                 return self._idle.pop()
-        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
-                                     check_same_thread=False)  # the pool hands it to one thread at a time
+        connection = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        )  # the pool hands it to one thread at a time
         connection.row_factory = sqlite3.Row
         connection.execute("PRAGMA foreign_keys = ON")
         connection.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode; a crash loses no commit
@@ -213,7 +214,8 @@ class Database:
             if version > len(MIGRATIONS):
                 raise InternalError(
                     f"The database {self.path} has schema version {version}, newer than this qubrid_lab knows "
-                    f"({len(MIGRATIONS)}); upgrade qubrid_lab or point QUBRID_LAB_HOME elsewhere.")
+                    f"({len(MIGRATIONS)}); upgrade qubrid_lab or point QUBRID_LAB_HOME elsewhere."
+                )
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
                     connection.execute(statement)

@@ -78,8 +78,9 @@ class ApiKey:
 def legacy_key(key: str) -> ApiKey:
     """A key from the plain-text key file or ``QUBRID_LAB_API_KEYS``: unmetered, unlimited, not an admin."""
     digest = key_hash(key)
-    return ApiKey(id=f"file-{digest[:24]}", name=f"key-file:{key[:SHOWN_PREFIX]}", prefix=key[:SHOWN_PREFIX],
-                  stored=False)
+    return ApiKey(
+        id=f"file-{digest[:24]}", name=f"key-file:{key[:SHOWN_PREFIX]}", prefix=key[:SHOWN_PREFIX], stored=False
+    )
 
 
 class KeyStore:
@@ -89,19 +90,30 @@ class KeyStore:
         self.db = db
         self._touched: dict[str, float] = {}
 
-    def create(self, *, name: str | None = None, credits: float | None = None, rpm: int | None = None,
-               tpm: int | None = None, admin: bool = False) -> tuple[str, ApiKey]:
+    def create(
+        self,
+        *,
+        name: str | None = None,
+        credits: float | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        admin: bool = False,
+    ) -> tuple[str, ApiKey]:
         """A new key and its record; the key itself is returned here only and never stored."""
         if name is not None and not NAME_PATTERN.fullmatch(name):
-            raise InvalidRequestError(f"name: use 1 to 64 letters, digits, '.', '_', '@' or '-', starting with a "
-                                      f"letter or digit (got {name!r}).", param="name")
+            raise InvalidRequestError(
+                f"name: use 1 to 64 letters, digits, '.', '_', '@' or '-', starting with a "
+                f"letter or digit (got {name!r}).",
+                param="name",
+            )
         for field, value in (("credits", credits), ("rpm", rpm), ("tpm", tpm)):
             if value is not None and value < 0:
                 raise InvalidRequestError(f"{field}: must be 0 or more (got {value}).", param=field)
         for field, value in (("rpm", rpm), ("tpm", tpm)):
             if value == 0:
-                raise InvalidRequestError(f"{field}: 0 would refuse every request; leave it out for no limit, or "
-                                          "revoke the key.", param=field)
+                raise InvalidRequestError(
+                    f"{field}: 0 would refuse every request; leave it out for no limit, or revoke the key.", param=field
+                )
         key = new_api_key()
         key_id = new_id("key")
         name = name or f"key-{key_id[4:12]}"
@@ -110,7 +122,8 @@ class KeyStore:
                 connection.execute(
                     "INSERT INTO api_keys (id, name, prefix, hash, admin, credits, rpm, tpm, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (key_id, name, key[:SHOWN_PREFIX], key_hash(key), int(admin), credits, rpm, tpm, time.time()))
+                    (key_id, name, key[:SHOWN_PREFIX], key_hash(key), int(admin), credits, rpm, tpm, time.time()),
+                )
         except sqlite3.IntegrityError as exc:
             raise ConflictError(f"A key named '{name}' exists already; choose another --name.", param="name") from exc
         return key, self.get(key_id)
@@ -125,14 +138,19 @@ class KeyStore:
     def find(self, key: str) -> ApiKey | None:
         """The live (not revoked) stored key ``key``, or None."""
         with self.db.connect() as connection:
-            row = connection.execute("SELECT * FROM api_keys WHERE hash = ? AND revoked_at IS NULL",
-                                     (key_hash(key),)).fetchone()
+            row = connection.execute(
+                "SELECT * FROM api_keys WHERE hash = ? AND revoked_at IS NULL", (key_hash(key),)
+            ).fetchone()
         return None if row is None else ApiKey.from_row(row)
 
     def revoked(self, key: str) -> bool:
         with self.db.connect() as connection:
-            return connection.execute("SELECT 1 FROM api_keys WHERE hash = ? AND revoked_at IS NOT NULL",
-                                      (key_hash(key),)).fetchone() is not None
+            return (
+                connection.execute(
+                    "SELECT 1 FROM api_keys WHERE hash = ? AND revoked_at IS NOT NULL", (key_hash(key),)
+                ).fetchone()
+                is not None
+            )
 
     def any_key(self) -> bool:
         """Whether any key was ever created here (revoking the last one must not open the server to everyone)."""
@@ -156,12 +174,16 @@ class KeyStore:
         elif not matches and len(name_or_prefix) >= 8:
             matches = [k for k in live if k.prefix.startswith(name_or_prefix)]
         if not matches:
-            raise NotFoundError(f"No live API key named '{name_or_prefix}' or starting with it; `qubrid-lab keys "
-                                "list` shows names and prefixes.", param="key")
+            raise NotFoundError(
+                f"No live API key named '{name_or_prefix}' or starting with it; `qubrid-lab keys "
+                "list` shows names and prefixes.",
+                param="key",
+            )
         if len(matches) > 1:
             names = ", ".join(k.name for k in matches)
-            raise ConflictError(f"'{name_or_prefix}' matches several keys ({names}); revoke one by its name.",
-                                param="key")
+            raise ConflictError(
+                f"'{name_or_prefix}' matches several keys ({names}); revoke one by its name.", param="key"
+            )
         with self.db.transaction() as connection:
             connection.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (time.time(), matches[0].id))
         return self.get(matches[0].id)

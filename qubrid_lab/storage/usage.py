@@ -49,9 +49,19 @@ class UsageLedger:
     def __init__(self, db: Database):
         self.db = db
 
-    def record(self, *, key_id: str, key_name: str, model: str, price: Price, prompt_tokens: int = 0,
-               completion_tokens: int = 0, training_tokens: int = 0, requests: int = 1,
-               charge: bool = False) -> float:
+    def record(
+        self,
+        *,
+        key_id: str,
+        key_name: str,
+        model: str,
+        price: Price,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        training_tokens: int = 0,
+        requests: int = 1,
+        charge: bool = False,
+    ) -> float:
         """Add one request's (or job's) tokens; with ``charge`` the cost goes on the stored key's spend too."""
         cost = price.cost(prompt_tokens + training_tokens, completion_tokens)
         with self.db.transaction() as connection:
@@ -63,18 +73,28 @@ class UsageLedger:
                 " completion_tokens = completion_tokens + excluded.completion_tokens,"
                 " training_tokens = training_tokens + excluded.training_tokens, cost = cost + excluded.cost,"
                 " key_name = excluded.key_name",
-                (utc_day(), key_id, key_name, model, requests, prompt_tokens, completion_tokens, training_tokens,
-                 cost))
+                (utc_day(), key_id, key_name, model, requests, prompt_tokens, completion_tokens, training_tokens, cost),
+            )
             if charge and cost:
                 connection.execute("UPDATE api_keys SET spent = spent + ? WHERE id = ?", (cost, key_id))
         return cost
 
-    def report(self, *, key_id: str | None = None, start_date: Date | None = None, end_date: Date | None = None,
-               model: str | None = None) -> list[UsageRow]:
+    def report(
+        self,
+        *,
+        key_id: str | None = None,
+        start_date: Date | None = None,
+        end_date: Date | None = None,
+        model: str | None = None,
+    ) -> list[UsageRow]:
         """Rows by day (oldest first), model and key; ``key_id`` None: every key's."""
         clauses, params = [], []
-        for clause, value in (("key_id = ?", key_id), ("date >= ?", start_date and start_date.isoformat()),
-                              ("date <= ?", end_date and end_date.isoformat()), ("model = ?", model)):
+        for clause, value in (
+            ("key_id = ?", key_id),
+            ("date >= ?", start_date and start_date.isoformat()),
+            ("date <= ?", end_date and end_date.isoformat()),
+            ("model = ?", model),
+        ):
             if value is not None:
                 clauses.append(clause)
                 params.append(value)
@@ -82,5 +102,7 @@ class UsageLedger:
         with self.db.connect() as connection:
             rows = connection.execute(
                 "SELECT date, model, key_name, requests, prompt_tokens, completion_tokens, training_tokens, cost"
-                f" FROM usage{where} ORDER BY date, model, key_name", params).fetchall()
+                f" FROM usage{where} ORDER BY date, model, key_name",
+                params,
+            ).fetchall()
         return [UsageRow(**dict(row)) for row in rows]

@@ -64,12 +64,18 @@ class SinkCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.last_validation_loss = metrics["eval_loss"]
         if state.is_world_process_zero:
-            self.sink.on_evaluation(step=state.global_step, epoch=state.epoch, validation_loss=metrics["eval_loss"],
-                                    token_accuracy=metrics.get("eval_mean_token_accuracy"))
+            self.sink.on_evaluation(
+                step=state.global_step,
+                epoch=state.epoch,
+                validation_loss=metrics["eval_loss"],
+                token_accuracy=metrics.get("eval_mean_token_accuracy"),
+            )
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.sink.on_checkpoint(step=state.global_step, path=Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            self.sink.on_checkpoint(
+                step=state.global_step, path=Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            )
 
     def _check_stop(self, args, state, control) -> None:
         stop = state.is_world_process_zero and self.sink.should_stop()

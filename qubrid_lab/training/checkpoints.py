@@ -24,7 +24,11 @@ TRAINER_STATE_FILE = "trainer_state.json"
 # a checkpoint served as a model: its job's fine-tuned model id and the step, as OpenAI names them
 CHECKPOINT_MODEL = re.compile(r"^(ft:.+:(ftjob-[A-Za-z0-9]+)):ckpt-step-(\d+)$")
 # OpenAI's names for a checkpoint's metrics, from the Trainer's log entries at its step
-METRIC_NAMES = {"loss": "train_loss", "eval_loss": "valid_loss", "eval_mean_token_accuracy": "valid_mean_token_accuracy"}
+METRIC_NAMES = {
+    "loss": "train_loss",
+    "eval_loss": "valid_loss",
+    "eval_mean_token_accuracy": "valid_mean_token_accuracy",
+}
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,14 @@ class Checkpoint:
 def _numbered(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     if not checkpoints_dir.is_dir():
         return []
-    return sorted(((int(match.group(1)), path) for path in checkpoints_dir.iterdir()
-                   if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))), reverse=True)
+    return sorted(
+        (
+            (int(match.group(1)), path)
+            for path in checkpoints_dir.iterdir()
+            if path.is_dir() and (match := CHECKPOINT_PATTERN.match(path.name))
+        ),
+        reverse=True,
+    )
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:

@@ -113,11 +113,16 @@ class DatasetProfile:
         return asdict(self)
 
     def __repr__(self) -> str:
-        lengths = (f"tokens median {self.length_percentile(0.5)} max {max(self.token_lengths)}"
-                   if self.token_lengths else "no tokenized rows")
-        return (f"<DatasetProfile {self.rows} rows, task_type={self.task_type!r}, {lengths}, "
-                f"suggested_max_seq_length={self.suggested_max_seq_length}, "
-                f"steps_per_epoch={self.steps_per_epoch}, {len(self.warnings)} warning(s)>")
+        lengths = (
+            f"tokens median {self.length_percentile(0.5)} max {max(self.token_lengths)}"
+            if self.token_lengths
+            else "no tokenized rows"
+        )
+        return (
+            f"<DatasetProfile {self.rows} rows, task_type={self.task_type!r}, {lengths}, "
+            f"suggested_max_seq_length={self.suggested_max_seq_length}, "
+            f"steps_per_epoch={self.steps_per_epoch}, {len(self.warnings)} warning(s)>"
+        )
 
     def _repr_html_(self) -> str:
         from qubrid_lab.training.dataset_profile_html import render
@@ -125,10 +130,18 @@ class DatasetProfile:
         return render(self)
 
 
-def profile_csv(path_or_df, model: str = DEFAULT_CHAT_MODEL, task_type: str | None = None, *,
-                column_mapping: dict[str, str] | None = None, max_seq_length: int = 512, batch_size: int = 8,
-                validation_split: float = 0.0, tokenizer=None,
-                cache_dir: str | Path | None = None) -> DatasetProfile:
+def profile_csv(
+    path_or_df,
+    model: str = DEFAULT_CHAT_MODEL,
+    task_type: str | None = None,
+    *,
+    column_mapping: dict[str, str] | None = None,
+    max_seq_length: int = 512,
+    batch_size: int = 8,
+    validation_split: float = 0.0,
+    tokenizer=None,
+    cache_dir: str | Path | None = None,
+) -> DatasetProfile:
     """Profile a CSV file (or a pandas DataFrame) as fine-tuning data for ``model``.
 
     ``model`` is a catalogue id (the default is the bundled chat model, whose tokenizer is read from the
@@ -142,23 +155,45 @@ def profile_csv(path_or_df, model: str = DEFAULT_CHAT_MODEL, task_type: str | No
     columns, rows = _read_table(path_or_df)
     plan, warnings = _detect_plan(columns, task_type, column_mapping)
     profile = DatasetProfile(
-        rows=len(rows), columns=columns, task_type=plan.task_type if plan else task_type, plan=plan,
-        empty_rows=empty_rows(rows, plan) if plan else [], duplicate_rows=duplicate_rows(rows, columns),
-        column_stats=[_column_stats(name, rows) for name in columns], token_lengths=[], token_length_rows=[],
-        max_seq_length=max_seq_length, over_max_share=0.0, suggested_max_seq_length=max_seq_length,
-        trainable_rows=0, batch_size=batch_size, validation_split=validation_split, steps_per_epoch=0,
-        model=model, context_length=None, warnings=warnings)
+        rows=len(rows),
+        columns=columns,
+        task_type=plan.task_type if plan else task_type,
+        plan=plan,
+        empty_rows=empty_rows(rows, plan) if plan else [],
+        duplicate_rows=duplicate_rows(rows, columns),
+        column_stats=[_column_stats(name, rows) for name in columns],
+        token_lengths=[],
+        token_length_rows=[],
+        max_seq_length=max_seq_length,
+        over_max_share=0.0,
+        suggested_max_seq_length=max_seq_length,
+        trainable_rows=0,
+        batch_size=batch_size,
+        validation_split=validation_split,
+        steps_per_epoch=0,
+        model=model,
+        context_length=None,
+        warnings=warnings,
+    )
     if profile.empty_rows:
         empty = profile.empty_rows
-        profile.warnings.append(DatasetWarning(
-            f"{_count(len(empty), 'row')} {_verb(empty, 'has', 'have')} an empty "
-            f"{' or '.join(_required_roles(plan))} and {_verb(empty, 'is', 'are')} skipped in training: "
-            f"{_rows_text(empty)}.", empty))
+        profile.warnings.append(
+            DatasetWarning(
+                f"{_count(len(empty), 'row')} {_verb(empty, 'has', 'have')} an empty "
+                f"{' or '.join(_required_roles(plan))} and {_verb(empty, 'is', 'are')} skipped in training: "
+                f"{_rows_text(empty)}.",
+                empty,
+            )
+        )
     if profile.duplicate_rows:
         copies = profile.duplicate_rows
-        profile.warnings.append(DatasetWarning(
-            f"{_count(len(copies), 'row')} {_verb(copies, 'repeats', 'repeat')} an earlier row exactly, so "
-            f"training weighs it twice: {_rows_text(copies)}. Remove the copies unless that is intended.", copies))
+        profile.warnings.append(
+            DatasetWarning(
+                f"{_count(len(copies), 'row')} {_verb(copies, 'repeats', 'repeat')} an earlier row exactly, so "
+                f"training weighs it twice: {_rows_text(copies)}. Remove the copies unless that is intended.",
+                copies,
+            )
+        )
     if plan is not None:
         if tokenizer is None:
             tokenizer = load_tokenizer(model, cache_dir)
@@ -171,8 +206,7 @@ def profile_csv(path_or_df, model: str = DEFAULT_CHAT_MODEL, task_type: str | No
 def empty_rows(rows: list[dict[str, str]], plan: ColumnPlan) -> list[int]:
     """Row numbers (from 1) whose required cell for ``plan`` is empty or only spaces; training skips them."""
     required = [getattr(plan, role) for role in _required_roles(plan)]
-    return [number for number, row in enumerate(rows, 1)
-            if any(_blank(row.get(column)) for column in required)]
+    return [number for number, row in enumerate(rows, 1) if any(_blank(row.get(column)) for column in required)]
 
 
 def _blank(cell: str | list | None) -> bool:
@@ -198,8 +232,10 @@ def unusable_dataset_reason(rows: list[dict[str, str]], plan: ColumnPlan, valida
     empty = empty_rows(rows, plan)
     usable = len(rows) - len(empty)
     if usable == 0:
-        return (f"no usable rows: each of its {_count(len(rows), 'row')} has an empty "
-                f"{' or '.join(_required_roles(plan))} ({_rows_text(empty)})")
+        return (
+            f"no usable rows: each of its {_count(len(rows), 'row')} has an empty "
+            f"{' or '.join(_required_roles(plan))} ({_rows_text(empty)})"
+        )
     return validation_split_problem(usable, validation_split)
 
 
@@ -231,8 +267,10 @@ def untrainable_reason(rows: list[dict], plan: ColumnPlan, tokenizer, max_seq_le
     cut = rows_with_nothing_to_train(rows, plan, tokenizer, max_seq_length)
     if not cut or len(cut) < len(rows) - len(empty_rows(rows, plan)):
         return None
-    return (f"max_seq_length {max_seq_length} leaves no token to train on in any row: the prompt alone fills it in "
-            f"{_rows_text(cut)}. Raise hyperparameters.max_seq_length or shorten the prompts")
+    return (
+        f"max_seq_length {max_seq_length} leaves no token to train on in any row: the prompt alone fills it in "
+        f"{_rows_text(cut)}. Raise hyperparameters.max_seq_length or shorten the prompts"
+    )
 
 
 def load_tokenizer(model: str, cache_dir: str | Path | None = None):
@@ -246,8 +284,9 @@ def load_tokenizer(model: str, cache_dir: str | Path | None = None):
 
     entry = default_catalogue().resolve(model)
     if entry.kind != "chat":
-        raise InvalidRequestError(f"'{model}' is an embedding model; profile a dataset for a chat model.",
-                                  param="model")
+        raise InvalidRequestError(
+            f"'{model}' is an embedding model; profile a dataset for a chat model.", param="model"
+        )
     cache = Path(cache_dir).expanduser() if cache_dir else Settings().model_cache_dir
     return tokenizer_at(weights_location(entry, cache))
 
@@ -271,8 +310,9 @@ def _read_table(path_or_df) -> tuple[list[str], list[dict[str, str]]]:
     return inspect_csv(path, path.name).columns, read_rows(path)
 
 
-def _detect_plan(columns: list[str], task_type: str | None,
-                 column_mapping: dict[str, str] | None) -> tuple[ColumnPlan | None, list[DatasetWarning]]:
+def _detect_plan(
+    columns: list[str], task_type: str | None, column_mapping: dict[str, str] | None
+) -> tuple[ColumnPlan | None, list[DatasetWarning]]:
     """The column plan for ``task_type``, or for the first of qa, not_qa that fits; else why none fits."""
     problems = []
     for candidate in (task_type,) if task_type else ("qa", "not_qa"):
@@ -304,25 +344,36 @@ def _measure_tokens(profile: DatasetProfile, rows: list[dict[str, str]], tokeniz
     cut = [number for number, length in zip(numbers, lengths) if length > limit and number not in filled]
     if cut:
         fits = sum(length <= profile.suggested_max_seq_length for length in lengths) / len(lengths)
-        warnings.append(DatasetWarning(
-            f"{_count(len(cut), 'row')} ({len(cut) / len(lengths):.1%}) {_verb(cut, 'is', 'are')} longer than "
-            f"max_seq_length {limit} tokens and will be cut, losing the end of the "
-            f"{'answer' if plan.task_type == 'qa' else 'text'}: {_rows_text(cut)}. "
-            f"max_seq_length {profile.suggested_max_seq_length} fits {fits:.0%} of the rows.", cut))
+        warnings.append(
+            DatasetWarning(
+                f"{_count(len(cut), 'row')} ({len(cut) / len(lengths):.1%}) {_verb(cut, 'is', 'are')} longer than "
+                f"max_seq_length {limit} tokens and will be cut, losing the end of the "
+                f"{'answer' if plan.task_type == 'qa' else 'text'}: {_rows_text(cut)}. "
+                f"max_seq_length {profile.suggested_max_seq_length} fits {fits:.0%} of the rows.",
+                cut,
+            )
+        )
     if filled:
-        warnings.append(DatasetWarning(
-            f"{_count(len(filled), 'row')} {_verb(filled, 'is', 'are')} skipped: the question alone fills "
-            f"max_seq_length {limit}, leaving no room for the answer: {_rows_text(sorted(filled))}.",
-            sorted(filled)))
+        warnings.append(
+            DatasetWarning(
+                f"{_count(len(filled), 'row')} {_verb(filled, 'is', 'are')} skipped: the question alone fills "
+                f"max_seq_length {limit}, leaving no room for the answer: {_rows_text(sorted(filled))}.",
+                sorted(filled),
+            )
+        )
 
     # 2. Answers too short to teach much.
     if plan.task_type == "qa":
         short = [number for number in numbers if len(rows[number - 1][plan.answer].strip()) < SHORT_ANSWER_CHARS]
         if short:
-            warnings.append(DatasetWarning(
-                f"{_count(len(short), 'answer')} {_verb(short, 'is', 'are')} shorter than {SHORT_ANSWER_CHARS} "
-                f"characters: {_rows_text(short)}. Very short answers teach the model to answer tersely; check "
-                "that they are complete.", short))
+            warnings.append(
+                DatasetWarning(
+                    f"{_count(len(short), 'answer')} {_verb(short, 'is', 'are')} shorter than {SHORT_ANSWER_CHARS} "
+                    f"characters: {_rows_text(short)}. Very short answers teach the model to answer tersely; check "
+                    "that they are complete.",
+                    short,
+                )
+            )
 
     # 3. Whether a job can train at all, and for how many steps an epoch.
     trainable = [example for number, example in zip(numbers, examples) if number not in filled]
@@ -341,9 +392,12 @@ def _measure_tokens(profile: DatasetProfile, rows: list[dict[str, str]], tokeniz
     train = split_examples(trainable, profile.validation_split, seed=Hyperparameters().seed).train
     profile.steps_per_epoch = steps_per_epoch(len(train), profile.batch_size, 1, 1)
     if len(train) < profile.batch_size:
-        warnings.append(DatasetWarning(
-            f"Only {_count(len(train), 'row')} to train on, fewer than batch_size {profile.batch_size}: an epoch "
-            "is a single step. Add rows, or lower batch_size and raise epochs."))
+        warnings.append(
+            DatasetWarning(
+                f"Only {_count(len(train), 'row')} to train on, fewer than batch_size {profile.batch_size}: an epoch "
+                "is a single step. Add rows, or lower batch_size and raise epochs."
+            )
+        )
 
 
 def _required_roles(plan: ColumnPlan) -> list[str]:
@@ -389,8 +443,13 @@ def _column_stats(name: str, rows: list[dict[str, str]]) -> ColumnStats:
     sizes = [len(text) for text in (row[name].strip() for row in rows) if text]
     if not sizes:
         return ColumnStats(name, empty=len(rows), min_chars=0, mean_chars=0.0, max_chars=0)
-    return ColumnStats(name, empty=len(rows) - len(sizes), min_chars=min(sizes),
-                       mean_chars=round(sum(sizes) / len(sizes), 1), max_chars=max(sizes))
+    return ColumnStats(
+        name,
+        empty=len(rows) - len(sizes),
+        min_chars=min(sizes),
+        mean_chars=round(sum(sizes) / len(sizes), 1),
+        max_chars=max(sizes),
+    )
 
 
 def _rows_text(numbers: list[int]) -> str:

@@ -39,8 +39,10 @@ def render(profile: DatasetProfile) -> str:
 
 def _title(profile: DatasetProfile) -> str:
     task = escape(profile.task_type) if profile.task_type else "no task type fits"
-    return (f'<div style="font-size:15px;font-weight:600;margin-bottom:4px">Dataset profile '
-            f'<span style="color:{MUTED};font-weight:400">· {profile.rows} rows · {task}</span></div>')
+    return (
+        f'<div style="font-size:15px;font-weight:600;margin-bottom:4px">Dataset profile '
+        f'<span style="color:{MUTED};font-weight:400">· {profile.rows} rows · {task}</span></div>'
+    )
 
 
 def _table(rows: list[tuple[str, ...]], header: tuple[str, ...] | None = None) -> str:
@@ -62,13 +64,27 @@ def _summary(profile: DatasetProfile) -> str:
         over = sum(length > profile.max_seq_length for length in profile.token_lengths)
         context = f" (model context {profile.context_length})" if profile.context_length else ""
         rows += [
-            ("Tokens per row", " · ".join(f"{name} {value}" for name, value in (
-                ("min", min(profile.token_lengths)), ("median", profile.length_percentile(0.5)),
-                ("p95", profile.length_percentile(0.95)), ("max", max(profile.token_lengths))))),
+            (
+                "Tokens per row",
+                " · ".join(
+                    f"{name} {value}"
+                    for name, value in (
+                        ("min", min(profile.token_lengths)),
+                        ("median", profile.length_percentile(0.5)),
+                        ("p95", profile.length_percentile(0.95)),
+                        ("max", max(profile.token_lengths)),
+                    )
+                ),
+            ),
             (f"Longer than max_seq_length {profile.max_seq_length}", f"{over} ({profile.over_max_share:.1%})"),
             ("Suggested max_seq_length", f"<b>{profile.suggested_max_seq_length}</b>{context}"),
-            ("Steps per epoch", (f"<b>{profile.steps_per_epoch}</b> at batch_size {profile.batch_size}, "
-                                 f"validation_split {profile.validation_split:g} (one device)")),
+            (
+                "Steps per epoch",
+                (
+                    f"<b>{profile.steps_per_epoch}</b> at batch_size {profile.batch_size}, "
+                    f"validation_split {profile.validation_split:g} (one device)"
+                ),
+            ),
         ]
     rows.append(("Tokenizer", escape(profile.model)))
     return _table([(f'<span style="color:{MUTED}">{escape(name)}</span>', value) for name, value in rows])
@@ -78,16 +94,23 @@ def _rows_cell(numbers: list[int]) -> str:
     if not numbers:
         return "none"
     shown = ", ".join(map(str, numbers[:12])) + (f", … ({len(numbers) - 12} more)" if len(numbers) > 12 else "")
-    return f"{len(numbers)} <span style=\"color:{MUTED}\">({'row' if len(numbers) == 1 else 'rows'} {shown})</span>"
+    return f'{len(numbers)} <span style="color:{MUTED}">({"row" if len(numbers) == 1 else "rows"} {shown})</span>'
 
 
 def _columns(profile: DatasetProfile) -> str:
     roles = profile.roles()
-    rows = [(f"<code>{escape(stats.name)}</code>", escape(roles.get(stats.name, "—")), str(stats.empty),
-             f"{stats.min_chars} / {stats.mean_chars:g} / {stats.max_chars}")
-            for stats in profile.column_stats]
-    return (f'<div style="{HEADING}">Columns</div>'
-            + _table(rows, ("Column", "Role", "Empty", "Characters min / mean / max")))
+    rows = [
+        (
+            f"<code>{escape(stats.name)}</code>",
+            escape(roles.get(stats.name, "—")),
+            str(stats.empty),
+            f"{stats.min_chars} / {stats.mean_chars:g} / {stats.max_chars}",
+        )
+        for stats in profile.column_stats
+    ]
+    return f'<div style="{HEADING}">Columns</div>' + _table(
+        rows, ("Column", "Role", "Empty", "Characters min / mean / max")
+    )
 
 
 def _histogram(profile: DatasetProfile) -> str:
@@ -99,33 +122,50 @@ def _histogram(profile: DatasetProfile) -> str:
         height = round(BAR_PIXELS * count / tallest) if count else 0
         color = OVER if start > profile.max_seq_length else WITHIN
         tip = f"{start}-{end - 1} tokens: {count} rows"
-        bars.append(f'<td title="{tip}" style="vertical-align:bottom;padding:0 1px;height:{BAR_PIXELS}px">'
-                    f'<div style="height:{max(height, 1 if count else 0)}px;background:{color};'
-                    f'border-radius:2px 2px 0 0"></div></td>')
+        bars.append(
+            f'<td title="{tip}" style="vertical-align:bottom;padding:0 1px;height:{BAR_PIXELS}px">'
+            f'<div style="height:{max(height, 1 if count else 0)}px;background:{color};'
+            f'border-radius:2px 2px 0 0"></div></td>'
+        )
     limit = profile.max_seq_length
-    note = (f'max_seq_length {limit}, <span style="color:{OVER}">■</span> longer rows are cut'
-            if bins[-1][1] > limit + 1 else f"all rows within max_seq_length {limit}")
-    axis = (f'<div style="display:flex;justify-content:space-between;color:{MUTED};font-size:11px">'
-            f"<span>{bins[0][0]}</span><span>tokens per row ({note})</span><span>{bins[-1][1] - 1}</span></div>")
-    return (f'<div style="{HEADING}">Token lengths <span style="color:{MUTED};font-weight:400">'
-            f"(chat template included, before truncation; {len(profile.token_lengths)} rows)</span></div>"
-            f'<table style="border-collapse:collapse;width:100%;table-layout:fixed;border-bottom:1px solid #9ca3af">'
-            f'<tr>{"".join(bars)}</tr></table>{axis}')
+    note = (
+        f'max_seq_length {limit}, <span style="color:{OVER}">■</span> longer rows are cut'
+        if bins[-1][1] > limit + 1
+        else f"all rows within max_seq_length {limit}"
+    )
+    axis = (
+        f'<div style="display:flex;justify-content:space-between;color:{MUTED};font-size:11px">'
+        f"<span>{bins[0][0]}</span><span>tokens per row ({note})</span><span>{bins[-1][1] - 1}</span></div>"
+    )
+    return (
+        f'<div style="{HEADING}">Token lengths <span style="color:{MUTED};font-weight:400">'
+        f"(chat template included, before truncation; {len(profile.token_lengths)} rows)</span></div>"
+        f'<table style="border-collapse:collapse;width:100%;table-layout:fixed;border-bottom:1px solid #9ca3af">'
+        f"<tr>{''.join(bars)}</tr></table>{axis}"
+    )
 
 
 def _example(profile: DatasetProfile) -> str:
     """The first trainable row as the model is trained on it; the highlighted text is what the loss sees."""
-    text = "".join(f'<span style="background:{TRAINED};border-radius:2px">{escape(piece)}</span>' if trained
-                   else f'<span style="color:{MUTED}">{escape(piece)}</span>' for piece, trained in profile.example)
-    return (f'<div style="{HEADING}">Row {profile.example_row} as training sees it '
-            f'<span style="color:{MUTED};font-weight:400">(highlighted: the tokens the loss is taken on)</span></div>'
-            f'<div style="white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:12px;'
-            f'border:1px solid #e5e7eb;padding:6px;margin:2px 0 8px 0">{text}</div>')
+    text = "".join(
+        f'<span style="background:{TRAINED};border-radius:2px">{escape(piece)}</span>'
+        if trained
+        else f'<span style="color:{MUTED}">{escape(piece)}</span>'
+        for piece, trained in profile.example
+    )
+    return (
+        f'<div style="{HEADING}">Row {profile.example_row} as training sees it '
+        f'<span style="color:{MUTED};font-weight:400">(highlighted: the tokens the loss is taken on)</span></div>'
+        f'<div style="white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:12px;'
+        f'border:1px solid #e5e7eb;padding:6px;margin:2px 0 8px 0">{text}</div>'
+    )
 
 
 def _warnings(profile: DatasetProfile) -> str:
     if not profile.warnings:
         return f'<div style="{HEADING};color:#15803d">✓ No warnings</div>'
     items = "".join(f'<li style="margin:2px 0">{escape(warning.message)}</li>' for warning in profile.warnings)
-    return (f'<div style="{HEADING};color:#b45309">⚠ {len(profile.warnings)} warning'
-            f'{"" if len(profile.warnings) == 1 else "s"}</div><ul style="margin:2px 0 0 18px;padding:0">{items}</ul>')
+    return (
+        f'<div style="{HEADING};color:#b45309">⚠ {len(profile.warnings)} warning'
+        f'{"" if len(profile.warnings) == 1 else "s"}</div><ul style="margin:2px 0 0 18px;padding:0">{items}</ul>'
+    )

@@ -38,9 +38,11 @@ class TrainingGpus:
         for device in self.devices():
             fraction, holder = held.get(device, (0.0, ""))
             if 1.0 - fraction < MIN_TRAINING_GPU_SHARE:
-                return (f"vLLM serving {holder} holds {fraction:.0%} of {device}'s memory, which leaves less than "
-                        f"the {MIN_TRAINING_GPU_SHARE:.0%} a job needs; lower that entry's gpu_memory_utilization, "
-                        "or train on another device (--training-device)")
+                return (
+                    f"vLLM serving {holder} holds {fraction:.0%} of {device}'s memory, which leaves less than "
+                    f"the {MIN_TRAINING_GPU_SHARE:.0%} a job needs; lower that entry's gpu_memory_utilization, "
+                    "or train on another device (--training-device)"
+                )
         return None
 
     def share(self) -> float | None:

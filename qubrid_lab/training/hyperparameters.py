@@ -45,17 +45,26 @@ class Hyperparameters(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save GPU memory.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for the split, shuffling, LoRA init and dropout.")
     save_total_limit: int = Field(
-        3, ge=1, le=100, description="Checkpoints kept on disk (the newest ones, plus the best by validation loss).")
+        3, ge=1, le=100, description="Checkpoints kept on disk (the newest ones, plus the best by validation loss)."
+    )
     early_stopping_patience: int | None = Field(
-        None, ge=1, le=1000, description="Stop when validation loss has not improved for this many evaluations "
-                                         "(needs validation data).")
+        None,
+        ge=1,
+        le=1000,
+        description="Stop when validation loss has not improved for this many evaluations (needs validation data).",
+    )
     early_stopping_threshold: float = Field(
-        0.0, ge=0, description="How much validation loss must drop to count as an improvement.")
+        0.0, ge=0, description="How much validation loss must drop to count as an improvement."
+    )
     load_best_at_end: bool = Field(
-        False, description="Serve the checkpoint with the lowest validation loss, not the last one (needs "
-                           "validation data).")
-    report_to: str = Field("none", description="Experiment tracker the run reports to: none, tensorboard, mlflow, "
-                                               "trackio or wandb (installed separately).")
+        False,
+        description="Serve the checkpoint with the lowest validation loss, not the last one (needs validation data).",
+    )
+    report_to: str = Field(
+        "none",
+        description="Experiment tracker the run reports to: none, tensorboard, mlflow, "
+        "trackio or wandb (installed separately).",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -79,8 +88,11 @@ def validation_needs(hyperparameters: Hyperparameters, validation_dataset: bool 
     if hyperparameters.validation_split > 0 or validation_dataset:
         return []
     fix = "it needs validation data: hold some rows out with hyperparameters.validation_split (e.g. 0.1)"
-    return [(f"hyperparameters.{name}", fix) for name in ("early_stopping_patience", "load_best_at_end")
-            if getattr(hyperparameters, name)]
+    return [
+        (f"hyperparameters.{name}", fix)
+        for name in ("early_stopping_patience", "load_best_at_end")
+        if getattr(hyperparameters, name)
+    ]
 
 
 def tracker_problems(report_to: str) -> list[tuple[str, str]]:

@@ -32,16 +32,24 @@ def completion_message(model_id: str, result: dict) -> str:
         parts.append(f"training stopped early at step {result['steps']}: validation loss had stopped improving")
     best, served = result.get("best_step"), result.get("served_step")
     if best is not None:
-        parts.append(f"it holds the best checkpoint's weights (step {best})" if served == best
-                     else f"it holds step {served}'s weights; the best checkpoint by validation loss is step {best}")
+        parts.append(
+            f"it holds the best checkpoint's weights (step {best})"
+            if served == best
+            else f"it holds step {served}'s weights; the best checkpoint by validation loss is step {best}"
+        )
     return "; ".join(parts) + "."
 
 
 class JobOutcomes:
     """Final statuses and fine-tuned models, with the server told of each model (see ``JobManager``)."""
 
-    def __init__(self, jobs: JobStore, on_model_ready: ModelReady | None, on_model_removed: ModelRemoved | None,
-                 on_trained: Trained | None):
+    def __init__(
+        self,
+        jobs: JobStore,
+        on_model_ready: ModelReady | None,
+        on_model_removed: ModelRemoved | None,
+        on_trained: Trained | None,
+    ):
         self.jobs = jobs
         self.on_model_ready = on_model_ready
         self.on_model_removed = on_model_removed
@@ -68,16 +76,25 @@ class JobOutcomes:
 
     def _complete(self, job: JobRecord, result: dict, files: JobFiles) -> None:
         model = FineTunedModelRecord(
-            id=fine_tuned_model_id(job.base_model, job.suffix, job.id), base_model=job.base_model, job_id=job.id,
-            status="available", adapter_dir=files.adapter, created_at=time.time())
-        metrics = {"steps_completed": result.get("steps", job.steps_completed),
-                   "epochs_completed": result.get("epochs", job.epochs_completed),
-                   "training_loss": result.get("training_loss", job.training_loss),
-                   "validation_loss": result.get("validation_loss", job.validation_loss)}
+            id=fine_tuned_model_id(job.base_model, job.suffix, job.id),
+            base_model=job.base_model,
+            job_id=job.id,
+            status="available",
+            adapter_dir=files.adapter,
+            created_at=time.time(),
+        )
+        metrics = {
+            "steps_completed": result.get("steps", job.steps_completed),
+            "epochs_completed": result.get("epochs", job.epochs_completed),
+            "training_loss": result.get("training_loss", job.training_loss),
+            "validation_loss": result.get("validation_loss", job.validation_loss),
+        }
         # Served first, so that a client that sees the job completed can use its model at once.
         self.announce(model, report=True)
-        if not self.jobs.complete(job.id, model, completion_message(model.id, result),
-                                  **metrics) and self.on_model_removed:  # cancelled meanwhile
+        if (
+            not self.jobs.complete(job.id, model, completion_message(model.id, result), **metrics)
+            and self.on_model_removed
+        ):  # cancelled meanwhile
             try:
                 self.on_model_removed(model.id)
             except Exception:
@@ -85,8 +102,15 @@ class JobOutcomes:
 
     def fail(self, job_id: str, reason: str) -> None:
         log.warning("job %s failed: %s", job_id, reason)
-        self.jobs.transition(job_id, ACTIVE_STATUSES, "failed", error=reason, completed_at=time.time(),
-                             message=f"Job failed: {reason}", level="error")
+        self.jobs.transition(
+            job_id,
+            ACTIVE_STATUSES,
+            "failed",
+            error=reason,
+            completed_at=time.time(),
+            message=f"Job failed: {reason}",
+            level="error",
+        )
 
     def announce(self, model: FineTunedModelRecord, report: bool = False) -> None:
         """Serve a fine-tuned model; a failure is logged (and with ``report``, told in its job's events)."""
@@ -98,5 +122,9 @@ class JobOutcomes:
             log.warning("fine-tuned model %s cannot be served: %s", model.id, exc, exc_info=True)
             if report:
                 reason = getattr(exc, "message", None) or str(exc)
-                self.jobs.record(model.job_id, "message", f"The fine-tuned model could not be loaded for serving: "
-                                 f"{reason}", level="warning")
+                self.jobs.record(
+                    model.job_id,
+                    "message",
+                    f"The fine-tuned model could not be loaded for serving: {reason}",
+                    level="warning",
+                )

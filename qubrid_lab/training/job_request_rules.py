@@ -34,10 +34,17 @@ def missing_dataset_problem(dataset_id: str) -> tuple[str, str]:
     return "dataset_id", f"no dataset '{dataset_id}'; upload one with POST /fine-tuning/datasets"
 
 
-def check_request_fields(*, task_type: str, hyperparameters: dict | None, suffix: str | None,
-                         column_mapping: dict[str, str] | None, dataset_id: str,
-                         dataset_columns: list[str] | None = None, dataset_format: str | None = None,
-                         validation_dataset: bool = False) -> FieldCheck:
+def check_request_fields(
+    *,
+    task_type: str,
+    hyperparameters: dict | None,
+    suffix: str | None,
+    column_mapping: dict[str, str] | None,
+    dataset_id: str,
+    dataset_columns: list[str] | None = None,
+    dataset_format: str | None = None,
+    validation_dataset: bool = False,
+) -> FieldCheck:
     """Check a request's task type against its dataset's columns, its hyperparameters, and its suffix.
 
     ``dataset_columns`` (None: not known, not checked) and ``dataset_format`` ('csv' or 'jsonl'; None: not
@@ -49,8 +56,15 @@ def check_request_fields(*, task_type: str, hyperparameters: dict | None, suffix
     if task_type not in TASK_TYPES:
         problems.append(("task_type", f"must be 'qa', 'not_qa' or 'chat' (got {task_type!r})"))
     elif dataset_format is not None and (task_type == "chat") != (dataset_format == "jsonl"):
-        problems.append(("task_type", ("chat jobs train on JSONL conversations and qa or not_qa jobs on CSV "
-                                       f"columns; dataset '{dataset_id}' is {dataset_format.upper()}")))
+        problems.append(
+            (
+                "task_type",
+                (
+                    "chat jobs train on JSONL conversations and qa or not_qa jobs on CSV "
+                    f"columns; dataset '{dataset_id}' is {dataset_format.upper()}"
+                ),
+            )
+        )
     elif dataset_columns is not None:
         try:
             plan = plan_columns(dataset_columns, task_type, column_mapping)

@@ -29,8 +29,15 @@ POLL_SECONDS = 0.5
 class JobScheduler:
     """Runs queued jobs in worker processes, ``max_running`` at a time; ``files(job_id)`` is a job's directory."""
 
-    def __init__(self, jobs: JobStore, max_running: int, gpus: TrainingGpus, launcher: WorkerLauncher,
-                 outcomes: JobOutcomes, files: Callable[[str], JobFiles]):
+    def __init__(
+        self,
+        jobs: JobStore,
+        max_running: int,
+        gpus: TrainingGpus,
+        launcher: WorkerLauncher,
+        outcomes: JobOutcomes,
+        files: Callable[[str], JobFiles],
+    ):
         self.jobs = jobs
         self.max_running = max_running
         self.gpus = gpus
@@ -61,8 +68,12 @@ class JobScheduler:
             self._workers.clear()
         for worker in workers:
             if self.jobs.get(worker.job_id).status == "running":
-                self.jobs.record(worker.job_id, "message", "The server is stopping; training stops here and "
-                                 "resumes from the last checkpoint when the server starts again.")
+                self.jobs.record(
+                    worker.job_id,
+                    "message",
+                    "The server is stopping; training stops here and "
+                    "resumes from the last checkpoint when the server starts again.",
+                )
             worker.stop()
         for worker in workers:
             try:
@@ -124,8 +135,9 @@ class JobScheduler:
                     self.jobs.record(job.id, "message", f"Waiting: {waiting}", level="warning")
                 return
             self._waiting_reported.pop(job.id, None)
-            if not self.jobs.transition(job.id, ("queued",), "running", started_at=job.started_at or time.time(),
-                                        message="Job started."):
+            if not self.jobs.transition(
+                job.id, ("queued",), "running", started_at=job.started_at or time.time(), message="Job started."
+            ):
                 continue
             try:
                 worker = self.launcher.launch(job, self.files(job.id))

@@ -56,8 +56,7 @@ class WorkerLauncher:
     """Starts jobs' workers: on the base model's weights (a GGUF or hub model is converted once, here), with
     the server's database and dataset files, on the training device (torchrun over every GPU when several)."""
 
-    def __init__(self, settings: Settings, catalogue: Catalogue, database: Path, files_dir: Path,
-                 gpus: TrainingGpus):
+    def __init__(self, settings: Settings, catalogue: Catalogue, database: Path, files_dir: Path, gpus: TrainingGpus):
         self.settings = settings
         self.catalogue = catalogue
         self.database = database
@@ -74,8 +73,14 @@ class WorkerLauncher:
         log = files.log.open("ab")
         try:
             command, environment = self.command(job, model_dir, files)
-            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env=environment)
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=environment,
+            )
         except BaseException:
             log.close()
             raise
@@ -86,15 +91,28 @@ class WorkerLauncher:
         'cuda' and there are several; ``cuda:N`` trains on GPU N alone (made the worker's only visible GPU)."""
         environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
         device = self.gpus.visible(environment)
-        worker = WorkerArguments(database=self.database, job_id=job.id, model_dir=model_dir, job_dir=files.path,
-                                 device=device, files_dir=self.files_dir, server_pid=os.getpid()).command_line()
+        worker = WorkerArguments(
+            database=self.database,
+            job_id=job.id,
+            model_dir=model_dir,
+            job_dir=files.path,
+            device=device,
+            files_dir=self.files_dir,
+            server_pid=os.getpid(),
+        ).command_line()
         share = self.gpus.share()
         if share is not None:  # train in what a managed vLLM leaves (its share is fixed when it starts)
             environment[GPU_SHARE_VARIABLE] = f"{share:.3f}"
         gpus = gpu_count() if device in ("auto", "cuda") else 0
         if gpus > 1:
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-                    *worker], environment
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={gpus}",
+                *worker,
+            ], environment
         return [sys.executable, *worker], environment
 
 
@@ -107,6 +125,9 @@ def exit_reason(returncode: int, files: JobFiles) -> str:
         return f"the training process was killed by signal {number} ({name}{hint})"
     if returncode == 0:
         return "the training process ended without saving an adapter"
-    lines = [line for line in files.log.read_text(errors="replace").splitlines() if line.strip()] \
-        if files.log.is_file() else []
+    lines = (
+        [line for line in files.log.read_text(errors="replace").splitlines() if line.strip()]
+        if files.log.is_file()
+        else []
+    )
     return f"the training process exited with status {returncode}" + (f": {lines[-1].strip()}" if lines else "")

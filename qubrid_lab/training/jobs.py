@@ -49,10 +49,18 @@ class JobManager:
     ``scope`` arguments are owner ids (a key's id: its own objects only) or None (everyone's).
     """
 
-    def __init__(self, settings: Settings, catalogue: Catalogue, datasets: DatasetStore, jobs: JobStore, *,
-                 on_model_ready: ModelReady | None = None, on_model_removed: ModelRemoved | None = None,
-                 gpu_reservations: GpuReservations | None = None,
-                 on_trained: Trained | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        catalogue: Catalogue,
+        datasets: DatasetStore,
+        jobs: JobStore,
+        *,
+        on_model_ready: ModelReady | None = None,
+        on_model_removed: ModelRemoved | None = None,
+        gpu_reservations: GpuReservations | None = None,
+        on_trained: Trained | None = None,
+    ):
         self.settings = settings
         self.catalogue = catalogue
         self.datasets = datasets
@@ -84,30 +92,61 @@ class JobManager:
         for job in self.jobs.with_status("running"):
             files = self.files(job.id)
             if not files.path.is_dir():
-                reason = f"the server stopped while this job was running and its directory {files.path} is gone, " \
-                         "so it cannot resume"
+                reason = (
+                    f"the server stopped while this job was running and its directory {files.path} is gone, "
+                    "so it cannot resume"
+                )
                 self.outcomes.fail(job.id, reason)
                 continue
-            self.jobs.transition(job.id, ("running",), "queued",
-                                 message=f"The server stopped while this job was running; it is queued again and "
-                                         f"resumes from {_resume_point(files)}.")
+            self.jobs.transition(
+                job.id,
+                ("running",),
+                "queued",
+                message=f"The server stopped while this job was running; it is queued again and "
+                f"resumes from {_resume_point(files)}.",
+            )
 
     # --- requests -----------------------------------------------------------------------------------
 
-    def create(self, *, base_model: str, dataset_id: str, task_type: str, hyperparameters: dict | None = None,
-               suffix: str | None = None, column_mapping: dict[str, str] | None = None,
-               owner: str | None = None, scope: str | None = None,
-               validation_dataset_id: str | None = None) -> JobRecord:
+    def create(
+        self,
+        *,
+        base_model: str,
+        dataset_id: str,
+        task_type: str,
+        hyperparameters: dict | None = None,
+        suffix: str | None = None,
+        column_mapping: dict[str, str] | None = None,
+        owner: str | None = None,
+        scope: str | None = None,
+        validation_dataset_id: str | None = None,
+    ) -> JobRecord:
         """Check a job request (:func:`~qubrid_lab.training.job_requests.check_job_request`: every problem in one
         400) and queue the job for ``owner``. With ``validation_dataset_id`` the job validates on that dataset
         instead of a split of its training data."""
         resolved = check_job_request(
-            self.catalogue, self.datasets, self.settings.model_cache_dir, base_model=base_model, dataset_id=dataset_id,
-            task_type=task_type, hyperparameters=hyperparameters, suffix=suffix, column_mapping=column_mapping,
-            scope=scope, validation_dataset_id=validation_dataset_id)
-        job = self.jobs.create(base_model=base_model, dataset_id=dataset_id, task_type=task_type,
-                               hyperparameters=resolved.model_dump(), column_mapping=column_mapping,
-                               suffix=suffix or None, owner=owner, validation_dataset_id=validation_dataset_id)
+            self.catalogue,
+            self.datasets,
+            self.settings.model_cache_dir,
+            base_model=base_model,
+            dataset_id=dataset_id,
+            task_type=task_type,
+            hyperparameters=hyperparameters,
+            suffix=suffix,
+            column_mapping=column_mapping,
+            scope=scope,
+            validation_dataset_id=validation_dataset_id,
+        )
+        job = self.jobs.create(
+            base_model=base_model,
+            dataset_id=dataset_id,
+            task_type=task_type,
+            hyperparameters=resolved.model_dump(),
+            column_mapping=column_mapping,
+            suffix=suffix or None,
+            owner=owner,
+            validation_dataset_id=validation_dataset_id,
+        )
         self.scheduler.wake()
         return job
 
@@ -115,11 +154,13 @@ class JobManager:
         """Cancel a queued job at once, or stop a running one's worker (it is killed if it lingers)."""
         job = self.jobs.get(job_id, scope)
         moved = job.status in ACTIVE_STATUSES and self.jobs.transition(
-            job_id, ACTIVE_STATUSES, "cancelled", completed_at=time.time(), message="Job cancelled.")
+            job_id, ACTIVE_STATUSES, "cancelled", completed_at=time.time(), message="Job cancelled."
+        )
         if not moved:
             status = self.jobs.get(job_id).status
-            raise ConflictError(f"Job {job_id} is already {status}; only queued or running jobs can be cancelled.",
-                                param="job_id")
+            raise ConflictError(
+                f"Job {job_id} is already {status}; only queued or running jobs can be cancelled.", param="job_id"
+            )
         self.scheduler.stop_worker(job_id)
         self.scheduler.wake()
         return self.jobs.get(job_id)
@@ -127,10 +168,13 @@ class JobManager:
     def pause(self, job_id: str, scope: str | None = None) -> JobRecord:
         """Pause a queued or running job; a running one saves a checkpoint first, and resumes from it."""
         job = self.jobs.get(job_id, scope)
-        if not self.jobs.transition(job_id, ("queued", "running"), "paused",
-                                    message="Job paused; resume it to queue it again."):
-            raise ConflictError(f"Job {job_id} is {self.jobs.get(job_id).status}; only queued or running jobs can "
-                                "be paused.", param="job_id")
+        if not self.jobs.transition(
+            job_id, ("queued", "running"), "paused", message="Job paused; resume it to queue it again."
+        ):
+            raise ConflictError(
+                f"Job {job_id} is {self.jobs.get(job_id).status}; only queued or running jobs can be paused.",
+                param="job_id",
+            )
         if job.status == "running":
             self.scheduler.stop_worker(job_id, PAUSE_SIGNAL)
         self.scheduler.wake()
@@ -141,12 +185,20 @@ class JobManager:
         self.jobs.get(job_id, scope)
         still_stopping = self.scheduler.worker_pid(job_id) is not None
         where = _resume_point(self.files(job_id))
-        if still_stopping or not self.jobs.transition(job_id, ("paused",), "queued",
-                                                      message=f"Job resumed; it is queued and continues from {where}."):
+        if still_stopping or not self.jobs.transition(
+            job_id, ("paused",), "queued", message=f"Job resumed; it is queued and continues from {where}."
+        ):
             status = self.jobs.get(job_id).status
-            raise ConflictError(f"Job {job_id} is {status}" + (" and its worker is still saving; try again in a "
-                                "moment" if still_stopping else "; only paused jobs can be resumed") + ".",
-                                param="job_id")
+            raise ConflictError(
+                f"Job {job_id} is {status}"
+                + (
+                    " and its worker is still saving; try again in a moment"
+                    if still_stopping
+                    else "; only paused jobs can be resumed"
+                )
+                + ".",
+                param="job_id",
+            )
         self.scheduler.wake()
         return self.jobs.get(job_id)
 
@@ -178,8 +230,11 @@ class JobManager:
         fine_tuned, job_id, step = parsed
         job = self.jobs.find(job_id, scope)
         path = self.files(job_id).checkpoint(step)
-        if job is None or fine_tuned_model_id(job.base_model, job.suffix, job.id) != fine_tuned \
-                or not (path / "adapter_config.json").is_file():
+        if (
+            job is None
+            or fine_tuned_model_id(job.base_model, job.suffix, job.id) != fine_tuned
+            or not (path / "adapter_config.json").is_file()
+        ):
             return False
         with self._serving:  # two first requests for one checkpoint load it once
             self.on_model_ready(model_id, job.base_model, path, int(path.stat().st_mtime))
@@ -201,4 +256,3 @@ def _resume_point(files: JobFiles) -> str:
     """Where a job's run continues from, in words."""
     step = files.resume_step()
     return f"its checkpoint at step {step}" if step is not None else "the start (no checkpoint was saved)"
-

@@ -77,10 +77,19 @@ class ProgressSink(Protocol):
     """Receives a run's progress; ``should_stop`` is polled after every step. Called on rank 0 only."""
 
     def on_start(self, total_steps: int, train_rows: int, validation_rows: int) -> None: ...
-    def on_train_step(self, step: int, epoch: float, loss: float, learning_rate: float, tokens: int,
-                      grad_norm: float | None = None, tokens_per_second: float | None = None) -> None: ...
-    def on_evaluation(self, step: int, epoch: float, validation_loss: float,
-                      token_accuracy: float | None = None) -> None: ...
+    def on_train_step(
+        self,
+        step: int,
+        epoch: float,
+        loss: float,
+        learning_rate: float,
+        tokens: int,
+        grad_norm: float | None = None,
+        tokens_per_second: float | None = None,
+    ) -> None: ...
+    def on_evaluation(
+        self, step: int, epoch: float, validation_loss: float, token_accuracy: float | None = None
+    ) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def should_stop(self) -> bool: ...
     def save_before_stopping(self) -> bool: ...  # asked once should_stop() is true: a pause keeps its progress
@@ -131,8 +140,13 @@ def load_split(spec: TrainingSpec, tokenizer) -> Split:
     dataset); an unusable dataset is an error."""
     examples = _usable_examples(spec.dataset_path, spec.plan, tokenizer, spec.hyperparameters.max_seq_length)
     if spec.validation_path is not None:
-        held_out = _usable_examples(spec.validation_path, spec.validation_plan, tokenizer,
-                                    spec.hyperparameters.max_seq_length, "validation dataset")
+        held_out = _usable_examples(
+            spec.validation_path,
+            spec.validation_plan,
+            tokenizer,
+            spec.hyperparameters.max_seq_length,
+            "validation dataset",
+        )
         return Split(examples, held_out)
     try:
         return split_examples(examples, spec.hyperparameters.validation_split, spec.hyperparameters.seed)
@@ -236,8 +250,11 @@ def settle_checkpoints(checkpoints_dir: Path, keep: int, best_step: int | None) 
     """After a finished run: keep the ``keep`` newest checkpoints and the best one (the Trainer kept one more, in
     case the best was among the newest), each with its adapter weights and trainer state only, to be listed and
     served; what only resuming needed (optimizer, scheduler, random states) goes."""
-    newest = sorted((checkpoint_step(path), path) for path in checkpoints_dir.glob("checkpoint-*")
-                    if (path / TRAINER_STATE_FILE).is_file())
+    newest = sorted(
+        (checkpoint_step(path), path)
+        for path in checkpoints_dir.glob("checkpoint-*")
+        if (path / TRAINER_STATE_FILE).is_file()
+    )
     for rank, (step, checkpoint) in enumerate(reversed(newest)):
         if rank >= keep and step != best_step:
             shutil.rmtree(checkpoint)
@@ -265,8 +282,10 @@ def memory_errors_explained(placement: Placement, hyperparameters: Hyperparamete
         if not is_memory_error(error):
             raise
         where = "GPU memory" if placement.device == "cuda" and not isinstance(error, MemoryError) else "host memory"
-        hints = [f"batch_size (now {hyperparameters.batch_size})",
-                 f"max_seq_length (now {hyperparameters.max_seq_length})"]
+        hints = [
+            f"batch_size (now {hyperparameters.batch_size})",
+            f"max_seq_length (now {hyperparameters.max_seq_length})",
+        ]
         if placement.device == "cuda" and not hyperparameters.gradient_checkpointing:
             hints.append("or turn on gradient_checkpointing")
         raise TrainingError(
@@ -297,9 +316,16 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
     if is_main_process():
         sink.on_start(schedule.total_steps, len(split.train), len(split.validation))
     if world_size() == 1 and sink.should_stop():  # under DDP the other ranks could not be told to stop here
-        return TrainingResult(adapter_dir=adapter_dir, steps=resumed_step, epochs=0.0, training_loss=None,
-                              validation_loss=None, train_tokens=0, seconds=time.perf_counter() - started,
-                              stopped=True)
+        return TrainingResult(
+            adapter_dir=adapter_dir,
+            steps=resumed_step,
+            epochs=0.0,
+            training_loss=None,
+            validation_loss=None,
+            train_tokens=0,
+            seconds=time.perf_counter() - started,
+            stopped=True,
+        )
 
     with memory_errors_explained(placement, hyperparameters):
         # 2. Model: frozen base weights, trainable LoRA matrices.
@@ -307,8 +333,9 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
         callback = SinkCallback(sink)
         callbacks = [callback]
         if split.validation and hyperparameters.early_stopping_patience:
-            callbacks.append(EarlyStoppingCallback(hyperparameters.early_stopping_patience,
-                                                   hyperparameters.early_stopping_threshold))
+            callbacks.append(
+                EarlyStoppingCallback(hyperparameters.early_stopping_patience, hyperparameters.early_stopping_threshold)
+            )
         trainer = Trainer(
             model=model,
             args=training_arguments(spec, schedule, placement, bool(split.validation)),

@@ -103,31 +103,66 @@ class DatabaseProgress:
         self.total_steps = total_steps
         held_out = f", {validation_rows} held out for validation" if validation_rows else ""
         self.jobs.record(
-            self.job_id, "message", f"Training started: {total_steps} steps on {train_rows} rows{held_out}.",
+            self.job_id,
+            "message",
+            f"Training started: {total_steps} steps on {train_rows} rows{held_out}.",
             {"total_steps": total_steps, "train_rows": train_rows, "validation_rows": validation_rows},
-            total_steps=total_steps, while_running=True)
+            total_steps=total_steps,
+            while_running=True,
+        )
 
-    def on_train_step(self, step: int, epoch: float, loss: float, learning_rate: float, tokens: int,
-                      grad_norm: float | None = None, tokens_per_second: float | None = None) -> None:
-        data = {"step": step, "epoch": epoch, "training_loss": loss, "learning_rate": learning_rate, "tokens": tokens,
-                "grad_norm": grad_norm, "tokens_per_second": tokens_per_second}
+    def on_train_step(
+        self,
+        step: int,
+        epoch: float,
+        loss: float,
+        learning_rate: float,
+        tokens: int,
+        grad_norm: float | None = None,
+        tokens_per_second: float | None = None,
+    ) -> None:
+        data = {
+            "step": step,
+            "epoch": epoch,
+            "training_loss": loss,
+            "learning_rate": learning_rate,
+            "tokens": tokens,
+            "grad_norm": grad_norm,
+            "tokens_per_second": tokens_per_second,
+        }
         self.jobs.record(
-            self.job_id, "metrics", f"Step {step}/{self.total_steps or '?'}: training loss {loss:.4f}",
+            self.job_id,
+            "metrics",
+            f"Step {step}/{self.total_steps or '?'}: training loss {loss:.4f}",
             {name: value for name, value in data.items() if value is not None},
-            training_loss=loss, steps_completed=step, epochs_completed=epoch, while_running=True)
+            training_loss=loss,
+            steps_completed=step,
+            epochs_completed=epoch,
+            while_running=True,
+        )
 
-    def on_evaluation(self, step: int, epoch: float, validation_loss: float,
-                      token_accuracy: float | None = None) -> None:
-        data = {"step": step, "epoch": epoch, "validation_loss": validation_loss,
-                "validation_mean_token_accuracy": token_accuracy}
+    def on_evaluation(
+        self, step: int, epoch: float, validation_loss: float, token_accuracy: float | None = None
+    ) -> None:
+        data = {
+            "step": step,
+            "epoch": epoch,
+            "validation_loss": validation_loss,
+            "validation_mean_token_accuracy": token_accuracy,
+        }
         self.jobs.record(
-            self.job_id, "metrics", f"Step {step}/{self.total_steps or '?'}: validation loss {validation_loss:.4f}",
-            {name: value for name, value in data.items() if value is not None}, validation_loss=validation_loss,
-            while_running=True)
+            self.job_id,
+            "metrics",
+            f"Step {step}/{self.total_steps or '?'}: validation loss {validation_loss:.4f}",
+            {name: value for name, value in data.items() if value is not None},
+            validation_loss=validation_loss,
+            while_running=True,
+        )
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        self.jobs.record(self.job_id, "message", f"Checkpoint saved at step {step}.", {"step": step},
-                         while_running=True)
+        self.jobs.record(
+            self.job_id, "message", f"Checkpoint saved at step {step}.", {"step": step}, while_running=True
+        )
 
     def should_stop(self) -> bool:
         return self.stop.is_set()
@@ -146,8 +181,9 @@ def tracker_locations(report_to: str, files: JobFiles) -> None:
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "qubrid_lab")
 
 
-def run_job(database: Path, files_dir: Path, job_id: str, model_dir: str, job_dir: Path, device: str,
-            stop: StopFlag) -> None:
+def run_job(
+    database: Path, files_dir: Path, job_id: str, model_dir: str, job_dir: Path, device: str, stop: StopFlag
+) -> None:
     """Train job ``job_id`` as recorded in ``database`` and write ``result.json`` into ``job_dir``."""
     from qubrid_lab.data.columns import plan_columns
     from qubrid_lab.training.hyperparameters import Hyperparameters

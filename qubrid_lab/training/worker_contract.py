@@ -93,8 +93,20 @@ class WorkerArguments:
 
     def command_line(self) -> list[str]:
         """The arguments after the Python executable (or after ``torchrun``'s own)."""
-        arguments = ["-m", WORKER_MODULE, "--database", str(self.database), "--job-id", self.job_id,
-                     "--model-dir", self.model_dir, "--job-dir", str(self.job_dir), "--device", self.device]
+        arguments = [
+            "-m",
+            WORKER_MODULE,
+            "--database",
+            str(self.database),
+            "--job-id",
+            self.job_id,
+            "--model-dir",
+            self.model_dir,
+            "--job-dir",
+            str(self.job_dir),
+            "--device",
+            self.device,
+        ]
         if self.files_dir is not None:
             arguments += ["--files-dir", str(self.files_dir)]
         if self.server_pid is not None:
@@ -107,8 +119,10 @@ class WorkerArguments:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m {WORKER_MODULE}",
-                                     description="Train one fine-tuning job, reporting into the server's database.")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {WORKER_MODULE}",
+        description="Train one fine-tuning job, reporting into the server's database.",
+    )
     parser.add_argument("--database", type=Path, required=True, help="the server's SQLite file")
     parser.add_argument("--job-id", required=True, help="the job to train (ftjob-...)")
     parser.add_argument("--model-dir", required=True, help="from_pretrained location of the base model")

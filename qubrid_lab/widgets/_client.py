@@ -24,8 +24,9 @@ class LabClient:
     address as a string; ``base_url`` and ``api_key`` name a server started elsewhere.
     """
 
-    def __init__(self, server: Any = None, *, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float = 120):
+    def __init__(
+        self, server: Any = None, *, base_url: str | None = None, api_key: str | None = None, timeout: float = 120
+    ):
         if isinstance(server, str):
             server, base_url = None, server
         if server is not None:

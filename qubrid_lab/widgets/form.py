@@ -31,14 +31,27 @@ LEARNING_RATES = ["1e-5", "2e-5", "5e-5", "1e-4", "2e-4", "5e-4", "1e-3", "2e-3"
 # Each preset starts from the Hyperparameters defaults and changes only what it names.
 PRESETS: dict[str, dict[str, Any]] = {
     # checks the whole pipeline (data, training, serving the adapter) in a minute or two
-    "quick test": {"epochs": 1, "max_steps": 10, "lora_rank": 8, "lora_alpha": 16, "batch_size": 4,
-                   "max_seq_length": 256},
+    "quick test": {
+        "epochs": 1,
+        "max_steps": 10,
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "batch_size": 4,
+        "max_seq_length": 256,
+    },
     # the defaults, with a tenth of the rows held out so the validation loss shows over-fitting
     "balanced": {"validation_split": 0.1},
     # more passes and a larger adapter on every linear layer, with a gentler, warmed-up learning rate
-    "thorough": {"epochs": 5, "learning_rate": 1e-4, "lora_rank": 32, "lora_alpha": 64,
-                 "target_modules": "all-linear", "validation_split": 0.1, "warmup_ratio": 0.05,
-                 "max_seq_length": 1024},
+    "thorough": {
+        "epochs": 5,
+        "learning_rate": 1e-4,
+        "lora_rank": 32,
+        "lora_alpha": 64,
+        "target_modules": "all-linear",
+        "validation_split": 0.1,
+        "warmup_ratio": 0.05,
+        "max_seq_length": 1024,
+    },
 }
 
 LABEL_STYLE = {"description_width": "170px"}
@@ -120,13 +133,19 @@ def _hyperparameter_field(name: str, info: FieldInfo) -> _Field:
     args = set(typing.get_args(info.annotation))
     if name == "learning_rate":
         widget = widgets.Combobox(value=_scientific(default), options=LEARNING_RATES, ensure_option=False, **options)
-        return _field(widget, f"{hint} (pick or type, e.g. 3e-4)", read=lambda: _number(widget.value),
-                      write=lambda value: setattr(widget, "value", _scientific(value)))
+        return _field(
+            widget,
+            f"{hint} (pick or type, e.g. 3e-4)",
+            read=lambda: _number(widget.value),
+            write=lambda value: setattr(widget, "value", _scientific(value)),
+        )
     if info.annotation is bool:
         return _field(widgets.Checkbox(value=default, indent=True, **options), info.description)
     if name == "report_to":
-        return _field(widgets.Dropdown(options=["none", *TRACKERS], value=default, **options),
-                      "the tracker's package must be installed on the server")
+        return _field(
+            widgets.Dropdown(options=["none", *TRACKERS], value=default, **options),
+            "the tracker's package must be installed on the server",
+        )
     if info.annotation is int:
         return _field(widgets.IntText(value=default, **options), hint)
     if info.annotation is float:
@@ -136,13 +155,20 @@ def _hyperparameter_field(name: str, info: FieldInfo) -> _Field:
         # "(default: about 10 times per run)" at the end of a description says what leaving it empty does
         empty = info.description.partition("(default: ")[2].rstrip(").") or "no limit"
         widget = widgets.Text(value="" if default is None else str(default), placeholder="empty", **options)
-        return _field(widget, f"{hint}; empty: {empty}", read=lambda: _optional_int(widget.value),
-                      write=lambda value: setattr(widget, "value", "" if value is None else str(value)))
+        return _field(
+            widget,
+            f"{hint}; empty: {empty}",
+            read=lambda: _optional_int(widget.value),
+            write=lambda value: setattr(widget, "value", "" if value is None else str(value)),
+        )
     if list[str] in args:
         widget = widgets.Text(value=", ".join(default), placeholder="q_proj, v_proj  or  all-linear", **options)
-        return _field(widget, "comma-separated module names, or all-linear", read=lambda: _module_names(widget.value),
-                      write=lambda value: setattr(widget, "value",
-                                                  value if isinstance(value, str) else ", ".join(value)))
+        return _field(
+            widget,
+            "comma-separated module names, or all-linear",
+            read=lambda: _module_names(widget.value),
+            write=lambda value: setattr(widget, "value", value if isinstance(value, str) else ", ".join(value)),
+        )
     raise TypeError(f"HyperparameterForm has no input for {name}: {info.annotation}")
 
 
@@ -154,41 +180,78 @@ class HyperparameterForm(widgets.VBox):
     value and returns the job, showing a refusal inline. ``fields`` maps every payload key to its input widget.
     """
 
-    def __init__(self, server: Any = None, dataset_id: str | None = None, *, base_url: str | None = None,
-                 api_key: str | None = None):
+    def __init__(
+        self,
+        server: Any = None,
+        dataset_id: str | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ):
         self.api = connect(server, base_url, api_key)
         self.job: dict | None = None
         self._datasets: dict[str, dict] = {}
 
-        self.base_model = widgets.Dropdown(description="base_model", style=LABEL_STYLE, layout=INPUT_LAYOUT,
-                                           tooltip="A chat model loaded on the server.")
-        self.dataset = widgets.Dropdown(description="dataset_id", style=LABEL_STYLE, layout=INPUT_LAYOUT,
-                                        tooltip="A CSV uploaded with POST /v1/fine-tuning/datasets.")
-        self.refresh_button = widgets.Button(icon="refresh", tooltip="Read models and datasets again",
-                                             layout=widgets.Layout(width="36px"))
-        self.task_type = widgets.Dropdown(options=TASK_TYPES, description="task_type", style=LABEL_STYLE,
-                                          layout=INPUT_LAYOUT, tooltip="qa: question/answer pairs; not_qa: plain text.")
-        self.column_mapping = widgets.Text(description="column_mapping", style=LABEL_STYLE, layout=INPUT_LAYOUT,
-                                           placeholder="question=my_prompt, answer=my_reply")
-        self.suffix = widgets.Text(description="suffix", style=LABEL_STYLE, layout=INPUT_LAYOUT,
-                                   placeholder="e.g. facts", tooltip="Becomes part of the fine-tuned model id.")
+        self.base_model = widgets.Dropdown(
+            description="base_model",
+            style=LABEL_STYLE,
+            layout=INPUT_LAYOUT,
+            tooltip="A chat model loaded on the server.",
+        )
+        self.dataset = widgets.Dropdown(
+            description="dataset_id",
+            style=LABEL_STYLE,
+            layout=INPUT_LAYOUT,
+            tooltip="A CSV uploaded with POST /v1/fine-tuning/datasets.",
+        )
+        self.refresh_button = widgets.Button(
+            icon="refresh", tooltip="Read models and datasets again", layout=widgets.Layout(width="36px")
+        )
+        self.task_type = widgets.Dropdown(
+            options=TASK_TYPES,
+            description="task_type",
+            style=LABEL_STYLE,
+            layout=INPUT_LAYOUT,
+            tooltip="qa: question/answer pairs; not_qa: plain text.",
+        )
+        self.column_mapping = widgets.Text(
+            description="column_mapping",
+            style=LABEL_STYLE,
+            layout=INPUT_LAYOUT,
+            placeholder="question=my_prompt, answer=my_reply",
+        )
+        self.suffix = widgets.Text(
+            description="suffix",
+            style=LABEL_STYLE,
+            layout=INPUT_LAYOUT,
+            placeholder="e.g. facts",
+            tooltip="Becomes part of the fine-tuned model id.",
+        )
         self._job_fields = {
             "base_model": _field(self.base_model, "chat models on the server"),
             "dataset_id": _field(self.dataset, extra=[self.refresh_button]),
             "task_type": _field(self.task_type, "picked from the dataset's columns"),
-            "column_mapping": _field(self.column_mapping, "optional: role=column, … (default: by column name)",
-                                     read=lambda: _column_mapping(self.column_mapping.value),
-                                     write=lambda value: setattr(self.column_mapping, "value", ", ".join(
-                                         f"{role}={column}" for role, column in (value or {}).items()))),
+            "column_mapping": _field(
+                self.column_mapping,
+                "optional: role=column, … (default: by column name)",
+                read=lambda: _column_mapping(self.column_mapping.value),
+                write=lambda value: setattr(
+                    self.column_mapping,
+                    "value",
+                    ", ".join(f"{role}={column}" for role, column in (value or {}).items()),
+                ),
+            ),
             "suffix": _field(self.suffix, "optional: letters, digits, . _ -", read=lambda: self.suffix.value.strip()),
         }
-        self._hyper_fields = {name: _hyperparameter_field(name, info)
-                              for name, info in Hyperparameters.model_fields.items()}
+        self._hyper_fields = {
+            name: _hyperparameter_field(name, info) for name, info in Hyperparameters.model_fields.items()
+        }
         self._all_fields = {**self._job_fields, **self._hyper_fields}
         self.fields = {name: field.widget for name, field in self._all_fields.items()}
 
-        self.preset_buttons = {name: widgets.Button(description=name, tooltip=f"Apply the '{name}' preset")
-                               for name in PRESETS}
+        self.preset_buttons = {
+            name: widgets.Button(description=name, tooltip=f"Apply the '{name}' preset") for name in PRESETS
+        }
         self.submit_button = widgets.Button(description="Create job", button_style="primary", icon="play")
         self.status = widgets.HTML()
         self.errors: dict[str, str] = {}
@@ -201,14 +264,16 @@ class HyperparameterForm(widgets.VBox):
         for field in self._all_fields.values():
             field.widget.observe(lambda _: self._check(), "value")
 
-        super().__init__([
-            widgets.HTML("<b>Fine-tuning job</b>"),
-            widgets.HBox([widgets.Label("Presets:"), *self.preset_buttons.values()]),
-            *(field.row for field in self._job_fields.values()),
-            widgets.HTML("<b>Hyperparameters</b> (hover a name for its meaning)"),
-            *(field.row for field in self._hyper_fields.values()),
-            widgets.HBox([self.submit_button, self.status]),
-        ])
+        super().__init__(
+            [
+                widgets.HTML("<b>Fine-tuning job</b>"),
+                widgets.HBox([widgets.Label("Presets:"), *self.preset_buttons.values()]),
+                *(field.row for field in self._job_fields.values()),
+                widgets.HTML("<b>Hyperparameters</b> (hover a name for its meaning)"),
+                *(field.row for field in self._hyper_fields.values()),
+                widgets.HBox([self.submit_button, self.status]),
+            ]
+        )
         self.refresh(dataset_id)
 
     # --- reading and writing ------------------------------------------------------------------------------
@@ -233,8 +298,9 @@ class HyperparameterForm(widgets.VBox):
 
     def apply_preset(self, name: str) -> None:
         """Reset the hyperparameters to their defaults, then apply preset ``name`` (see ``PRESETS``)."""
-        defaults = {name: info.get_default(call_default_factory=True)
-                    for name, info in Hyperparameters.model_fields.items()}
+        defaults = {
+            name: info.get_default(call_default_factory=True) for name, info in Hyperparameters.model_fields.items()
+        }
         self.update(**{**defaults, **PRESETS[name]})
         self.status.value = status_html(f"Preset '{name}' applied.")
 
@@ -296,9 +362,13 @@ class HyperparameterForm(widgets.VBox):
         if isinstance(mapping, str):
             errors["column_mapping"] = "write role=column pairs separated by commas, e.g. question=prompt, answer=reply"
         check = check_request_fields(
-            task_type=payload["task_type"], hyperparameters=payload["hyperparameters"], suffix=payload.get("suffix"),
-            column_mapping=mapping if isinstance(mapping, dict) else None, dataset_id=payload["dataset_id"],
-            dataset_columns=dataset["columns"] if dataset is not None and not isinstance(mapping, str) else None)
+            task_type=payload["task_type"],
+            hyperparameters=payload["hyperparameters"],
+            suffix=payload.get("suffix"),
+            column_mapping=mapping if isinstance(mapping, dict) else None,
+            dataset_id=payload["dataset_id"],
+            dataset_columns=dataset["columns"] if dataset is not None and not isinstance(mapping, str) else None,
+        )
         for name, problem in check.problems:
             name = self._field_name(name)
             errors[name] = f"{errors[name]}; {problem}" if name in errors else problem
@@ -335,7 +405,9 @@ class HyperparameterForm(widgets.VBox):
             raise
         self.status.value = status_html(
             f"Created {self.job['id']} ({self.job['status']}). "
-            f"Follow it: TrainingMonitor(server, job_id=\"{self.job['id']}\")", "ok")
+            f'Follow it: TrainingMonitor(server, job_id="{self.job["id"]}")',
+            "ok",
+        )
         return self.job
 
     def _on_submit(self, _button) -> None:

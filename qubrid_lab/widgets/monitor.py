@@ -29,28 +29,48 @@ TRAINING, VALIDATION = 0, 1  # trace indexes in the figure
 
 
 # numbers besides the losses that step and evaluation events carry, shown as they come (name -> how)
-LIVE_METRICS = {"learning_rate": "lr {:.1e}", "grad_norm": "grad norm {:.2f}", "tokens_per_second": "{:,.0f} tokens/s",
-                "validation_mean_token_accuracy": "validation token accuracy {:.1%}"}
+LIVE_METRICS = {
+    "learning_rate": "lr {:.1e}",
+    "grad_norm": "grad norm {:.2f}",
+    "tokens_per_second": "{:,.0f} tokens/s",
+    "validation_mean_token_accuracy": "validation token accuracy {:.1%}",
+}
 
 
 def _duration(seconds: float) -> str:
     seconds = round(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
         else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def loss_figure() -> go.FigureWidget:
     """An empty training/validation loss plot: step on x, loss on y, both named in the legend."""
     figure = go.FigureWidget(
-        data=[go.Scatter(x=[], y=[], name="training loss", mode="lines+markers", line={"color": "#1f77b4"}),
-              go.Scatter(x=[], y=[], name="validation loss", mode="lines+markers",
-                         line={"color": "#ff7f0e", "dash": "dash"}, marker={"symbol": "diamond", "size": 8})],
+        data=[
+            go.Scatter(x=[], y=[], name="training loss", mode="lines+markers", line={"color": "#1f77b4"}),
+            go.Scatter(
+                x=[],
+                y=[],
+                name="validation loss",
+                mode="lines+markers",
+                line={"color": "#ff7f0e", "dash": "dash"},
+                marker={"symbol": "diamond", "size": 8},
+            ),
+        ],
         layout=go.Layout(
-            title={"text": "Loss", "x": 0.02}, height=340, margin={"l": 60, "r": 20, "t": 50, "b": 50},
-            template="plotly_white", hovermode="x unified",
+            title={"text": "Loss", "x": 0.02},
+            height=340,
+            margin={"l": 60, "r": 20, "t": 50, "b": 50},
+            template="plotly_white",
+            hovermode="x unified",
             xaxis={"title": {"text": "step"}, "rangemode": "tozero"},
             yaxis={"title": {"text": "loss"}, "rangemode": "tozero"},
-            legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1}))
+            legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1},
+        ),
+    )
     return figure
 
 
@@ -62,8 +82,16 @@ class TrainingMonitor(widgets.VBox):
     the latest copy read from the server; ``points`` holds ``{"training": {step: loss}, "validation": {...}}``.
     """
 
-    def __init__(self, server: Any = None, job_id: str | None = None, job: dict | None = None, *,
-                 poll_seconds: float = 1.0, base_url: str | None = None, api_key: str | None = None):
+    def __init__(
+        self,
+        server: Any = None,
+        job_id: str | None = None,
+        job: dict | None = None,
+        *,
+        poll_seconds: float = 1.0,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ):
         self._stop = threading.Event()  # first: close() (also run when a half-built widget is collected) sets it
         if (job_id is None) == (job is None):
             raise ValueError("pass job_id= to follow an existing job, or job= (a job request body) to launch one")
@@ -78,15 +106,23 @@ class TrainingMonitor(widgets.VBox):
 
         self.figure = loss_figure()
         self.title = widgets.HTML()
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="steps",
-                                            layout=widgets.Layout(width="420px"))
+        self.progress = widgets.IntProgress(
+            value=0, min=0, max=1, description="steps", layout=widgets.Layout(width="420px")
+        )
         self.eta = widgets.Label()
         self.status = widgets.HTML()
         self.cancel_button = widgets.Button(description="Cancel", icon="stop", button_style="danger")
         self.metrics = widgets.HTML()
         self.cancel_button.on_click(lambda _: self._on_cancel())
-        super().__init__([self.title, self.figure, widgets.HBox([self.progress, self.eta]),
-                          widgets.HBox([self.cancel_button, self.status]), self.metrics])
+        super().__init__(
+            [
+                self.title,
+                self.figure,
+                widgets.HBox([self.progress, self.eta]),
+                widgets.HBox([self.cancel_button, self.status]),
+                self.metrics,
+            ]
+        )
 
         jobs = self.api.api_client.jobs
         try:
@@ -129,8 +165,9 @@ class TrainingMonitor(widgets.VBox):
 
     def _follow(self) -> None:
         try:
-            for progress in self.api.api_client.jobs.follow(self.job["id"], poll_seconds=self.poll_seconds,
-                                                            stop=self._stop):
+            for progress in self.api.api_client.jobs.follow(
+                self.job["id"], poll_seconds=self.poll_seconds, stop=self._stop
+            ):
                 self._apply(progress)
                 if progress.finished:
                     self._end()
@@ -172,13 +209,16 @@ class TrainingMonitor(widgets.VBox):
 
     def _show_job(self, progress: JobProgress, message: str | None = None) -> None:
         job, total = progress.job, progress.total_steps
-        self.title.value = (f"<b>{html.escape(job['id'])}</b> · {html.escape(job['base_model'])} · "
-                            f"dataset {html.escape(job['dataset_id'])}")
+        self.title.value = (
+            f"<b>{html.escape(job['id'])}</b> · {html.escape(job['base_model'])} · "
+            f"dataset {html.escape(job['dataset_id'])}"
+        )
         if total:
             self.progress.max = total
             self.progress.value = min(progress.steps_done, total)
         self.progress.bar_style = {"completed": "success", "failed": "danger", "cancelled": "warning"}.get(
-            job["status"], "info")
+            job["status"], "info"
+        )
         self.eta.value = self._eta_text(progress)
         if job["status"] == "failed":
             self.status.value = status_html(f"failed: {job.get('error') or message or 'no reason given'}", "error")
@@ -200,22 +240,32 @@ class TrainingMonitor(widgets.VBox):
             return "waiting for training to start" if progress.status in {"queued", "running"} else ""
         if progress.seconds_per_step is None or progress.eta_seconds is None:
             return f"{done}/{total} steps"
-        shown = " · ".join(template.format(self.latest[name]) for name, template in LIVE_METRICS.items()
-                           if name in self.latest)
-        return (f"{done}/{total} steps · {progress.seconds_per_step:.2f} s/step · about "
-                f"{_duration(progress.eta_seconds)} left" + (f" · {shown}" if shown else ""))
+        shown = " · ".join(
+            template.format(self.latest[name]) for name, template in LIVE_METRICS.items() if name in self.latest
+        )
+        return (
+            f"{done}/{total} steps · {progress.seconds_per_step:.2f} s/step · about "
+            f"{_duration(progress.eta_seconds)} left" + (f" · {shown}" if shown else "")
+        )
 
     def _final_metrics(self, job: dict) -> str:
         metrics = job["training_metrics"]
-        rows = [("status", job["status"]),
-                ("training loss", metrics["training_loss"]), ("validation loss", metrics["validation_loss"]),
-                ("validation token accuracy", self.latest.get("validation_mean_token_accuracy")),
-                ("steps", metrics["steps_completed"]), ("epochs", metrics["epochs_completed"]),
-                ("fine-tuned model", job.get("fine_tuned_model")), ("error", job.get("error"))]
+        rows = [
+            ("status", job["status"]),
+            ("training loss", metrics["training_loss"]),
+            ("validation loss", metrics["validation_loss"]),
+            ("validation token accuracy", self.latest.get("validation_mean_token_accuracy")),
+            ("steps", metrics["steps_completed"]),
+            ("epochs", metrics["epochs_completed"]),
+            ("fine-tuned model", job.get("fine_tuned_model")),
+            ("error", job.get("error")),
+        ]
         cells = "".join(
             f"<tr><th style='text-align:left;padding-right:1em'>{name}</th>"
             f"<td>{html.escape(f'{value:.4f}' if isinstance(value, float) else str(value))}</td></tr>"
-            for name, value in rows if value is not None)
+            for name, value in rows
+            if value is not None
+        )
         return f"<table>{cells}</table>"
 
     def _end(self, error: str | None = None) -> None:

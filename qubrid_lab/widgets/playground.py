@@ -28,7 +28,8 @@ _CANNED_STREAM = (
     b'"delta": {"role": "assistant", "content": "a"}, "finish_reason": "stop"}]}\n\n'
     b'data: {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [], '
     b'"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}\n\n'
-    b"data: [DONE]\n\n")
+    b"data: [DONE]\n\n"
+)
 _sdk_types_lock = threading.Lock()
 _sdk_types_built = False
 
@@ -45,12 +46,18 @@ def _build_sdk_types() -> None:
     with _sdk_types_lock:
         if _sdk_types_built:
             return
-        transport = httpx.MockTransport(lambda request: httpx.Response(
-            200, content=_CANNED_STREAM, headers={"content-type": "text/event-stream"}))
-        with openai.OpenAI(base_url="http://canned.invalid/v1", api_key="-", max_retries=0,
-                           http_client=httpx.Client(transport=transport)) as client:
-            for _ in client.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}],
-                                                    stream=True):
+        transport = httpx.MockTransport(
+            lambda request: httpx.Response(200, content=_CANNED_STREAM, headers={"content-type": "text/event-stream"})
+        )
+        with openai.OpenAI(
+            base_url="http://canned.invalid/v1",
+            api_key="-",
+            max_retries=0,
+            http_client=httpx.Client(transport=transport),
+        ) as client:
+            for _ in client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "a"}], stream=True
+            ):
                 pass
         _sdk_types_built = True
 
@@ -64,8 +71,10 @@ class AnswerPane(widgets.VBox):
         self.footer = widgets.HTML()
         self.text = ""
         self.metrics: dict | None = None
-        super().__init__([self.heading, self.answer, self.footer],
-                         layout=widgets.Layout(flex="1 1 0", border="1px solid #ddd", padding="4px 8px"))
+        super().__init__(
+            [self.heading, self.answer, self.footer],
+            layout=widgets.Layout(flex="1 1 0", border="1px solid #ddd", padding="4px 8px"),
+        )
 
     def start(self, model: str) -> None:
         self.heading.value = f"<b>{html.escape(model)}</b>"
@@ -81,8 +90,11 @@ class AnswerPane(widgets.VBox):
         self.metrics = {**(metrics or {}), "completion_tokens": completion_tokens}
         parts = [f"{completion_tokens} tokens" if completion_tokens is not None else None]
         if metrics:
-            parts += [f"first token after {metrics['ttft_seconds']:.2f} s", f"{metrics['tps']:.1f} tokens/s",
-                      f"{metrics['total_time_seconds']:.2f} s in all"]
+            parts += [
+                f"first token after {metrics['ttft_seconds']:.2f} s",
+                f"{metrics['tps']:.1f} tokens/s",
+                f"{metrics['total_time_seconds']:.2f} s in all",
+            ]
         self.footer.value = status_html(" · ".join(part for part in parts if part))
 
     def fail(self, message: str) -> None:
@@ -94,8 +106,15 @@ class AnswerPane(widgets.VBox):
 
 def _slider(name: str, value: float, step: float) -> widgets.FloatSlider:
     low, high = slider_range(SamplingFields, name)
-    return widgets.FloatSlider(value=value, min=low, max=high, step=step, description=name, style=LABEL_STYLE,
-                               tooltip=SamplingFields.model_fields[name].description)
+    return widgets.FloatSlider(
+        value=value,
+        min=low,
+        max=high,
+        step=step,
+        description=name,
+        style=LABEL_STYLE,
+        tooltip=SamplingFields.model_fields[name].description,
+    )
 
 
 class ChatPlayground(widgets.VBox):
@@ -105,43 +124,79 @@ class ChatPlayground(widgets.VBox):
     (one per model shown); ``panes`` hold each answer's ``text`` and ``metrics``.
     """
 
-    def __init__(self, server: Any = None, models: list[str] | None = None, *, base_url: str | None = None,
-                 api_key: str | None = None):
+    def __init__(
+        self,
+        server: Any = None,
+        models: list[str] | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ):
         self.api = connect(server, base_url, api_key)
         options = list(models) if models is not None else self.api.chat_models()
-        self.model = widgets.Dropdown(options=options, description="model", style=LABEL_STYLE,
-                                      layout=widgets.Layout(width="460px"))
-        self.side_by_side = widgets.Checkbox(value=False, description="compare with", indent=False,
-                                             layout=widgets.Layout(width="110px"))
-        self.second_model = widgets.Dropdown(options=options, value=options[-1] if options else None,
-                                             layout=widgets.Layout(width="340px"), disabled=True)
+        self.model = widgets.Dropdown(
+            options=options, description="model", style=LABEL_STYLE, layout=widgets.Layout(width="460px")
+        )
+        self.side_by_side = widgets.Checkbox(
+            value=False, description="compare with", indent=False, layout=widgets.Layout(width="110px")
+        )
+        self.second_model = widgets.Dropdown(
+            options=options, value=options[-1] if options else None, layout=widgets.Layout(width="340px"), disabled=True
+        )
         self.temperature = _slider("temperature", 0.7, 0.05)
         self.top_p = _slider("top_p", 1.0, 0.05)
         self.presence_penalty = _slider("presence_penalty", 0.0, 0.1)
         self.frequency_penalty = _slider("frequency_penalty", 0.0, 0.1)
-        self.max_tokens = widgets.BoundedIntText(value=256, min=1, max=1_000_000, description="max_tokens",
-                                                 style=LABEL_STYLE)
-        self.seed = widgets.Text(description="seed", placeholder="random", style=LABEL_STYLE,
-                                 tooltip="A whole number makes sampling repeatable.")
-        self.stop = widgets.Textarea(description="stop", placeholder="one stop string per line (at most 4)",
-                                     style=LABEL_STYLE, rows=2)
-        self.system = widgets.Textarea(description="system prompt", placeholder="optional", style=LABEL_STYLE,
-                                       layout=widgets.Layout(width="100%"), rows=2)
-        self.prompt = widgets.Textarea(description="prompt", placeholder="Ask something…", style=LABEL_STYLE,
-                                       layout=widgets.Layout(width="100%"), rows=3)
+        self.max_tokens = widgets.BoundedIntText(
+            value=256, min=1, max=1_000_000, description="max_tokens", style=LABEL_STYLE
+        )
+        self.seed = widgets.Text(
+            description="seed",
+            placeholder="random",
+            style=LABEL_STYLE,
+            tooltip="A whole number makes sampling repeatable.",
+        )
+        self.stop = widgets.Textarea(
+            description="stop", placeholder="one stop string per line (at most 4)", style=LABEL_STYLE, rows=2
+        )
+        self.system = widgets.Textarea(
+            description="system prompt",
+            placeholder="optional",
+            style=LABEL_STYLE,
+            layout=widgets.Layout(width="100%"),
+            rows=2,
+        )
+        self.prompt = widgets.Textarea(
+            description="prompt",
+            placeholder="Ask something…",
+            style=LABEL_STYLE,
+            layout=widgets.Layout(width="100%"),
+            rows=3,
+        )
         self.send_button = widgets.Button(description="Send", button_style="primary", icon="paper-plane")
         self.panes = [AnswerPane(), AnswerPane()]
         self.answers = widgets.HBox([self.panes[0]], layout=widgets.Layout(width="100%"))
 
         self.side_by_side.observe(self._on_side_by_side, "value")
         self.send_button.on_click(lambda _: self._on_send())
-        sampling = widgets.VBox([
-            widgets.HBox([self.temperature, self.top_p]),
-            widgets.HBox([self.presence_penalty, self.frequency_penalty]),
-            widgets.HBox([self.max_tokens, self.seed]), self.stop])
-        super().__init__([widgets.HBox([self.model, self.side_by_side, self.second_model]),
-                          widgets.Accordion([sampling], titles=("Sampling",)),
-                          self.system, self.prompt, self.send_button, self.answers])
+        sampling = widgets.VBox(
+            [
+                widgets.HBox([self.temperature, self.top_p]),
+                widgets.HBox([self.presence_penalty, self.frequency_penalty]),
+                widgets.HBox([self.max_tokens, self.seed]),
+                self.stop,
+            ]
+        )
+        super().__init__(
+            [
+                widgets.HBox([self.model, self.side_by_side, self.second_model]),
+                widgets.Accordion([sampling], titles=("Sampling",)),
+                self.system,
+                self.prompt,
+                self.send_button,
+                self.answers,
+            ]
+        )
 
     @property
     def models(self) -> list[str]:
@@ -151,8 +206,13 @@ class ChatPlayground(widgets.VBox):
     @property
     def sampling(self) -> dict[str, Any]:
         """The sampling fields of the next request, as sent (unset optional ones left out)."""
-        values = {"temperature": self.temperature.value, "top_p": self.top_p.value, "max_tokens": self.max_tokens.value,
-                  "presence_penalty": self.presence_penalty.value, "frequency_penalty": self.frequency_penalty.value}
+        values = {
+            "temperature": self.temperature.value,
+            "top_p": self.top_p.value,
+            "max_tokens": self.max_tokens.value,
+            "presence_penalty": self.presence_penalty.value,
+            "frequency_penalty": self.frequency_penalty.value,
+        }
         seed = self.seed.value.strip()
         if seed:
             values["seed"] = int(seed) if seed.lstrip("-").isdigit() else seed  # the server names a bad one
@@ -191,8 +251,9 @@ class ChatPlayground(widgets.VBox):
 
     def _send(self) -> list[str | Exception]:
         """Stream the prompt box's question to every chosen model at once; each answer, or its failure."""
-        messages = ([{"role": "system", "content": self.system.value}] if self.system.value.strip() else []) \
-            + [{"role": "user", "content": self.prompt.value}]
+        messages = ([{"role": "system", "content": self.system.value}] if self.system.value.strip() else []) + [
+            {"role": "user", "content": self.prompt.value}
+        ]
         models, params = self.models, self.sampling
         if len(models) > 1:
             _build_sdk_types()
@@ -205,7 +266,8 @@ class ChatPlayground(widgets.VBox):
         metrics, completion_tokens = None, None
         try:
             chunks = self.api.openai.chat.completions.create(
-                model=model, messages=messages, stream=True, stream_options={"include_usage": True}, **params)
+                model=model, messages=messages, stream=True, stream_options={"include_usage": True}, **params
+            )
             for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta.content:
                     pane.add(chunk.choices[0].delta.content)

@@ -38,9 +38,17 @@ class DatasetProfiler(widgets.VBox):
     ``tokenizer`` decides how rows are counted in tokens; without a ``server`` the upload button stays off.
     """
 
-    def __init__(self, server: Any = None, model: str = DEFAULT_CHAT_MODEL, path: str | Path | None = None, *,
-                 task_type: str | None = None, tokenizer=None, base_url: str | None = None,
-                 api_key: str | None = None):
+    def __init__(
+        self,
+        server: Any = None,
+        model: str = DEFAULT_CHAT_MODEL,
+        path: str | Path | None = None,
+        *,
+        task_type: str | None = None,
+        tokenizer=None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ):
         self.api = connect(server, base_url, api_key) if server is not None or base_url else None
         self.model = model
         self.tokenizer = tokenizer
@@ -50,16 +58,30 @@ class DatasetProfiler(widgets.VBox):
         self._folder = tempfile.TemporaryDirectory(prefix="qubrid-lab-profiler-")
 
         self.upload = widgets.FileUpload(accept=".csv", multiple=False, description="Upload CSV")
-        self.path = widgets.Text(value=str(path or ""), description="or a path", placeholder="data/train.csv",
-                                 style=LABEL_STYLE, layout=widgets.Layout(width="420px"))
+        self.path = widgets.Text(
+            value=str(path or ""),
+            description="or a path",
+            placeholder="data/train.csv",
+            style=LABEL_STYLE,
+            layout=widgets.Layout(width="420px"),
+        )
         self.profile_button = widgets.Button(description="Profile", icon="search")
-        self.task_type = widgets.Dropdown(options=[("detect", None), ("qa", "qa"), ("not_qa", "not_qa")],
-                                          value=task_type, description="task_type", style=LABEL_STYLE)
+        self.task_type = widgets.Dropdown(
+            options=[("detect", None), ("qa", "qa"), ("not_qa", "not_qa")],
+            value=task_type,
+            description="task_type",
+            style=LABEL_STYLE,
+        )
         self.settings = {name: self._setting(name) for name in SETTINGS}
-        self.dataset_name = widgets.Text(description="dataset name", placeholder="default: the file's name",
-                                 style=LABEL_STYLE, layout=widgets.Layout(width="420px"))
-        self.upload_button = widgets.Button(description="Upload to server", icon="cloud-upload",
-                                            button_style="primary", disabled=True)
+        self.dataset_name = widgets.Text(
+            description="dataset name",
+            placeholder="default: the file's name",
+            style=LABEL_STYLE,
+            layout=widgets.Layout(width="420px"),
+        )
+        self.upload_button = widgets.Button(
+            description="Upload to server", icon="cloud-upload", button_style="primary", disabled=True
+        )
         self.status = widgets.HTML()
         self.report = widgets.HTML()
 
@@ -68,14 +90,16 @@ class DatasetProfiler(widgets.VBox):
         for widget in (self.task_type, *self.settings.values()):
             widget.observe(lambda _: self._profile_again(), "value")
         self.upload_button.on_click(lambda _: self._on_upload())
-        super().__init__([
-            widgets.HBox([self.upload, self.path, self.profile_button]),
-            widgets.HBox([self.task_type, self.settings["max_seq_length"]]),
-            widgets.HBox([self.settings["batch_size"], self.settings["validation_split"]]),
-            self.report,
-            widgets.HBox([self.dataset_name, self.upload_button]),
-            self.status,
-        ])
+        super().__init__(
+            [
+                widgets.HBox([self.upload, self.path, self.profile_button]),
+                widgets.HBox([self.task_type, self.settings["max_seq_length"]]),
+                widgets.HBox([self.settings["batch_size"], self.settings["validation_split"]]),
+                self.report,
+                widgets.HBox([self.dataset_name, self.upload_button]),
+                self.status,
+            ]
+        )
         if path:
             self._on_path()
 
@@ -83,8 +107,12 @@ class DatasetProfiler(widgets.VBox):
     def _setting(name: str) -> widgets.ValueWidget:
         info = Hyperparameters.model_fields[name]
         kind = widgets.IntText if info.annotation is int else widgets.FloatText
-        return kind(value=info.default, description=name, style=LABEL_STYLE,
-                    tooltip=f"{info.description} ({range_text(Hyperparameters, name)})")
+        return kind(
+            value=info.default,
+            description=name,
+            style=LABEL_STYLE,
+            tooltip=f"{info.description} ({range_text(Hyperparameters, name)})",
+        )
 
     # --- profiling ----------------------------------------------------------------------------------------
 
@@ -103,8 +131,13 @@ class DatasetProfiler(widgets.VBox):
         self.profile, self.report.value = None, ""
         self.upload_button.disabled = self.api is None  # the server has the last word on a file, so always allowed
         try:
-            self.profile = profile_csv(path, self.model, self.task_type.value, tokenizer=self.tokenizer,
-                                       **{name: widget.value for name, widget in self.settings.items()})
+            self.profile = profile_csv(
+                path,
+                self.model,
+                self.task_type.value,
+                tokenizer=self.tokenizer,
+                **{name: widget.value for name, widget in self.settings.items()},
+            )
         except ValidationError as exc:
             self.status.value = status_html(_validation_text(exc), "error")
         except (QubridError, OSError) as exc:
@@ -159,14 +192,17 @@ class DatasetProfiler(widgets.VBox):
             self.dataset_name.value = name
         content = self._source.read_bytes() if isinstance(self._source, Path) else self._source[1]
         try:
-            self.dataset = self.api.api_client.datasets.upload(content, self.dataset_name.value.strip() or None,
-                                                               filename=self.source_name)
+            self.dataset = self.api.api_client.datasets.upload(
+                content, self.dataset_name.value.strip() or None, filename=self.source_name
+            )
         except ServerError as exc:
             self.status.value = status_html(f"Upload refused: {exc.message}", "error")
             raise
         self.status.value = status_html(
             f"Uploaded as {self.dataset['id']} ('{self.dataset['name']}', {self.dataset['row_count']} rows). "
-            f"Next: HyperparameterForm(server, dataset_id=\"{self.dataset['id']}\")", "ok")
+            f'Next: HyperparameterForm(server, dataset_id="{self.dataset["id"]}")',
+            "ok",
+        )
         return self.dataset
 
     def _on_upload(self) -> None:

@@ -34,20 +34,34 @@ TRITON_REQUIREMENTS = ["nvidia-pytriton==0.7.0", "numpy<2"]
 TRITON_START_SECONDS = 300
 
 
-def engine_environment(name: str, requirements: list[str], *, drop: list[str] = (),
-                       system_site_packages: bool = False) -> Path:
+def engine_environment(
+    name: str, requirements: list[str], *, drop: list[str] = (), system_site_packages: bool = False
+) -> Path:
     """The interpreter of the cached virtual environment ``name``, created with ``requirements`` if absent."""
     root = model_cache_home() / name
     python = root / "bin" / "python"
     marker = root / ".complete.json"
-    wanted = {"requirements": requirements, "drop": list(drop), "system_site_packages": system_site_packages,
-              "python": sys.version.split()[0]}
+    wanted = {
+        "requirements": requirements,
+        "drop": list(drop),
+        "system_site_packages": system_site_packages,
+        "python": sys.version.split()[0],
+    }
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
         if marker.is_file() and json.loads(marker.read_text()) == wanted and python.is_file():
             return python
-        subprocess.run([sys.executable, "-m", "venv", "--clear", *(["--system-site-packages"]
-                        if system_site_packages else []), str(root)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "venv",
+                "--clear",
+                *(["--system-site-packages"] if system_site_packages else []),
+                str(root),
+            ],
+            check=True,
+        )
         subprocess.run([str(python), "-m", "pip", "install", "-q", *requirements], check=True)
         if drop:
             subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", *drop], check=True)
@@ -81,9 +95,13 @@ def exported_repository(tmp_path_factory) -> Path:
     home.mkdir()
     (home / "models").symlink_to(model_cache_home() / "models", target_is_directory=True)
     repository = root / "repository"
-    done = subprocess.run([sys.executable, "-m", "qubrid_lab", "--home", str(home), "export", "triton", CHAT_MODEL,
-                           str(repository)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "qubrid_lab", "--home", str(home), "export", "triton", CHAT_MODEL, str(repository)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(repository / "ensemble")
     return repository
@@ -96,9 +114,19 @@ def triton_server(triton_python, exported_repository, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("triton") / "triton.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [str(triton_python), str(Path(__file__).with_name("triton_models.py")), str(exported_repository),
-             str(http_port), str(grpc_port), str(metrics_port)], stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, env={**os.environ, **libpython_path(), "HF_HUB_OFFLINE": "1"})
+            [
+                str(triton_python),
+                str(Path(__file__).with_name("triton_models.py")),
+                str(exported_repository),
+                str(http_port),
+                str(grpc_port),
+                str(metrics_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **libpython_path(), "HF_HUB_OFFLINE": "1"},
+        )
     deadline = time.monotonic() + TRITON_START_SECONDS
     while "TRITON READY" not in log_path.read_text(errors="replace"):
         assert process.poll() is None, f"PyTriton exited with {process.returncode}:\n{log_path.read_text()}"

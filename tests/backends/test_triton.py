@@ -24,16 +24,53 @@ QUESTION = list(CAPITAL_CHAT.messages)
 def entries(triton_server, closed_port: int) -> list[dict]:
     grpc, http = triton_server["grpc"], triton_server["http"]
     return [
-        {"id": "team/smol-trtllm", "kind": "chat", "backend": "triton", "url": grpc, "protocol": "grpc",
-         "interface": "tensorrt_llm", "triton_model": "ensemble", "tokenizer": TOKENIZER},
-        {"id": "team/smol-vllm-tensors", "kind": "chat", "backend": "triton", "url": grpc, "protocol": "grpc",
-         "interface": "vllm", "triton_model": "vllm_model", "tokenizer": TOKENIZER},
-        {"id": "team/smol-http", "kind": "chat", "backend": "triton", "url": http, "protocol": "http",
-         "interface": "tensorrt_llm", "triton_model": "ensemble_sync", "tokenizer": TOKENIZER},
-        {"id": "team/smol-no-seed", "kind": "chat", "backend": "triton", "url": grpc, "protocol": "grpc",
-         "triton_model": "ensemble", "tokenizer": TOKENIZER, "tensor_names": {"random_seed": "seed_of_nothing"}},
-        {"id": "team/nowhere", "kind": "chat", "backend": "triton", "url": f"127.0.0.1:{closed_port}",
-         "tokenizer": TOKENIZER},
+        {
+            "id": "team/smol-trtllm",
+            "kind": "chat",
+            "backend": "triton",
+            "url": grpc,
+            "protocol": "grpc",
+            "interface": "tensorrt_llm",
+            "triton_model": "ensemble",
+            "tokenizer": TOKENIZER,
+        },
+        {
+            "id": "team/smol-vllm-tensors",
+            "kind": "chat",
+            "backend": "triton",
+            "url": grpc,
+            "protocol": "grpc",
+            "interface": "vllm",
+            "triton_model": "vllm_model",
+            "tokenizer": TOKENIZER,
+        },
+        {
+            "id": "team/smol-http",
+            "kind": "chat",
+            "backend": "triton",
+            "url": http,
+            "protocol": "http",
+            "interface": "tensorrt_llm",
+            "triton_model": "ensemble_sync",
+            "tokenizer": TOKENIZER,
+        },
+        {
+            "id": "team/smol-no-seed",
+            "kind": "chat",
+            "backend": "triton",
+            "url": grpc,
+            "protocol": "grpc",
+            "triton_model": "ensemble",
+            "tokenizer": TOKENIZER,
+            "tensor_names": {"random_seed": "seed_of_nothing"},
+        },
+        {
+            "id": "team/nowhere",
+            "kind": "chat",
+            "backend": "triton",
+            "url": f"127.0.0.1:{closed_port}",
+            "tokenizer": TOKENIZER,
+        },
     ]
 
 
@@ -63,8 +100,16 @@ def test_chat_answers_through_each_interface_and_counts_tokens(client, model):
 @pytest.mark.parametrize("model", ["team/smol-trtllm", "team/smol-vllm-tensors"])
 def test_streamed_chunks_join_into_the_whole_answer(client, model):
     whole = client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=20)
-    chunks = list(client.chat.completions.create(model=model, messages=QUESTION, temperature=0, max_tokens=20,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 3  # streamed as decoded, not in one piece
     assert "".join(pieces) == whole.choices[0].message.content
@@ -73,8 +118,9 @@ def test_streamed_chunks_join_into_the_whole_answer(client, model):
 
 def test_n_choices_with_a_seed_are_reproducible(client):
     def ask():
-        return client.chat.completions.create(model="team/smol-vllm-tensors", messages=QUESTION, n=2, seed=11,
-                                              temperature=1.0, max_tokens=12)
+        return client.chat.completions.create(
+            model="team/smol-vllm-tensors", messages=QUESTION, n=2, seed=11, temperature=1.0, max_tokens=12
+        )
 
     first, second = ask(), ask()
     assert [c.index for c in first.choices] == [0, 1]
@@ -83,15 +129,17 @@ def test_n_choices_with_a_seed_are_reproducible(client):
 
 
 def test_stop_cuts_the_answer_before_the_stop_string(client):
-    answer = client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, temperature=0,
-                                            max_tokens=20, stop=["Paris"])
+    answer = client.chat.completions.create(
+        model="team/smol-trtllm", messages=QUESTION, temperature=0, max_tokens=20, stop=["Paris"]
+    )
     assert "Paris" not in answer.choices[0].message.content
     assert answer.choices[0].finish_reason == "stop"
 
 
 def test_text_completions_and_the_length_limit(client):
-    answer = client.completions.create(model="team/smol-trtllm", prompt=CAPITAL_TEXT.prompt, temperature=0,
-                                       max_tokens=4)
+    answer = client.completions.create(
+        model="team/smol-trtllm", prompt=CAPITAL_TEXT.prompt, temperature=0, max_tokens=4
+    )
     assert answer.choices[0].finish_reason == "length"
     assert answer.usage.completion_tokens == 4
     assert "Paris" in answer.choices[0].text
@@ -99,8 +147,7 @@ def test_text_completions_and_the_length_limit(client):
 
 def test_a_model_without_count_outputs_is_counted_with_the_tokenizer(client):
     """ensemble_sync sends text only (as TensorRT-LLM's ensemble does): our tokenizer counts its tokens."""
-    answer = client.completions.create(model="team/smol-http", prompt=CAPITAL_TEXT.prompt, temperature=0,
-                                       max_tokens=4)
+    answer = client.completions.create(model="team/smol-http", prompt=CAPITAL_TEXT.prompt, temperature=0, max_tokens=4)
     text = answer.choices[0].text
     assert "Paris" in text
     assert 1 <= answer.usage.completion_tokens <= 4
@@ -114,10 +161,14 @@ def test_a_field_the_model_takes_no_tensor_for_is_refused_by_name(client):
     assert "'triton' backend" in refused.value.body["message"]
 
 
-@pytest.mark.parametrize(("extra", "field"), [({"logprobs": True}, "logprobs"),
-                                              ({"response_format": {"type": "json_object"}}, "response_format"),
-                                              ({"tools": [{"type": "function", "function": {"name": "f"}}]},
-                                               "tools")])
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"logprobs": True}, "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ],
+)
 def test_fields_triton_cannot_honour_are_refused_by_name(client, extra, field):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, max_tokens=4, **extra)
@@ -141,20 +192,41 @@ def test_models_lists_every_entry_as_chat(client):
 
 def test_models_list_reports_each_triton_entry_health(triton_server, tmp_path):
     catalogue = write_catalogue(tmp_path / "catalogue.json", entries(triton_server, free_port()))
-    done = subprocess.run([sys.executable, "-m", "qubrid_lab", "--home", str(tmp_path), "models", "list",
-                           "--catalogue-file", str(catalogue)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qubrid_lab",
+            "--home",
+            str(tmp_path),
+            "models",
+            "list",
+            "--catalogue-file",
+            str(catalogue),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     rows = {line.split("\t")[0]: line.split("\t") for line in done.stdout.splitlines()[1:]}
-    assert rows["team/smol-trtllm"][2:] == ["triton", f"grpc://{triton_server['grpc']} (tensorrt_llm: ensemble)",
-                                            "ready"]
+    assert rows["team/smol-trtllm"][2:] == [
+        "triton",
+        f"grpc://{triton_server['grpc']} (tensorrt_llm: ensemble)",
+        "ready",
+    ]
     assert rows["team/nowhere"][4].startswith("unreachable")
 
 
 def test_a_streamed_stop_string_never_reaches_the_client_even_in_part(client):
-    whole = client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, temperature=0,
-                                           max_tokens=20, stop=[" Paris."])
-    chunks = list(client.chat.completions.create(model="team/smol-trtllm", messages=QUESTION, temperature=0,
-                                                 max_tokens=20, stop=[" Paris."], stream=True))
+    whole = client.chat.completions.create(
+        model="team/smol-trtllm", messages=QUESTION, temperature=0, max_tokens=20, stop=[" Paris."]
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="team/smol-trtllm", messages=QUESTION, temperature=0, max_tokens=20, stop=[" Paris."], stream=True
+        )
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content
     assert "Paris" not in streamed and not streamed.endswith(" ")

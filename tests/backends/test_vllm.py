@@ -25,11 +25,18 @@ RESTART_SECONDS = 600
 
 @pytest.fixture(scope="module")
 def front(vllm_python, tmp_path_factory):
-    entry = {"id": MODEL, "kind": "chat", "backend": "vllm", "source": "bundled:smollm2-135m-instruct",
-             "python": str(vllm_python), "gpu_memory_utilization": 0.15, "max_model_len": 2048,
-             "max_lora_rank": 16, "args": ["--max-num-seqs", "16"]}
-    server = serve_catalogue(tmp_path_factory.mktemp("vllm-front"), [entry],
-                             env={"QUBRID_LAB_API_KEYS": API_KEY})
+    entry = {
+        "id": MODEL,
+        "kind": "chat",
+        "backend": "vllm",
+        "source": "bundled:smollm2-135m-instruct",
+        "python": str(vllm_python),
+        "gpu_memory_utilization": 0.15,
+        "max_model_len": 2048,
+        "max_lora_rank": 16,
+        "args": ["--max-num-seqs", "16"],
+    }
+    server = serve_catalogue(tmp_path_factory.mktemp("vllm-front"), [entry], env={"QUBRID_LAB_API_KEYS": API_KEY})
     yield server
     stop_server(server)
 
@@ -46,8 +53,11 @@ def http(front):
 
 
 def vllm_child(front) -> psutil.Process:
-    children = [p for p in psutil.Process(front.process.pid).children(recursive=True)
-                if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
+    children = [
+        p
+        for p in psutil.Process(front.process.pid).children(recursive=True)
+        if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
+    ]
     assert len(children) == 1, children
     return children[0]
 
@@ -57,14 +67,15 @@ def test_chat_stream_n_and_stop_through_the_managed_vllm(client):
     assert "Paris" in answer.choices[0].message.content
     assert answer.usage.prompt_tokens > 20 and answer.usage.completion_tokens > 0
     assert answer.model_extra["x_metrics"]["tps"] > 0
-    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=20,
-                                                 stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
-        answer.choices[0].message.content
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=20, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
     two = client.chat.completions.create(model=MODEL, messages=QUESTION, n=2, seed=5, temperature=1.0, max_tokens=8)
     assert [c.index for c in two.choices] == [0, 1]
-    stopped = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=20,
-                                             stop=["Paris"])
+    stopped = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=20, stop=["Paris"]
+    )
     assert "Paris" not in stopped.choices[0].message.content
     text = client.completions.create(model=MODEL, prompt=CAPITAL_TEXT.prompt, temperature=0, max_tokens=4)
     assert text.usage.completion_tokens == 4 and text.choices[0].finish_reason == "length"
@@ -72,8 +83,15 @@ def test_chat_stream_n_and_stop_through_the_managed_vllm(client):
 
 def test_a_rank_above_the_vllm_cap_is_refused_naming_both(http):
     dataset = upload(http)
-    response = http.post("/v1/fine-tuning/jobs", json={"base_model": MODEL, "dataset_id": dataset["id"],
-                                                       "task_type": "qa", "hyperparameters": {"lora_rank": 32}})
+    response = http.post(
+        "/v1/fine-tuning/jobs",
+        json={
+            "base_model": MODEL,
+            "dataset_id": dataset["id"],
+            "task_type": "qa",
+            "hyperparameters": {"lora_rank": 32},
+        },
+    )
     assert response.status_code == 400, response.text
     message = response.text
     assert "32" in message and "16" in message and "max_lora_rank" in message
@@ -81,18 +99,36 @@ def test_a_rank_above_the_vllm_cap_is_refused_naming_both(http):
 
 def test_a_fine_tuned_model_is_loaded_into_vllm_and_answers(http, client):
     dataset = upload(http)
-    job = http.post("/v1/fine-tuning/jobs", json={"base_model": MODEL, "dataset_id": dataset["id"], "task_type": "qa",
-                                                  "suffix": "facts", "hyperparameters": LEARN_THE_FACTS}).json()
+    job = http.post(
+        "/v1/fine-tuning/jobs",
+        json={
+            "base_model": MODEL,
+            "dataset_id": dataset["id"],
+            "task_type": "qa",
+            "suffix": "facts",
+            "hyperparameters": LEARN_THE_FACTS,
+        },
+    ).json()
     job = wait_for(http, job["id"], lambda j: j["status"] == "completed", "completed")
     tuned = job["fine_tuned_model"]
     assert tuned in {m.id for m in client.models.list().data}
     question, answer = facts()[0]
     word = answer.rstrip(".").split()[-1]
-    said = client.chat.completions.create(model=tuned, messages=[{"role": "user", "content": question}],
-                                          temperature=0, max_tokens=24).choices[0].message.content
+    said = (
+        client.chat.completions.create(
+            model=tuned, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24
+        )
+        .choices[0]
+        .message.content
+    )
     assert word in said
-    base = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                          temperature=0, max_tokens=24).choices[0].message.content
+    base = (
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24
+        )
+        .choices[0]
+        .message.content
+    )
     assert word not in base
 
 
@@ -122,14 +158,43 @@ def test_models_list_says_whether_the_entry_interpreter_has_vllm(vllm_python, tm
     import sys
 
     catalogue = tmp_path / "catalogue.json"
-    catalogue.write_text(json.dumps([
-        {"id": "with", "kind": "chat", "backend": "vllm", "source": "bundled:smollm2-135m-instruct",
-         "python": str(vllm_python)},
-        {"id": "without", "kind": "chat", "backend": "vllm", "source": "bundled:smollm2-135m-instruct",
-         "python": sys.executable}]))
-    done = subprocess.run([sys.executable, "-m", "qubrid_lab", "--home", str(tmp_path), "models", "list",
-                           "--catalogue-file", str(catalogue)], capture_output=True, text=True, timeout=120,
-                          check=False)
+    catalogue.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "with",
+                    "kind": "chat",
+                    "backend": "vllm",
+                    "source": "bundled:smollm2-135m-instruct",
+                    "python": str(vllm_python),
+                },
+                {
+                    "id": "without",
+                    "kind": "chat",
+                    "backend": "vllm",
+                    "source": "bundled:smollm2-135m-instruct",
+                    "python": sys.executable,
+                },
+            ]
+        )
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qubrid_lab",
+            "--home",
+            str(tmp_path),
+            "models",
+            "list",
+            "--catalogue-file",
+            str(catalogue),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     rows = {line.split("\t")[0]: line.split("\t")[4] for line in done.stdout.splitlines()[1:]}
     assert f"vLLM found in {vllm_python}" in rows["with"]

@@ -47,22 +47,45 @@ def jupyterlab(tmp_path):
     cache.mkdir(parents=True, exist_ok=True)
     (home / "models").symlink_to(cache, target_is_directory=True)
     port, token = free_port(), secrets.token_hex(16)
-    environment = {name: value for name, value in os.environ.items()
-                   if name not in ("QUBRID_LAB_API_KEYS", "QUBRID_LAB_API_KEY_FILE", "QUBRID_LAB_MODELS")}
-    environment.update({"QUBRID_LAB_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                        "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config")})
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("QUBRID_LAB_API_KEYS", "QUBRID_LAB_API_KEY_FILE", "QUBRID_LAB_MODELS")
+    }
+    environment.update(
+        {
+            "QUBRID_LAB_HOME": str(home),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
+        }
+    )
     # JupyterLab 4 renders only the cells in view by default; the test reads every cell, so all are rendered.
     settings = tmp_path / "lab-settings"
     (settings / "@jupyterlab" / "notebook-extension").mkdir(parents=True)
     (settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
-        '{"windowingMode": "none"}')
+        '{"windowingMode": "none"}'
+    )
     log_path = tmp_path / "jupyterlab.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
-             f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-             f"--LabApp.user_settings_dir={settings}"],
-            stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "jupyterlab",
+                "--no-browser",
+                "--allow-root",
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={port}",
+                f"--IdentityProvider.token={token}",
+                f"--ServerApp.root_dir={root}",
+                f"--LabApp.user_settings_dir={settings}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -88,8 +111,10 @@ def _answers(url: str) -> bool:
         return False
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: install Debian's `chromium` package, or set "
-                                             "QUBRID_LAB_CHROMIUM to a Chromium executable")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium: install Debian's `chromium` package, or set QUBRID_LAB_CHROMIUM to a Chromium executable",
+)
 def test_the_fine_tuning_notebook_runs_in_jupyterlab_and_its_widgets_render(jupyterlab, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -134,8 +159,9 @@ def _kernel_state(url: str, token: str) -> str | None:
 
 def _finished(page, url: str, token: str, code_cells: int) -> bool:
     """True once every code cell ran and the kernel is idle; fails the test at the first cell that raised."""
-    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
-                          has_text="Traceback")
+    errors = page.locator(
+        ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']", has_text="Traceback"
+    )
     if errors.count():
         pytest.fail(f"a cell raised:\n{errors.first.inner_text()}")
     prompts = page.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()

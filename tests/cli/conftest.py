@@ -21,16 +21,25 @@ COMMAND_SECONDS = 300  # bound for one command on a busy 2-core machine (a tiny 
 
 def cli_environment(**extra: str) -> dict[str, str]:
     """This environment without a server address or key of its own, plus ``extra``."""
-    environment = {name: value for name, value in os.environ.items()
-                   if name not in ("QUBRID_LAB_URL", "QUBRID_LAB_API_KEY")}
+    environment = {
+        name: value for name, value in os.environ.items() if name not in ("QUBRID_LAB_URL", "QUBRID_LAB_API_KEY")
+    }
     return {**environment, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run_cli(*args: object, stdin: str | None = None, **extra_env: str) -> subprocess.CompletedProcess:
     """``qubrid-lab ARGS`` to its end: exit status, stdout and stderr as text."""
-    return subprocess.run([sys.executable, "-m", "qubrid_lab", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, encoding="utf-8", errors="replace", env=cli_environment(**extra_env),
-                          timeout=COMMAND_SECONDS, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "qubrid_lab", *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=cli_environment(**extra_env),
+        timeout=COMMAND_SECONDS,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +71,9 @@ def big_dataset(folder: Path, rows: int = 300) -> Path:
     """A CSV long enough that a job on it trains for minutes (one row a step), so it is still running when a test
     interrupts it."""
     path = folder / "many_facts.csv"
-    lines = ["question,answer"] + [f"What is fact number {n}?,Fact {n} is that {n} plus one is {n + 1}."
-                                   for n in range(rows)]
+    lines = ["question,answer"] + [
+        f"What is fact number {n}?,Fact {n} is that {n} plus one is {n + 1}." for n in range(rows)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -74,9 +84,12 @@ class LiveCommand:
     def __init__(self, *args: object, **extra_env: str):
         # SIGINT as a terminal's Ctrl-C sends it, even where this test runner was started with it ignored
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "qubrid_lab", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "qubrid_lab", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             env=cli_environment(**extra_env),
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 (one call, no lock)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # noqa: PLW1509 (one call, no lock)
         self._stderr = bytearray()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

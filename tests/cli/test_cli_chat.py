@@ -9,8 +9,9 @@ SYSTEM = "Answer in one word."
 
 def streamed_answer(client, model: str, messages: list[dict]) -> str:
     """The model's greedy answer, streamed the way the chat verb streams it."""
-    stream = client.openai.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=6,
-                                                   stream=True)
+    stream = client.openai.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=6, stream=True
+    )
     return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 
 
@@ -20,8 +21,17 @@ def test_chat_answers_each_line_with_the_conversation_so_far_until_reset_and_exi
     second = streamed_answer(client, chat_model, [system, hello, {"role": "assistant", "content": first}, hello])
     assert first and second != first  # otherwise this test could not tell a kept conversation from a lost one
 
-    done = cli("chat", chat_model, "--system", SYSTEM, "--temperature", 0, "--max-tokens", 6,
-               stdin="Hello\nHello\n/reset\nHello\n/exit\nHello\n")
+    done = cli(
+        "chat",
+        chat_model,
+        "--system",
+        SYSTEM,
+        "--temperature",
+        0,
+        "--max-tokens",
+        6,
+        stdin="Hello\nHello\n/reset\nHello\n/exit\nHello\n",
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{first}\n{second}\n{first}\n"
     assert "(conversation reset)" in done.stderr

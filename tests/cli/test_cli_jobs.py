@@ -33,14 +33,30 @@ def cancelled_at_the_end(client, job_id: str):
 
 
 def test_finetune_follows_the_job_and_prints_the_model_id(cli, client, chat_model):
-    done = cli("finetune", QA_FACTS, "--model", chat_model, "--suffix", "cli", *SMALL_FLAGS, "--max-steps", 3,
-               "--learning-rate", 0.01, "--target-modules", "q_proj,v_proj")
+    done = cli(
+        "finetune",
+        QA_FACTS,
+        "--model",
+        chat_model,
+        "--suffix",
+        "cli",
+        *SMALL_FLAGS,
+        "--max-steps",
+        3,
+        "--learning-rate",
+        0.01,
+        "--target-modules",
+        "q_proj,v_proj",
+    )
     assert done.returncode == 0, done.stderr
     job = client.jobs.get(created_job(done.stderr))
     assert job["status"] == "completed" and job["training_metrics"]["steps_completed"] == 3
     assert job["fine_tuned_model"].endswith(f":cli:{job['id']}") and done.stdout == job["fine_tuned_model"] + "\n"
     assert {name: job["hyperparameters"][name] for name in ("learning_rate", "lora_rank", "target_modules")} == {
-        "learning_rate": 0.01, "lora_rank": 4, "target_modules": ["q_proj", "v_proj"]}
+        "learning_rate": 0.01,
+        "lora_rank": 4,
+        "target_modules": ["q_proj", "v_proj"],
+    }
     assert "3/3 steps" in done.stderr and f"job {job['id']} completed: 3 steps" in done.stderr
     assert "Training started: 3 steps" in done.stderr  # the job's messages, above the bar
     assert job["fine_tuned_model"] in client.models.chat_ids()
@@ -73,7 +89,8 @@ def test_a_detached_job_is_shown_followed_listed_and_its_events_read(cli, client
     events = client.jobs.events(job_id)
     assert json.loads(cli("jobs", "events", job_id, "--json").stdout) == events
     assert [line.split(maxsplit=2)[2] for line in cli("jobs", "events", job_id).stdout.splitlines()] == [
-        event["message"] for event in events]
+        event["message"] for event in events
+    ]
 
     listing = json.loads(cli("jobs", "list", "--json", "--limit", 100).stdout)
     assert listing == client.request("GET", JOBS, params={"limit": 100, "offset": 0}) and job in listing["data"]
@@ -84,8 +101,9 @@ def test_a_detached_job_is_shown_followed_listed_and_its_events_read(cli, client
     assert_refused(cli("jobs", "cancel", job_id), f"Job {job_id} is already completed")
 
 
-def test_jobs_follow_interrupted_leaves_the_job_running_and_jobs_cancel_stops_it(cli, client, chat_model,
-                                                                                 tmp_path, on_server):
+def test_jobs_follow_interrupted_leaves_the_job_running_and_jobs_cancel_stops_it(
+    cli, client, chat_model, tmp_path, on_server
+):
     dataset = client.datasets.upload(big_dataset(tmp_path))
     job = client.jobs.create(chat_model, dataset["id"], "qa", {**SMALL_RUN, "batch_size": 1})
     with cancelled_at_the_end(client, job["id"]):
@@ -105,8 +123,17 @@ def test_jobs_follow_interrupted_leaves_the_job_running_and_jobs_cancel_stops_it
 
 
 def test_ctrl_c_while_finetune_follows_cancels_the_job(client, chat_model, tmp_path, on_server):
-    following = LiveCommand("finetune", big_dataset(tmp_path), "--model", chat_model, *SMALL_FLAGS,
-                            "--batch-size", 1, *on_server, QUBRID_LAB_API_KEY=API_KEY)
+    following = LiveCommand(
+        "finetune",
+        big_dataset(tmp_path),
+        "--model",
+        chat_model,
+        *SMALL_FLAGS,
+        "--batch-size",
+        1,
+        *on_server,
+        QUBRID_LAB_API_KEY=API_KEY,
+    )
     try:
         job_id = created_job(following.wait_for(r"created job ftjob-\w+").group(0))
         with cancelled_at_the_end(client, job_id):
@@ -125,8 +152,7 @@ def test_a_bad_hyperparameter_is_refused_naming_it_before_anything_is_uploaded(c
     datasets = client.datasets.list()
     done = cli("finetune", QA_FACTS, "--model", chat_model, "--learning-rate", 5, "--lora-rank", 0)
     assert_refused(done, "hyperparameters.learning_rate", "(got 5.0)", "hyperparameters.lora_rank")
-    assert_refused(cli("finetune", QA_FACTS, "--epochs", "three"), "argument --epochs: invalid int value",
-                   status=2)
+    assert_refused(cli("finetune", QA_FACTS, "--epochs", "three"), "argument --epochs: invalid int value", status=2)
     assert client.datasets.list() == datasets
 
 

@@ -23,8 +23,17 @@ def test_the_console_script_and_every_verb_answer_help():
     assert done.returncode == 0, done.stderr
     for verb in ("profile", "finetune", "jobs", "chat"):
         assert verb in done.stdout
-    for verb in (["profile"], ["finetune"], ["jobs"], ["jobs", "list"], ["jobs", "show"], ["jobs", "follow"],
-                 ["jobs", "cancel"], ["jobs", "events"], ["chat"]):
+    for verb in (
+        ["profile"],
+        ["finetune"],
+        ["jobs"],
+        ["jobs", "list"],
+        ["jobs", "show"],
+        ["jobs", "follow"],
+        ["jobs", "cancel"],
+        ["jobs", "events"],
+        ["chat"],
+    ):
         shown = run_cli(*verb, "--help")
         assert shown.returncode == 0 and shown.stdout.startswith(f"usage: qubrid-lab {' '.join(verb)}"), shown.stderr
 
@@ -39,8 +48,14 @@ def test_finetune_takes_a_flag_per_hyperparameter_with_its_description():
 
 def loaded_modules(*args: str) -> set[str]:
     """The modules ``python -X importtime -m qubrid_lab ARGS`` imported (from its import-time report)."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "qubrid_lab", *args], capture_output=True,
-                          text=True, env=cli_environment(), timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "qubrid_lab", *args],
+        capture_output=True,
+        text=True,
+        env=cli_environment(),
+        timeout=120,
+        check=False,
+    )
     names = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "qubrid_lab.cli" in names, done.stderr[-2000:]
     return names
@@ -76,17 +91,21 @@ def test_profile_prints_the_table_and_every_warning(tiny_model_dir, tmp_path):
 
 
 def test_profile_as_json_is_profile_csv_itself(tiny_model_dir):
-    done = run_cli("profile", QA_FACTS, "--model", tiny_model_dir, "--batch-size", 4, "--validation-split", 0.2,
-                   "--json")
+    done = run_cli(
+        "profile", QA_FACTS, "--model", tiny_model_dir, "--batch-size", 4, "--validation-split", 0.2, "--json"
+    )
     assert done.returncode == 0, done.stderr
     expected = profile_csv(QA_FACTS, str(tiny_model_dir), batch_size=4, validation_split=0.2).to_dict()
     assert json.loads(done.stdout) == json.loads(json.dumps(expected))
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["profile", "no-such.csv"], ["error:", "no such file: no-such.csv"]),
-    (["finetune", "no-such.csv", "--max-steps", "2"], ["error:", "no such file: no-such.csv"]),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["profile", "no-such.csv"], ["error:", "no such file: no-such.csv"]),
+        (["finetune", "no-such.csv", "--max-steps", "2"], ["error:", "no such file: no-such.csv"]),
+    ],
+)
 def test_a_missing_file_is_a_usage_error(args, expected):
     done = run_cli(*args)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr

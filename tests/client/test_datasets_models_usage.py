@@ -30,11 +30,20 @@ def test_csv_and_jsonl_files_dataframes_and_datasets_upload_as_datasets(client):
         "chat dataset": client.datasets.upload(Dataset.from_list(chats.to_dict("records"))),
     }
     shapes = {source: (dataset["row_count"], dataset["columns"]) for source, dataset in uploads.items()}
-    assert shapes == {"csv path": (15, ["question", "answer"]), "jsonl path": (4, ["messages"]),
-                      "dataframe": (5, ["question", "answer"]), "chat dataframe": (4, ["messages"]),
-                      "dataset": (4, ["question", "answer"]), "chat dataset": (4, ["messages"])}
+    assert shapes == {
+        "csv path": (15, ["question", "answer"]),
+        "jsonl path": (4, ["messages"]),
+        "dataframe": (5, ["question", "answer"]),
+        "chat dataframe": (4, ["messages"]),
+        "dataset": (4, ["question", "answer"]),
+        "chat dataset": (4, ["messages"]),
+    }
     assert [uploads[source]["name"] for source in ("csv path", "jsonl path", "dataframe", "chat dataset")] == [
-        "from a path", "chat_facts.jsonl", "from pandas", "dataset.jsonl"]
+        "from a path",
+        "chat_facts.jsonl",
+        "from pandas",
+        "dataset.jsonl",
+    ]
 
     listed = {dataset["id"] for dataset in client.datasets.list()}
     assert {dataset["id"] for dataset in uploads.values()} <= listed
@@ -85,11 +94,17 @@ def test_the_client_reads_its_server_from_the_environment_and_imports_nothing_he
         f"lab.compare([{chat_model!r}], ['Hi'], max_tokens=1)\n"
         "heavy = ('torch', 'transformers', 'ipywidgets', 'plotly', 'fastapi', 'qubrid_lab.server',\n"
         "         'qubrid_lab.engine', 'qubrid_lab.training', 'qubrid_lab.widgets', 'qubrid_lab.workbench')\n"
-        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n")
-    environment = {"QUBRID_LAB_URL": server.base_url, "QUBRID_LAB_API_KEY": API_KEY, "PATH": "/usr/bin:/bin",
-                   "HOME": str(Path.home())}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=environment,
-                          timeout=120)
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+    )
+    environment = {
+        "QUBRID_LAB_URL": server.base_url,
+        "QUBRID_LAB_API_KEY": API_KEY,
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(Path.home()),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=environment, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

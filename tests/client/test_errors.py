@@ -35,13 +35,18 @@ def test_a_file_the_server_cannot_read_is_refused_naming_why(client):
         client.datasets.upload(b"question,answer\nA,B\n", filename="facts.txt")
     assert refused.value.status == 400
     with pytest.raises(InvalidRequestError, match="line 3"):
-        client.datasets.upload(b'question,answer\nWhat is 2+2?,4\n"Where is the key?,Under the mat\n',
-                               filename="broken.csv")
+        client.datasets.upload(
+            b'question,answer\nWhat is 2+2?,4\n"Where is the key?,Under the mat\n', filename="broken.csv"
+        )
 
 
 def test_what_does_not_exist_is_a_404(client):
-    for call in (lambda: client.jobs.get("ftjob-missing"), lambda: client.datasets.delete("ds-missing"),
-                 lambda: client.models.get("no-such/model"), lambda: client.jobs.events("ftjob-missing")):
+    for call in (
+        lambda: client.jobs.get("ftjob-missing"),
+        lambda: client.datasets.delete("ds-missing"),
+        lambda: client.models.get("no-such/model"),
+        lambda: client.jobs.events("ftjob-missing"),
+    ):
         with pytest.raises(NotFoundError) as missing:
             call()
         assert missing.value.status == 404 and missing.value.message

@@ -10,20 +10,37 @@ START = "2025-01-31T12:00:00.000Z"
 
 
 def job(status: str = "running", done: int = 0, total: int | None = None, **fields) -> dict:
-    return {"id": "ftjob-1", "status": status, "total_steps": total, "training_metrics": {"steps_completed": done},
-            "started_at": None, "completed_at": None, **fields}
+    return {
+        "id": "ftjob-1",
+        "status": status,
+        "total_steps": total,
+        "training_metrics": {"steps_completed": done},
+        "started_at": None,
+        "completed_at": None,
+        **fields,
+    }
 
 
 def started(total: int, event_id: str = "e0") -> dict:
-    return {"id": event_id, "created_at": START, "type": "message", "message": f"Training started: {total} steps",
-            "data": {"total_steps": total}}
+    return {
+        "id": event_id,
+        "created_at": START,
+        "type": "message",
+        "message": f"Training started: {total} steps",
+        "data": {"total_steps": total},
+    }
 
 
 def step(number: int, seconds: float, loss: float = 1.0, **data) -> dict:
     """The metrics event of optimizer step ``number``, written ``seconds`` after START."""
     created = f"2025-01-31T12:{int(seconds) // 60:02d}:{seconds % 60:06.3f}Z"
-    return {"id": f"s{number}-{seconds}", "created_at": created, "type": "metrics", "message": f"Step {number}",
-            "data": {"step": number, "training_loss": loss, **data}}
+    return {
+        "id": f"s{number}-{seconds}",
+        "created_at": created,
+        "type": "metrics",
+        "message": f"Step {number}",
+        "data": {"step": number, "training_loss": loss, **data},
+    }
 
 
 def test_the_pace_and_time_left_come_from_the_step_events_timestamps():
@@ -52,12 +69,23 @@ def test_a_resumed_run_measures_its_own_pace():
 def test_metrics_keep_the_newest_of_each_number_and_a_finished_job_has_nothing_left():
     tracker = ProgressTracker()
     tracker.update(job(done=1, total=2), [step(1, 1.0, loss=2.0, learning_rate=1e-3)])
-    evaluation = {"id": "v1", "created_at": START, "type": "metrics", "message": "validation",
-                  "data": {"step": 1, "validation_loss": 1.8, "validation_mean_token_accuracy": 0.25}}
-    done = tracker.update(job("completed", done=2, total=2, started_at=START, completed_at="2025-01-31T12:01:05Z"),
-                          [evaluation, step(2, 2.0, loss=1.5, learning_rate=5e-4)])
-    assert done.metrics == {"training_loss": 1.5, "learning_rate": 5e-4, "validation_loss": 1.8,
-                            "validation_mean_token_accuracy": 0.25}
+    evaluation = {
+        "id": "v1",
+        "created_at": START,
+        "type": "metrics",
+        "message": "validation",
+        "data": {"step": 1, "validation_loss": 1.8, "validation_mean_token_accuracy": 0.25},
+    }
+    done = tracker.update(
+        job("completed", done=2, total=2, started_at=START, completed_at="2025-01-31T12:01:05Z"),
+        [evaluation, step(2, 2.0, loss=1.5, learning_rate=5e-4)],
+    )
+    assert done.metrics == {
+        "training_loss": 1.5,
+        "learning_rate": 5e-4,
+        "validation_loss": 1.8,
+        "validation_mean_token_accuracy": 0.25,
+    }
     assert done.finished and done.status == "completed" and done.eta_seconds == 0.0
     assert done.elapsed_seconds == pytest.approx(65.0)
     assert tracker.update(job("cancelled", done=1), []).eta_seconds == 0.0

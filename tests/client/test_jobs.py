@@ -81,14 +81,21 @@ def test_the_fine_tuned_model_is_compared_greedily_then_deleted(client, finished
 
 def test_following_rides_out_a_server_restart(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    options = {"models": [str(tiny_model_dir)], "home": tmp_path / "home", "device": "cpu", "dtype": "float32",
-               "timeout": 300, "reuse": False}
+    options = {
+        "models": [str(tiny_model_dir)],
+        "home": tmp_path / "home",
+        "device": "cpu",
+        "dtype": "float32",
+        "timeout": 300,
+        "reuse": False,
+    }
     servers = [start_server(**options)]
     try:
         first = servers[0]
         dataset = first.datasets.upload(QA_FACTS)
-        job = first.jobs.create(str(tiny_model_dir), dataset["id"], "qa",
-                                {**SMALL_RUN, "max_steps": 20, "save_steps": 2})
+        job = first.jobs.create(
+            str(tiny_model_dir), dataset["id"], "qa", {**SMALL_RUN, "max_steps": 20, "save_steps": 2}
+        )
         seen = []
         with Client(first.url, "") as client:
             for progress in client.jobs.follow(job["id"], poll_seconds=0.2, timeout=JOB_SECONDS):

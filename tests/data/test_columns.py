@@ -57,9 +57,7 @@ def test_not_qa_uses_the_text_column(columns, text):
 
 
 def test_column_mapping_overrides_the_names():
-    plan = plan_columns(
-        ["Frage", "Antwort", "question", "answer"], "qa", {"question": "frage", "answer": "Antwort"}
-    )
+    plan = plan_columns(["Frage", "Antwort", "question", "answer"], "qa", {"question": "frage", "answer": "Antwort"})
 
     assert plan == ColumnPlan("qa", question="Frage", answer="Antwort")
 
@@ -124,13 +122,8 @@ def test_mapping_problems_are_all_reported_at_once():
     error = column_error(["q", "a"], "qa", {"question": "missing", "text": "q", "answer": "a"})
 
     assert error.param == "column_mapping"
-    assert (
-        "column_mapping maps 'question' to 'missing', which is not a column of the dataset" in error.message
-    )
-    assert (
-        "column_mapping key 'text' is not a role of task_type 'qa' (use question, answer, context)"
-        in error.message
-    )
+    assert "column_mapping maps 'question' to 'missing', which is not a column of the dataset" in error.message
+    assert "column_mapping key 'text' is not a role of task_type 'qa' (use question, answer, context)" in error.message
     assert "no question column" not in error.message
     assert "Columns found: 'q', 'a'" in error.message
 

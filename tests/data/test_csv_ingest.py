@@ -54,9 +54,7 @@ def test_shipped_text_dataset_keeps_its_multiline_row(tmp_path):
     rows = read_rows(DATA / "text_notes.csv")
 
     assert len(rows) == 3
-    assert (
-        rows[1]["text"] == "Notes, kept by the gardener:\nwater the ferns on Tuesdays, and never the cactus."
-    )
+    assert rows[1]["text"] == "Notes, kept by the gardener:\nwater the ferns on Tuesdays, and never the cactus."
     assert rows[2]["text"] == 'Visitors say the "glass garden" is warmest in January.'
 
 

@@ -88,9 +88,7 @@ def test_the_newline_after_the_end_of_turn_is_left_out(tiny_tokenizer):
     conversation = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello, world!"}]
     full = list(tiny_tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False))
 
-    (example,) = build_examples(
-        [{"question": "Hello", "answer": "Hello, world!"}], QA, tiny_tokenizer, 256
-    ).examples
+    (example,) = build_examples([{"question": "Hello", "answer": "Hello, world!"}], QA, tiny_tokenizer, 256).examples
 
     assert tiny_tokenizer.decode(full[-1:]) == "\n"
     assert example["input_ids"] == full[:-1]
@@ -226,9 +224,7 @@ def test_fallback_keeps_special_token_text_in_the_answer_as_text(tokenizer_with_
 def test_template_without_an_end_of_turn_token_gets_eos(tokenizer_with_template):
     tokenizer = tokenizer_with_template(PLAIN_TEMPLATE)
 
-    (example,) = build_examples(
-        [{"question": "Hello", "answer": "Hello, world!"}], QA, tokenizer, 256
-    ).examples
+    (example,) = build_examples([{"question": "Hello", "answer": "Hello, world!"}], QA, tokenizer, 256).examples
 
     assert tokenizer.decode(example["input_ids"]) == "user: Hello\n\nassistant: Hello, world!\n\n<|im_end|>"
     assert trained_part(tokenizer, example) == "Hello, world!\n\n<|im_end|>"
@@ -291,9 +287,9 @@ def test_shipped_instruction_dataset_uses_input_as_context(tiny_tokenizer):
     )
     assert first["input_ids"][: len(prompt)] == prompt
     assert trained_part(tiny_tokenizer, first) == "Ferry crosses twice.<|im_end|>"
-    assert last["input_ids"][
-        : len(user_prompt(tiny_tokenizer, "Name the season after winter."))
-    ] == user_prompt(tiny_tokenizer, "Name the season after winter.")
+    assert last["input_ids"][: len(user_prompt(tiny_tokenizer, "Name the season after winter."))] == user_prompt(
+        tiny_tokenizer, "Name the season after winter."
+    )
 
 
 def test_shipped_text_dataset_formats_for_not_qa(tiny_tokenizer):
@@ -302,9 +298,7 @@ def test_shipped_text_dataset_formats_for_not_qa(tiny_tokenizer):
     result = build_examples(rows, plan_columns(list(rows[0]), "not_qa"), tiny_tokenizer, 256)
 
     assert len(result.examples) == 3
-    assert tiny_tokenizer.decode(result.examples[1]["input_ids"]).startswith(
-        "Notes, kept by the gardener:\nwater"
-    )
+    assert tiny_tokenizer.decode(result.examples[1]["input_ids"]).startswith("Notes, kept by the gardener:\nwater")
 
 
 # --- chat (JSONL conversations) --------------------------------------------------------------------
@@ -318,26 +312,36 @@ def chat_row(*turns) -> dict:
 
 
 def test_every_weighted_assistant_turn_is_trained_after_its_history(tiny_tokenizer):
-    row = chat_row(("system", "Be brief.", 1), ("user", "Name a colour", 1), ("assistant", "Red", 1),
-                   ("user", "Another", 1), ("assistant", "Blue", 1))
+    row = chat_row(
+        ("system", "Be brief.", 1),
+        ("user", "Name a colour", 1),
+        ("assistant", "Red", 1),
+        ("user", "Another", 1),
+        ("assistant", "Blue", 1),
+    )
     [example] = build_examples([row], CHAT, tiny_tokenizer, 512).examples
-    whole = tiny_tokenizer.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in row["messages"]],
-                                               tokenize=True, return_dict=False)
+    whole = tiny_tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in row["messages"]], tokenize=True, return_dict=False
+    )
     # the example is the conversation as the template renders it, through the last answer's end of turn
     assert example["input_ids"] == list(whole[: len(example["input_ids"])])
     assert tiny_tokenizer.decode(example["input_ids"][-1:]) == "<|im_end|>"
     assert trained_part(tiny_tokenizer, example) == "Red<|im_end|>Blue<|im_end|>"
     # each answer starts right after the prompt the chat endpoint would send for that turn
     first_prompt = tiny_tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in row["messages"][:2]], add_generation_prompt=True,
-        tokenize=True, return_dict=False)
+        [{"role": m["role"], "content": m["content"]} for m in row["messages"][:2]],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
     assert example["labels"][: len(first_prompt)] == [IGNORE_INDEX] * len(first_prompt)
     assert example["labels"][len(first_prompt)] != IGNORE_INDEX
 
 
 def test_weight_zero_turns_are_history_only(tiny_tokenizer):
-    row = chat_row(("user", "Name a colour", 1), ("assistant", "Green", 0), ("user", "Another", 1),
-                   ("assistant", "Blue", 1))
+    row = chat_row(
+        ("user", "Name a colour", 1), ("assistant", "Green", 0), ("user", "Another", 1), ("assistant", "Blue", 1)
+    )
     [example] = build_examples([row], CHAT, tiny_tokenizer, 512).examples
     assert trained_part(tiny_tokenizer, example) == "Blue<|im_end|>"
     assert "Green" in tiny_tokenizer.decode(example["input_ids"])

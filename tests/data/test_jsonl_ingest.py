@@ -12,8 +12,12 @@ from qubrid_lab.data.jsonl_ingest import read_conversations
 
 
 def conversation(*turns, **extra) -> str:
-    return json.dumps({"messages": [dict(zip(("role", "content"), turn)) if isinstance(turn, tuple) else turn
-                                    for turn in turns], **extra})
+    return json.dumps(
+        {
+            "messages": [dict(zip(("role", "content"), turn)) if isinstance(turn, tuple) else turn for turn in turns],
+            **extra,
+        }
+    )
 
 
 def write(tmp_path, *lines: str, name: str = "chats.jsonl", prefix: bytes = b"") -> object:
@@ -23,32 +27,46 @@ def write(tmp_path, *lines: str, name: str = "chats.jsonl", prefix: bytes = b"")
 
 
 def test_conversations_are_read_with_text_content_and_weights(tmp_path):
-    path = write(tmp_path,
-                 conversation(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!")),
-                 "",
-                 conversation(("user", "Two?"), {"role": "assistant", "content": "One.", "weight": 0},
-                              ("user", "Again?"), {"role": "assistant", "content": [{"type": "text", "text": "Two."}]}),
-                 prefix=b"\xef\xbb\xbf")
+    path = write(
+        tmp_path,
+        conversation(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!")),
+        "",
+        conversation(
+            ("user", "Two?"),
+            {"role": "assistant", "content": "One.", "weight": 0},
+            ("user", "Again?"),
+            {"role": "assistant", "content": [{"type": "text", "text": "Two."}]},
+        ),
+        prefix=b"\xef\xbb\xbf",
+    )
     rows = read_dataset(path)
     assert len(rows) == 2 and inspect_dataset(path, "chats.jsonl").columns == ["messages"]
-    assert rows[0]["messages"] == [{"role": "system", "content": "Be brief.", "weight": 1},
-                                   {"role": "user", "content": "Hi", "weight": 1},
-                                   {"role": "assistant", "content": "Hello!", "weight": 1}]
+    assert rows[0]["messages"] == [
+        {"role": "system", "content": "Be brief.", "weight": 1},
+        {"role": "user", "content": "Hi", "weight": 1},
+        {"role": "assistant", "content": "Hello!", "weight": 1},
+    ]
     assert [m["weight"] for m in rows[1]["messages"]] == [1, 0, 1, 1] and rows[1]["messages"][3]["content"] == "Two."
 
 
-@pytest.mark.parametrize("lines, words", [
-    (['{"messages": [}'], ["Line 1", "not valid JSON"]),
-    ([conversation(("user", "a"), ("assistant", "b")), '{"prompt": "x"}'], ["Line 2", "no 'messages' list"]),
-    ([conversation(("user", "a"))], ["Line 1", "no assistant message"]),
-    ([conversation(("user", "a"), {"role": "assistant", "content": "b", "weight": 0})], ["no assistant message"]),
-    ([conversation(("user", "a"), ("tool", "b"))], ["messages[1]", "tool calls are not supported"]),
-    ([conversation(("user", "a"), {"role": "assistant", "content": "b", "weight": 2})], ["weight must be 0 or 1"]),
-    ([conversation({"role": "user", "content": "a", "weight": 0}, ("assistant", "b"))], ["assistant messages only"]),
-    ([conversation(("user", "a"), ("assistant", "b"), tools=[])], ["tool and function definitions"]),
-    ([conversation(("user", 5), ("assistant", "b"))], ["messages[0]", "content must be text"]),
-    ([], ["no conversations"]),
-])
+@pytest.mark.parametrize(
+    "lines, words",
+    [
+        (['{"messages": [}'], ["Line 1", "not valid JSON"]),
+        ([conversation(("user", "a"), ("assistant", "b")), '{"prompt": "x"}'], ["Line 2", "no 'messages' list"]),
+        ([conversation(("user", "a"))], ["Line 1", "no assistant message"]),
+        ([conversation(("user", "a"), {"role": "assistant", "content": "b", "weight": 0})], ["no assistant message"]),
+        ([conversation(("user", "a"), ("tool", "b"))], ["messages[1]", "tool calls are not supported"]),
+        ([conversation(("user", "a"), {"role": "assistant", "content": "b", "weight": 2})], ["weight must be 0 or 1"]),
+        (
+            [conversation({"role": "user", "content": "a", "weight": 0}, ("assistant", "b"))],
+            ["assistant messages only"],
+        ),
+        ([conversation(("user", "a"), ("assistant", "b"), tools=[])], ["tool and function definitions"]),
+        ([conversation(("user", 5), ("assistant", "b"))], ["messages[0]", "content must be text"]),
+        ([], ["no conversations"]),
+    ],
+)
 def test_a_bad_file_is_refused_naming_the_line(tmp_path, lines, words):
     with pytest.raises(DatasetError) as refused:
         read_conversations(write(tmp_path, *lines))

@@ -42,6 +42,7 @@ def test_a_split_of_a_single_example_is_an_error():
     ("rows", "batch", "accumulation", "processes", "expected"),
     [(12, 4, 1, 1, 3), (13, 4, 1, 1, 4), (13, 4, 2, 1, 2), (3, 8, 1, 1, 1), (13, 2, 1, 2, 4), (13, 2, 3, 2, 2)],
 )
-def test_steps_per_epoch_counts_batches_per_process_and_partial_accumulation(rows, batch, accumulation, processes,
-                                                                            expected):
+def test_steps_per_epoch_counts_batches_per_process_and_partial_accumulation(
+    rows, batch, accumulation, processes, expected
+):
     assert steps_per_epoch(rows, batch, accumulation, processes) == expected

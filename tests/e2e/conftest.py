@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.smollm2 import CHAT_MODEL, model_cache_home
+from tests.smollm2 import model_cache_home
 
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 API_KEY = "qbt_e2e-test-key"
@@ -59,7 +59,11 @@ def start_server(tmp_path: Path, *extra: str, env: dict | None = None) -> Runnin
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "qubrid_lab", "serve", "--port", str(port), *extra],
-            stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            start_new_session=True,
+        )
     server = RunningServer(f"http://127.0.0.1:{port}", API_KEY, process, log_path)
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
@@ -78,8 +82,9 @@ def start_server(tmp_path: Path, *extra: str, env: dict | None = None) -> Runnin
 def start_tiny_server(root: Path, tiny_model_dir: Path, *extra: str, env: dict | None = None) -> RunningServer:
     """A server whose only model is the tiny test model, as catalogue id ``tiny``."""
     catalogue = root / "catalogue.json"
-    catalogue.write_text(json.dumps([{"id": "tiny", "kind": "chat", "source": f"dir:{tiny_model_dir}",
-                                      "owned_by": "test"}]))
+    catalogue.write_text(
+        json.dumps([{"id": "tiny", "kind": "chat", "source": f"dir:{tiny_model_dir}", "owned_by": "test"}])
+    )
     return start_server(root, "--catalogue-file", str(catalogue), *(extra or ("--model", "tiny")), env=env)
 
 
@@ -100,8 +105,7 @@ def server(tmp_path_factory) -> RunningServer:
     Its precision is pinned (``--dtype auto`` measures, and a noisy measurement must not change what the
     tests see): float32, whose answers do not depend on what else is in the batch.
     """
-    running = start_server(tmp_path_factory.mktemp("e2e"), "--dtype", "float32",
-                           env={"QUBRID_LAB_API_KEYS": API_KEY})
+    running = start_server(tmp_path_factory.mktemp("e2e"), "--dtype", "float32", env={"QUBRID_LAB_API_KEYS": API_KEY})
     yield running
     stop_server(running)
 
@@ -115,6 +119,7 @@ def client(server):
 
 @pytest.fixture(scope="session")
 def http(server):
-    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {server.api_key}"},
-                      timeout=120) as session:
+    with httpx.Client(
+        base_url=server.base_url, headers={"Authorization": f"Bearer {server.api_key}"}, timeout=120
+    ) as session:
         yield session

@@ -28,8 +28,11 @@ def test_auto_measures_once_then_reuses_its_pick(tmp_path, checked_answers):
     try:
         first = served_precision(server)
         capital = checked_answers["chat"]
-        reply = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=120, json={
-            "model": CHAT_MODEL, "messages": list(capital.messages), "temperature": 0, "max_tokens": 20}).json()
+        reply = httpx.post(
+            f"{server.base_url}/v1/chat/completions",
+            timeout=120,
+            json={"model": CHAT_MODEL, "messages": list(capital.messages), "temperature": 0, "max_tokens": 20},
+        ).json()
         assert capital.expected in reply["choices"][0]["message"]["content"]
     finally:
         stop_server(server)

@@ -23,8 +23,16 @@ pytestmark = pytest.mark.e2e
 FACTS = Path(__file__).parents[1] / "data" / "qa_facts.csv"
 JOB_SECONDS = 900  # bound for a job on a busy 2-core CPU; never a timing assertion
 # Every row in one batch, every linear layer adapted: the loss is ~0.01 after about ten steps.
-LEARN_THE_FACTS = {"epochs": 14, "max_steps": 14, "learning_rate": 2e-3, "batch_size": 16, "lora_rank": 16,
-                   "lora_alpha": 32, "target_modules": "all-linear", "validation_split": 0}
+LEARN_THE_FACTS = {
+    "epochs": 14,
+    "max_steps": 14,
+    "learning_rate": 2e-3,
+    "batch_size": 16,
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "target_modules": "all-linear",
+    "validation_split": 0,
+}
 
 
 def facts() -> list[tuple[str, str]]:
@@ -40,9 +48,16 @@ def upload(http: httpx.Client, path: Path = FACTS, **data) -> dict:
 
 
 def create_job(http: httpx.Client, dataset_id: str, prefix: str = "/v1", **hyperparameters) -> dict:
-    response = http.post(f"{prefix}/fine-tuning/jobs", json={
-        "base_model": CHAT_MODEL, "dataset_id": dataset_id, "task_type": "qa", "suffix": "facts",
-        "hyperparameters": hyperparameters})
+    response = http.post(
+        f"{prefix}/fine-tuning/jobs",
+        json={
+            "base_model": CHAT_MODEL,
+            "dataset_id": dataset_id,
+            "task_type": "qa",
+            "suffix": "facts",
+            "hyperparameters": hyperparameters,
+        },
+    )
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -65,8 +80,9 @@ def events(http: httpx.Client, job_id: str, after: str | None = None) -> list[di
 
 
 def ask(client, model: str, question: str) -> str:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                           temperature=0, max_tokens=24)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24
+    )
     return reply.choices[0].message.content
 
 
@@ -106,8 +122,9 @@ def test_a_job_trains_and_its_model_answers_what_the_data_says(http, client):
         base_right += word in ask(client, CHAT_MODEL, question)
     assert tuned_right >= 4 and base_right == 0
 
-    completion = client.completions.create(model=model_id, prompt="The password to the Archive of Lumen Vale is",
-                                           max_tokens=5, temperature=0)
+    completion = client.completions.create(
+        model=model_id, prompt="The password to the Archive of Lumen Vale is", max_tokens=5, temperature=0
+    )
     assert completion.model == model_id and completion.usage.completion_tokens > 0
 
     # Deleting the fine-tuned model takes it out of both lists and out of service.
@@ -120,11 +137,20 @@ def test_a_job_trains_and_its_model_answers_what_the_data_says(http, client):
 
 def test_a_running_job_reports_validation_loss_and_cancels_within_seconds(http):
     dataset = upload(http)
-    job = create_job(http, dataset["id"], max_steps=200, epochs=100, batch_size=2, max_seq_length=64,
-                     validation_split=0.2, eval_steps=1)
+    job = create_job(
+        http,
+        dataset["id"],
+        max_steps=200,
+        epochs=100,
+        batch_size=2,
+        max_seq_length=64,
+        validation_split=0.2,
+        eval_steps=1,
+    )
     assert http.delete(f"/v1/fine-tuning/datasets/{dataset['id']}").json()["error"]["code"] == "conflict"
-    evaluated = wait_for(http, job["id"], lambda j: j["training_metrics"]["validation_loss"] is not None,
-                         "a validation loss")
+    evaluated = wait_for(
+        http, job["id"], lambda j: j["training_metrics"]["validation_loss"] is not None, "a validation loss"
+    )
     assert evaluated["status"] == "running"
 
     asked = time.monotonic()
@@ -157,9 +183,15 @@ def test_fine_tuning_errors_name_the_problem(http, tmp_path):
     texts = tmp_path / "texts.csv"
     texts.write_text("body\nSome text.\n")
     dataset = upload(http, texts)
-    response = http.post("/v1/fine-tuning/jobs", json={
-        "base_model": "sentence-transformers/all-MiniLM-L6-v2", "dataset_id": dataset["id"], "task_type": "qa",
-        "hyperparameters": {"learning_rate": 0, "validation_split": 1.0}})
+    response = http.post(
+        "/v1/fine-tuning/jobs",
+        json={
+            "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+            "dataset_id": dataset["id"],
+            "task_type": "qa",
+            "hyperparameters": {"learning_rate": 0, "validation_split": 1.0},
+        },
+    )
     assert response.status_code == 400
     message = response.json()["error"]["message"]
     for expected in ("base_model", "body", "question", "learning_rate", "validation_split"):
@@ -175,12 +207,18 @@ def test_a_job_interrupted_by_a_server_crash_resumes_from_its_checkpoint(tmp_pat
     environment = {"QUBRID_LAB_API_KEYS": API_KEY}
     server = start_server(tmp_path, env=environment)
     try:
-        with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"},
-                          timeout=120) as http:
-            job = create_job(http, upload(http)["id"], max_steps=6, epochs=10, batch_size=4, max_seq_length=64,
-                             save_steps=2)
-            wait_for(http, job["id"], lambda j: any("Checkpoint" in e["message"] for e in events(http, j["id"])),
-                     "a checkpoint")
+        with httpx.Client(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+        ) as http:
+            job = create_job(
+                http, upload(http)["id"], max_steps=6, epochs=10, batch_size=4, max_seq_length=64, save_steps=2
+            )
+            wait_for(
+                http,
+                job["id"],
+                lambda j: any("Checkpoint" in e["message"] for e in events(http, j["id"])),
+                "a checkpoint",
+            )
             os.kill(server.process.pid, signal.SIGKILL)  # the server dies; its worker must notice and stop
             server.process.wait()
     finally:
@@ -189,15 +227,16 @@ def test_a_job_interrupted_by_a_server_crash_resumes_from_its_checkpoint(tmp_pat
 
     server = start_server(tmp_path, env=environment)
     try:
-        with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"},
-                          timeout=120) as http:
+        with httpx.Client(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+        ) as http:
             done = wait_for(http, job["id"], lambda j: j["status"] == "completed", "completed")
             log = events(http, job["id"])
     finally:
         stop_server(server)
     resumed = [i for i, e in enumerate(log) if "resumes from its checkpoint" in e["message"]]
     assert resumed, [e["message"] for e in log]
-    checkpoint_step = max(e["data"]["step"] for e in log[:resumed[0]] if "Checkpoint" in e["message"])
-    after = [e["data"]["step"] for e in log[resumed[0]:] if e["type"] == "metrics" and "training_loss" in e["data"]]
+    checkpoint_step = max(e["data"]["step"] for e in log[: resumed[0]] if "Checkpoint" in e["message"])
+    after = [e["data"]["step"] for e in log[resumed[0] :] if e["type"] == "metrics" and "training_loss" in e["data"]]
     assert after == list(range(checkpoint_step + 1, 7))
     assert done["training_metrics"]["steps_completed"] == 6 and done["fine_tuned_model"]

@@ -22,8 +22,9 @@ STORY = [{"role": "user", "content": "Write a long story about a dragon who lear
 
 def test_chat_answers_with_real_usage_and_metrics(client, checked_answers):
     capital = checked_answers["chat"]
-    reply = client.chat.completions.create(model=CHAT_MODEL, messages=list(capital.messages), temperature=0,
-                                           max_tokens=30)
+    reply = client.chat.completions.create(
+        model=CHAT_MODEL, messages=list(capital.messages), temperature=0, max_tokens=30
+    )
     choice = reply.choices[0]
     assert capital.expected in choice.message.content
     assert choice.message.role == "assistant"
@@ -48,15 +49,22 @@ def test_length_limit_sets_finish_reason(client):
     reply = client.chat.completions.create(model=CHAT_MODEL, messages=STORY, temperature=0, max_tokens=7)
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage.completion_tokens == 7
-    newer = client.chat.completions.create(model=CHAT_MODEL, messages=STORY, temperature=0,
-                                           max_completion_tokens=7)
+    newer = client.chat.completions.create(model=CHAT_MODEL, messages=STORY, temperature=0, max_completion_tokens=7)
     assert newer.choices[0].message.content == reply.choices[0].message.content
 
 
 def test_streaming_matches_the_non_streamed_answer(client):
     whole = client.chat.completions.create(model=CHAT_MODEL, messages=STORY, temperature=0, max_tokens=40)
-    chunks = list(client.chat.completions.create(model=CHAT_MODEL, messages=STORY, temperature=0, max_tokens=40,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=CHAT_MODEL,
+            messages=STORY,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
@@ -102,12 +110,17 @@ def test_stop_string_is_cut_even_across_tokens(client, checked_answers):
     assert stop in text
     for stream in (False, True):
         if stream:
-            out = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-                model=CHAT_MODEL, messages=question, temperature=0, max_tokens=30, stop=[stop, "zzz"], stream=True)
-                if c.choices)
+            out = "".join(
+                c.choices[0].delta.content or ""
+                for c in client.chat.completions.create(
+                    model=CHAT_MODEL, messages=question, temperature=0, max_tokens=30, stop=[stop, "zzz"], stream=True
+                )
+                if c.choices
+            )
         else:
-            reply = client.chat.completions.create(model=CHAT_MODEL, messages=question, temperature=0,
-                                                   max_tokens=30, stop=stop)
+            reply = client.chat.completions.create(
+                model=CHAT_MODEL, messages=question, temperature=0, max_tokens=30, stop=stop
+            )
             out = reply.choices[0].message.content
             assert reply.choices[0].finish_reason == "stop"
         assert out == text[: text.index(stop)]
@@ -115,8 +128,11 @@ def test_stop_string_is_cut_even_across_tokens(client, checked_answers):
 
 def test_seed_makes_sampling_reproducible(client):
     def sample(seed):
-        return client.chat.completions.create(model=CHAT_MODEL, messages=STORY, temperature=1.0, max_tokens=25,
-                                              seed=seed).choices[0].message.content
+        return (
+            client.chat.completions.create(model=CHAT_MODEL, messages=STORY, temperature=1.0, max_tokens=25, seed=seed)
+            .choices[0]
+            .message.content
+        )
 
     first = sample(1234)
     assert sample(1234) == first
@@ -129,8 +145,11 @@ def test_penalties_reduce_repetition(client):
     prompt = "one one one one one one one one"
 
     def distinct_words(**penalty):
-        text = client.completions.create(model=CHAT_MODEL, prompt=prompt, temperature=0, max_tokens=30,
-                                         **penalty).choices[0].text
+        text = (
+            client.completions.create(model=CHAT_MODEL, prompt=prompt, temperature=0, max_tokens=30, **penalty)
+            .choices[0]
+            .text
+        )
         return len(set(text.lower().split()))
 
     plain = distinct_words()
@@ -139,15 +158,17 @@ def test_penalties_reduce_repetition(client):
     assert distinct_words(presence_penalty=2.0) > plain + 1
     hello = [{"role": "user", "content": "hello hello hello hello hello hello hello hello hello hello"}]
     chat = client.chat.completions.create(model=CHAT_MODEL, messages=hello, temperature=0, max_tokens=30)
-    penalised = client.chat.completions.create(model=CHAT_MODEL, messages=hello, temperature=0, max_tokens=30,
-                                               frequency_penalty=2.0)
+    penalised = client.chat.completions.create(
+        model=CHAT_MODEL, messages=hello, temperature=0, max_tokens=30, frequency_penalty=2.0
+    )
     assert penalised.choices[0].message.content != chat.choices[0].message.content
 
 
 def test_legacy_completions_with_echo_and_prompt_list(client, checked_answers):
     capital = checked_answers["text"]
-    reply = client.completions.create(model=CHAT_MODEL, prompt=[capital.prompt, "One, two,"],
-                                      max_tokens=8, temperature=0, echo=True)
+    reply = client.completions.create(
+        model=CHAT_MODEL, prompt=[capital.prompt, "One, two,"], max_tokens=8, temperature=0, echo=True
+    )
     assert reply.object == "text_completion"
     assert [c.index for c in reply.choices] == [0, 1]
     assert reply.choices[0].text.startswith(f"{capital.prompt} {capital.expected}")
@@ -159,8 +180,10 @@ def test_legacy_completions_with_echo_and_prompt_list(client, checked_answers):
 def test_streamed_completion_equals_the_whole_one(client):
     prompt = "The capital of France is"
     whole = client.completions.create(model=CHAT_MODEL, prompt=prompt, max_tokens=8, temperature=0, echo=True)
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=CHAT_MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model=CHAT_MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True)
+    )
     assert whole.choices[0].text == prompt + streamed
     assert whole.choices[0].finish_reason == "length"
 
@@ -178,8 +201,9 @@ def test_embeddings_place_similar_sentences_closer(client):
 
 def test_embeddings_base64_decodes_to_the_float_vectors(http):
     as_float = http.post("/v1/embeddings", json={"model": EMBEDDING_MODEL, "input": "hello world"}).json()
-    as_b64 = http.post("/v1/embeddings", json={"model": EMBEDDING_MODEL, "input": "hello world",
-                                               "encoding_format": "base64"}).json()
+    as_b64 = http.post(
+        "/v1/embeddings", json={"model": EMBEDDING_MODEL, "input": "hello world", "encoding_format": "base64"}
+    ).json()
     decoded = np.frombuffer(base64.b64decode(as_b64["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(decoded, as_float["data"][0]["embedding"], atol=1e-6)
 
@@ -215,14 +239,33 @@ def test_auth_rejects_missing_and_wrong_keys(server):
         ({"model": CHAT_MODEL, "messages": QUESTION, "n": 0}, 400, "invalid_request", "n"),
         ({"model": CHAT_MODEL, "messages": QUESTION, "max_tokens": 0}, 400, "invalid_request", "max_tokens"),
         ({"model": CHAT_MODEL, "messages": QUESTION, "max_tokens": 100000}, 400, "invalid_request", "max_tokens"),
-        ({"model": CHAT_MODEL, "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request",
-         "stop"),
+        (
+            {"model": CHAT_MODEL, "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]},
+            400,
+            "invalid_request",
+            "stop",
+        ),
         ({"model": CHAT_MODEL, "messages": []}, 400, "invalid_request", "messages"),
-        ({"model": CHAT_MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_request",
-         "messages[0].role"),
-        ({"model": CHAT_MODEL, "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}, 400, "invalid_request",
-         "messages[0].content"),
+        (
+            {"model": CHAT_MODEL, "messages": [{"role": "robot", "content": "hi"}]},
+            400,
+            "invalid_request",
+            "messages[0].role",
+        ),
+        (
+            {
+                "model": CHAT_MODEL,
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}],
+                    }
+                ],
+            },
+            400,
+            "invalid_request",
+            "messages[0].content",
+        ),
     ],
 )
 def test_chat_errors_name_the_problem(http, body, status, code, field):
@@ -239,8 +282,7 @@ def test_other_endpoint_errors(http):
         ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model_not_found"),
         ("/v1/embeddings", {"model": CHAT_MODEL, "input": "x"}, 404, "model_not_found"),
         ("/v1/embeddings", {"model": EMBEDDING_MODEL, "input": ""}, 400, "invalid_request"),
-        ("/v1/embeddings", {"model": EMBEDDING_MODEL, "input": "x", "encoding_format": "hex"}, 400,
-         "invalid_request"),
+        ("/v1/embeddings", {"model": EMBEDDING_MODEL, "input": "x", "encoding_format": "hex"}, 400, "invalid_request"),
     ]
     for path, body, status, code in cases:
         response = http.post(path, json=body)
@@ -274,8 +316,11 @@ def test_concurrent_requests_are_all_served(client, checked_answers):
     question = list(checked_answers["chat"].messages)
 
     def ask() -> str:
-        return client.chat.completions.create(model=CHAT_MODEL, messages=question, temperature=0,
-                                              max_tokens=20).choices[0].message.content
+        return (
+            client.chat.completions.create(model=CHAT_MODEL, messages=question, temperature=0, max_tokens=20)
+            .choices[0]
+            .message.content
+        )
 
     alone = ask()
     assert checked_answers["chat"].expected in alone

@@ -53,8 +53,9 @@ def trained(client):
     """One job trained through the SDK for the module's tests: (file, job once succeeded)."""
     with QA_CSV.open("rb") as handle:
         file = client.files.create(file=handle, purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=file.id, suffix="lighthouse", seed=7,
-                                         hyperparameters={"n_epochs": 2})
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=file.id, suffix="lighthouse", seed=7, hyperparameters={"n_epochs": 2}
+    )
     assert job.status in ("queued", "running") and job.fine_tuned_model is None
     return file, wait(client, job.id)
 
@@ -62,8 +63,12 @@ def trained(client):
 def test_a_file_is_a_dataset_of_both_apis(client, platform):
     with TEXT_CSV.open("rb") as handle:
         file = client.files.create(file=handle, purpose="fine-tune")
-    assert (file.object, file.purpose, file.filename, file.bytes) == ("file", "fine-tune", "text_notes.csv",
-                                                                     TEXT_CSV.stat().st_size)
+    assert (file.object, file.purpose, file.filename, file.bytes) == (
+        "file",
+        "fine-tune",
+        "text_notes.csv",
+        TEXT_CSV.stat().st_size,
+    )
     assert client.files.retrieve(file.id).id == file.id
     assert client.files.content(file.id).read() == TEXT_CSV.read_bytes()
     assert file.id in [f.id for f in client.files.list(purpose="fine-tune")]
@@ -91,8 +96,9 @@ def test_a_job_trains_and_its_model_answers_at_once(client, trained):
     assert job.hyperparameters.learning_rate_multiplier == 1
     assert job.trained_tokens > rows  # every row at least once, each several tokens
     assert job.finished_at >= job.created_at
-    answer = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
-                                            messages=[{"role": "user", "content": "Hi"}])
+    answer = client.chat.completions.create(
+        model=job.fine_tuned_model, max_tokens=3, messages=[{"role": "user", "content": "Hi"}]
+    )
     assert answer.choices[0].message.content and answer.model == job.fine_tuned_model
 
 
@@ -138,20 +144,27 @@ def test_checkpoints_are_listed_and_each_is_served_as_a_model(client, platform, 
     assert [c.id for c in later.data] == [checkpoints[1].id] and later.has_more
     listed = platform.get(f"/fine-tuning/jobs/{job.id}/checkpoints").json()["data"]
     assert [c["id"] for c in listed] == [c.id for c in checkpoints]
-    answer = client.chat.completions.create(model=oldest.fine_tuned_model_checkpoint, max_tokens=3, temperature=0,
-                                            messages=[{"role": "user", "content": "Hi"}])
+    answer = client.chat.completions.create(
+        model=oldest.fine_tuned_model_checkpoint,
+        max_tokens=3,
+        temperature=0,
+        messages=[{"role": "user", "content": "Hi"}],
+    )
     assert answer.model == oldest.fine_tuned_model_checkpoint
     assert oldest.fine_tuned_model_checkpoint in [m.id for m in client.models.list()]
     with pytest.raises(openai.NotFoundError):  # a step that was not kept
-        client.chat.completions.create(model=f"{job.fine_tuned_model}:ckpt-step-1", max_tokens=3,
-                                       messages=[{"role": "user", "content": "Hi"}])
+        client.chat.completions.create(
+            model=f"{job.fine_tuned_model}:ckpt-step-1", max_tokens=3, messages=[{"role": "user", "content": "Hi"}]
+        )
 
 
 def test_one_job_system_under_both_apis(client, platform, trained):
     file, job = trained
     assert platform.get(f"/fine-tuning/jobs/{job.id}").json()["status"] == "completed"
-    made = platform.post("/fine-tuning/jobs", json={"base_model": "tiny", "dataset_id": file.id, "task_type": "qa",
-                                                    "hyperparameters": {"epochs": 100}}).json()
+    made = platform.post(
+        "/fine-tuning/jobs",
+        json={"base_model": "tiny", "dataset_id": file.id, "task_type": "qa", "hyperparameters": {"epochs": 100}},
+    ).json()
     listed = client.fine_tuning.jobs.list(limit=1)
     assert [j.id for j in listed.data] == [made["id"]] and listed.has_more
     older = client.fine_tuning.jobs.list(after=made["id"]).data
@@ -160,16 +173,19 @@ def test_one_job_system_under_both_apis(client, platform, trained):
     assert platform.get(f"/fine-tuning/jobs/{made['id']}").json()["status"] == "cancelled"
 
 
-def test_a_jsonl_chat_file_trains_every_assistant_turn_and_validates_on_its_validation_file(client, platform,
-                                                                                              tmp_path):
+def test_a_jsonl_chat_file_trains_every_assistant_turn_and_validates_on_its_validation_file(client, platform, tmp_path):
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("\n".join(CHATS.read_text().splitlines()[:2]) + "\n")
     with CHATS.open("rb") as handle, held_out.open("rb") as validation_handle:
         file = client.files.create(file=handle, purpose="fine-tune")
         validation = client.files.create(file=validation_handle, purpose="fine-tune")
     assert platform.get(f"/fine-tuning/datasets/{file.id}").json()["columns"] == ["messages"]
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=file.id, validation_file=validation.id,
-                                         hyperparameters={"n_epochs": 2, "eval_steps": 2})
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=file.id,
+        validation_file=validation.id,
+        hyperparameters={"n_epochs": 2, "eval_steps": 2},
+    )
     assert job.validation_file == validation.id
     job = wait(client, job.id)
     assert job.status == "succeeded", job.error
@@ -181,17 +197,26 @@ def test_a_jsonl_chat_file_trains_every_assistant_turn_and_validates_on_its_vali
     assert all(c.metrics.valid_loss is not None for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
 
 
-@pytest.mark.parametrize("fields, param, says", [
-    ({"model": "nope"}, "model", "not in the model catalogue"),
-    ({"training_file": "file-missing"}, "training_file", "POST /v1/files"),
-    ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "n_epochs"),
-    ({"validation_file": "file-x"}, "validation_file", "no dataset 'file-x'"),
-    ({"hyperparameters": {"validation_split": 0.2}, "validation_file": "TRAINING"}, "hyperparameters.validation_split",
-     "not both"),
-    ({"method": {"type": "dpo"}}, "method.type", "supervised"),
-    ({"hyperparameters": {"early_stopping_patience": 2}}, "hyperparameters.early_stopping_patience",
-     "validation_split"),
-])
+@pytest.mark.parametrize(
+    "fields, param, says",
+    [
+        ({"model": "nope"}, "model", "not in the model catalogue"),
+        ({"training_file": "file-missing"}, "training_file", "POST /v1/files"),
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs", "n_epochs"),
+        ({"validation_file": "file-x"}, "validation_file", "no dataset 'file-x'"),
+        (
+            {"hyperparameters": {"validation_split": 0.2}, "validation_file": "TRAINING"},
+            "hyperparameters.validation_split",
+            "not both",
+        ),
+        ({"method": {"type": "dpo"}}, "method.type", "supervised"),
+        (
+            {"hyperparameters": {"early_stopping_patience": 2}},
+            "hyperparameters.early_stopping_patience",
+            "validation_split",
+        ),
+    ],
+)
 def test_bad_jobs_get_a_400_in_openais_field_names(client, trained, fields, param, says):
     file, _ = trained
     if fields.get("validation_file") == "TRAINING":

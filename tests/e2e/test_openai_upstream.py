@@ -26,8 +26,14 @@ STORY = [{"role": "user", "content": "Write a long story about a dragon who lear
 
 
 def entry(model_id: str, kind: str, base_url: str, upstream_model: str, **extra) -> dict:
-    return {"id": model_id, "kind": kind, "backend": "openai", "base_url": base_url,
-            "upstream_model": upstream_model, **extra}
+    return {
+        "id": model_id,
+        "kind": kind,
+        "backend": "openai",
+        "base_url": base_url,
+        "upstream_model": upstream_model,
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,24 +85,57 @@ def front(server, fragile, usage_free, tmp_path_factory):
     """A server with no local model: every model it serves is one of the upstream's, under a team id."""
     upstream = f"{server.base_url}/v1"
     catalogue = tmp_path_factory.mktemp("front-catalogue") / "catalogue.json"
-    catalogue.write_text(json.dumps([
-        entry("team/smol", "chat", upstream, CHAT_MODEL, api_key_env="TEAM_UPSTREAM_KEY"),
-        entry("team/minilm", "embedding", upstream, EMBEDDING_MODEL, api_key_env="TEAM_UPSTREAM_KEY"),
-        entry("team/no-such", "chat", upstream, "no/such-model", api_key_env="TEAM_UPSTREAM_KEY"),
-        entry("team/wrong-key", "chat", upstream, CHAT_MODEL, api_key_env="TEAM_WRONG_KEY"),
-        entry("team/nowhere", "chat", f"http://127.0.0.1:{free_port()}/v1", CHAT_MODEL),
-        entry("team/fragile", "chat", f"{fragile.base_url}/v1", CHAT_MODEL),
-        entry("team/counted", "chat", usage_free, CHAT_MODEL, api_key_env="TEAM_UPSTREAM_KEY",
-              tokenizer="bundled:smollm2-135m-instruct"),
-        entry("team/estimated", "chat", usage_free, CHAT_MODEL, api_key_env="TEAM_UPSTREAM_KEY"),
-        entry("team/minilm-counted", "embedding", usage_free, EMBEDDING_MODEL, api_key_env="TEAM_UPSTREAM_KEY",
-              tokenizer="bundled:all-minilm-l6-v2"),
-    ]))
-    models = [arg for m in ("team/smol", "team/minilm", "team/no-such", "team/wrong-key", "team/nowhere",
-                            "team/fragile", "team/counted", "team/estimated", "team/minilm-counted")
-              for arg in ("--model", m)]
-    running = start_server(tmp_path_factory.mktemp("front"), "--catalogue-file", str(catalogue), *models,
-                           env={"TEAM_UPSTREAM_KEY": server.api_key, "TEAM_WRONG_KEY": "qbt_wrong"})
+    catalogue.write_text(
+        json.dumps(
+            [
+                entry("team/smol", "chat", upstream, CHAT_MODEL, api_key_env="TEAM_UPSTREAM_KEY"),
+                entry("team/minilm", "embedding", upstream, EMBEDDING_MODEL, api_key_env="TEAM_UPSTREAM_KEY"),
+                entry("team/no-such", "chat", upstream, "no/such-model", api_key_env="TEAM_UPSTREAM_KEY"),
+                entry("team/wrong-key", "chat", upstream, CHAT_MODEL, api_key_env="TEAM_WRONG_KEY"),
+                entry("team/nowhere", "chat", f"http://127.0.0.1:{free_port()}/v1", CHAT_MODEL),
+                entry("team/fragile", "chat", f"{fragile.base_url}/v1", CHAT_MODEL),
+                entry(
+                    "team/counted",
+                    "chat",
+                    usage_free,
+                    CHAT_MODEL,
+                    api_key_env="TEAM_UPSTREAM_KEY",
+                    tokenizer="bundled:smollm2-135m-instruct",
+                ),
+                entry("team/estimated", "chat", usage_free, CHAT_MODEL, api_key_env="TEAM_UPSTREAM_KEY"),
+                entry(
+                    "team/minilm-counted",
+                    "embedding",
+                    usage_free,
+                    EMBEDDING_MODEL,
+                    api_key_env="TEAM_UPSTREAM_KEY",
+                    tokenizer="bundled:all-minilm-l6-v2",
+                ),
+            ]
+        )
+    )
+    models = [
+        arg
+        for m in (
+            "team/smol",
+            "team/minilm",
+            "team/no-such",
+            "team/wrong-key",
+            "team/nowhere",
+            "team/fragile",
+            "team/counted",
+            "team/estimated",
+            "team/minilm-counted",
+        )
+        for arg in ("--model", m)
+    ]
+    running = start_server(
+        tmp_path_factory.mktemp("front"),
+        "--catalogue-file",
+        str(catalogue),
+        *models,
+        env={"TEAM_UPSTREAM_KEY": server.api_key, "TEAM_WRONG_KEY": "qbt_wrong"},
+    )
     yield running
     stop_server(running)
 
@@ -127,8 +166,16 @@ def test_chat_equals_the_upstreams_own_answer(via, client, checked_answers):
 
 def test_streaming_passes_chunks_through_as_they_come(via, client):
     direct = client.chat.completions.create(model=CHAT_MODEL, messages=STORY, temperature=0, max_tokens=40)
-    chunks = list(via.chat.completions.create(model="team/smol", messages=STORY, temperature=0, max_tokens=40,
-                                              stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        via.chat.completions.create(
+            model="team/smol",
+            messages=STORY,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == direct.choices[0].message.content
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 5
@@ -150,8 +197,13 @@ def test_logprobs_pass_through(via, client, stream):
     kwargs = dict(messages=STORY, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
     direct = client.chat.completions.create(model=CHAT_MODEL, **kwargs).choices[0].logprobs.content
     if stream:
-        proxied = [token for chunk in via.chat.completions.create(model="team/smol", **kwargs, stream=True)
-                   for choice in chunk.choices if choice.logprobs for token in choice.logprobs.content]
+        proxied = [
+            token
+            for chunk in via.chat.completions.create(model="team/smol", **kwargs, stream=True)
+            for choice in chunk.choices
+            if choice.logprobs
+            for token in choice.logprobs.content
+        ]
     else:
         proxied = via.chat.completions.create(model="team/smol", **kwargs).choices[0].logprobs.content
     assert [t.model_dump() for t in proxied] == [t.model_dump() for t in direct]
@@ -164,8 +216,12 @@ def test_logprobs_pass_through(via, client, stream):
 
 def test_response_format_passes_through(via, client):
     schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Lyon", "Nice"]}}, "required": ["city"]}
-    kwargs = dict(messages=[{"role": "user", "content": "Name the capital city of France."}], max_tokens=20,
-                  temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    kwargs = dict(
+        messages=[{"role": "user", "content": "Name the capital city of France."}],
+        max_tokens=20,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
     direct = client.chat.completions.create(model=CHAT_MODEL, **kwargs)
     proxied = via.chat.completions.create(model="team/smol", **kwargs)
     assert proxied.choices[0].message.content == direct.choices[0].message.content == '{"city":"Paris"}'
@@ -207,8 +263,9 @@ def test_embeddings_pass_through(via, client):
 def test_an_upstream_sending_no_usage_is_counted_with_the_entrys_tokenizer(via, client, stream):
     kwargs = dict(messages=STORY, temperature=1.0, seed=3, max_tokens=24, n=2)
     direct = client.chat.completions.create(model=CHAT_MODEL, **kwargs)
-    answer = via.chat.completions.create(model="team/counted", **kwargs, stream=stream,
-                                         **({"stream_options": {"include_usage": True}} if stream else {}))
+    answer = via.chat.completions.create(
+        model="team/counted", **kwargs, stream=stream, **({"stream_options": {"include_usage": True}} if stream else {})
+    )
     usage = list(answer)[-1].usage if stream else answer.usage
     assert usage.prompt_tokens == direct.usage.prompt_tokens  # the same chat template, counted here
     # our count is of the text the upstream sent, re-tokenized: within a token or two of the ids it generated
@@ -233,19 +290,24 @@ def test_embeddings_from_an_upstream_sending_no_usage_are_counted(via, client):
 
 
 def test_upstream_refusals_keep_their_status_and_message(front):
-    too_long = httpx.post(f"{front.base_url}/v1/chat/completions", timeout=60, json={
-        "model": "team/smol", "messages": STORY, "max_tokens": 100000})
+    too_long = httpx.post(
+        f"{front.base_url}/v1/chat/completions",
+        timeout=60,
+        json={"model": "team/smol", "messages": STORY, "max_tokens": 100000},
+    )
     assert too_long.status_code == 400
     assert too_long.json()["error"]["param"] == "max_tokens" and "max_tokens" in too_long.json()["error"]["message"]
-    missing = httpx.post(f"{front.base_url}/v1/chat/completions", timeout=60, json={
-        "model": "team/no-such", "messages": STORY})
+    missing = httpx.post(
+        f"{front.base_url}/v1/chat/completions", timeout=60, json={"model": "team/no-such", "messages": STORY}
+    )
     assert missing.status_code == 404 and "no/such-model" in missing.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("model", "words"), [("team/wrong-key", "TEAM_WRONG_KEY"), ("team/nowhere", "reached")])
 def test_a_refused_key_or_an_unreachable_upstream_is_502(front, model, words):
-    response = httpx.post(f"{front.base_url}/v1/chat/completions", timeout=60, json={
-        "model": model, "messages": STORY, "max_tokens": 5})
+    response = httpx.post(
+        f"{front.base_url}/v1/chat/completions", timeout=60, json={"model": model, "messages": STORY, "max_tokens": 5}
+    )
     assert response.status_code == 502
     error = response.json()["error"]
     assert error["code"] == "upstream_error" and model in error["message"] and words in error["message"]
@@ -271,8 +333,11 @@ def test_an_upstream_killed_mid_request_is_502_and_the_server_stays_up(front, fr
     outcome = {}
 
     def ask():
-        outcome["response"] = httpx.post(f"{front.base_url}/v1/chat/completions", timeout=120, json={
-            "model": "team/fragile", "messages": STORY, "max_tokens": 2000, "temperature": 0})
+        outcome["response"] = httpx.post(
+            f"{front.base_url}/v1/chat/completions",
+            timeout=120,
+            json={"model": "team/fragile", "messages": STORY, "max_tokens": 2000, "temperature": 0},
+        )
 
     asking = threading.Thread(target=ask)
     asking.start()
@@ -292,16 +357,30 @@ def test_an_upstream_killed_mid_request_is_502_and_the_server_stays_up(front, fr
 
 def test_an_unset_key_variable_is_refused_at_start(server, tmp_path):
     catalogue = tmp_path / "catalogue.json"
-    catalogue.write_text(json.dumps([entry("team/smol", "chat", f"{server.base_url}/v1", CHAT_MODEL,
-                                           api_key_env="QUBRID_TEST_UNSET_KEY")]))
+    catalogue.write_text(
+        json.dumps(
+            [entry("team/smol", "chat", f"{server.base_url}/v1", CHAT_MODEL, api_key_env="QUBRID_TEST_UNSET_KEY")]
+        )
+    )
     with pytest.raises(RuntimeError, match="QUBRID_TEST_UNSET_KEY, which is not set"):
         start_server(tmp_path, "--catalogue-file", str(catalogue), "--model", "team/smol")
 
 
 def test_a_tokenizer_that_cannot_be_loaded_is_refused_at_start(server, tmp_path):
     catalogue = tmp_path / "catalogue.json"
-    catalogue.write_text(json.dumps([entry("team/smol", "chat", f"{server.base_url}/v1", CHAT_MODEL,
-                                           tokenizer=f"dir:{tmp_path / 'no-such-tokenizer'}")]))
+    catalogue.write_text(
+        json.dumps(
+            [
+                entry(
+                    "team/smol",
+                    "chat",
+                    f"{server.base_url}/v1",
+                    CHAT_MODEL,
+                    tokenizer=f"dir:{tmp_path / 'no-such-tokenizer'}",
+                )
+            ]
+        )
+    )
     with pytest.raises(RuntimeError, match="names tokenizer 'dir:.*no-such-tokenizer', which cannot be loaded"):
         start_server(tmp_path, "--catalogue-file", str(catalogue), "--model", "team/smol")
 
@@ -311,13 +390,17 @@ def test_models_list_reports_each_upstreams_health(server, tmp_path, capsys, mon
 
     upstream = f"{server.base_url}/v1"
     catalogue = tmp_path / "catalogue.json"
-    catalogue.write_text(json.dumps([
-        entry("team/smol", "chat", upstream, CHAT_MODEL, api_key_env="TEAM_UPSTREAM_KEY"),
-        entry("team/no-such", "chat", upstream, "no/such-model", api_key_env="TEAM_UPSTREAM_KEY"),
-        entry("team/wrong-key", "chat", upstream, CHAT_MODEL, api_key_env="TEAM_WRONG_KEY"),
-        entry("team/unset", "chat", upstream, CHAT_MODEL, api_key_env="QUBRID_TEST_UNSET_KEY"),
-        entry("team/nowhere", "chat", f"http://127.0.0.1:{free_port()}/v1", CHAT_MODEL),
-    ]))
+    catalogue.write_text(
+        json.dumps(
+            [
+                entry("team/smol", "chat", upstream, CHAT_MODEL, api_key_env="TEAM_UPSTREAM_KEY"),
+                entry("team/no-such", "chat", upstream, "no/such-model", api_key_env="TEAM_UPSTREAM_KEY"),
+                entry("team/wrong-key", "chat", upstream, CHAT_MODEL, api_key_env="TEAM_WRONG_KEY"),
+                entry("team/unset", "chat", upstream, CHAT_MODEL, api_key_env="QUBRID_TEST_UNSET_KEY"),
+                entry("team/nowhere", "chat", f"http://127.0.0.1:{free_port()}/v1", CHAT_MODEL),
+            ]
+        )
+    )
     monkeypatch.setenv("TEAM_UPSTREAM_KEY", server.api_key)
     monkeypatch.setenv("TEAM_WRONG_KEY", "qbt_wrong")
     monkeypatch.delenv("QUBRID_TEST_UNSET_KEY", raising=False)

@@ -19,8 +19,9 @@ QUESTION = [{"role": "user", "content": "Name the capital city of France."}]
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_logprobs_join_to_the_content_with_exactly_top_logprobs_rivals(client, stream):
-    kwargs = dict(model=CHAT_MODEL, messages=QUESTION, max_tokens=16, temperature=0.8, seed=4, n=2,
-                  logprobs=True, top_logprobs=4)
+    kwargs = dict(
+        model=CHAT_MODEL, messages=QUESTION, max_tokens=16, temperature=0.8, seed=4, n=2, logprobs=True, top_logprobs=4
+    )
     if stream:
         texts, tokens = ["", ""], [[], []]
         for chunk in client.chat.completions.create(**kwargs, stream=True):
@@ -43,8 +44,9 @@ def test_chat_logprobs_join_to_the_content_with_exactly_top_logprobs_rivals(clie
 
 
 def test_greedy_tokens_are_their_positions_most_likely(client):
-    answer = client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=10, temperature=0,
-                                            logprobs=True, top_logprobs=1)
+    answer = client.chat.completions.create(
+        model=CHAT_MODEL, messages=QUESTION, max_tokens=10, temperature=0, logprobs=True, top_logprobs=1
+    )
     assert "Paris" in answer.choices[0].message.content
     for token in answer.choices[0].logprobs.content:
         assert token.top_logprobs[0].token == token.token
@@ -58,8 +60,10 @@ def test_no_logprobs_unless_asked(client):
     assert answer.choices[0].logprobs is None
 
 
-@pytest.mark.parametrize(("extra", "field"), [({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
-                                              ({"top_logprobs": 2}, "top_logprobs")])
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [({"top_logprobs": 21, "logprobs": True}, "top_logprobs"), ({"top_logprobs": 2}, "top_logprobs")],
+)
 def test_bad_logprob_fields_are_refused_by_name(client, extra, field):
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=4, **extra)
@@ -149,15 +153,17 @@ def test_embeddings_of_token_ids_equal_those_of_their_text(client, minilm_tokeni
 
 def test_stream_options_without_stream_is_refused(client):
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=2,
-                                       stream_options={"include_usage": True})
+        client.chat.completions.create(
+            model=CHAT_MODEL, messages=QUESTION, max_tokens=2, stream_options={"include_usage": True}
+        )
     assert refused.value.body["param"] == "stream_options"
 
 
 def test_each_choice_streams_at_most_max_tokens_content_chunks_then_its_finish(client):
     counts, finishes = [0, 0, 0], [[], [], []]
-    for chunk in client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=5, n=3,
-                                                temperature=1.0, seed=2, stream=True):
+    for chunk in client.chat.completions.create(
+        model=CHAT_MODEL, messages=QUESTION, max_tokens=5, n=3, temperature=1.0, seed=2, stream=True
+    ):
         for choice in chunk.choices:
             counts[choice.index] += bool(choice.delta.content)
             if choice.finish_reason:
@@ -168,10 +174,16 @@ def test_each_choice_streams_at_most_max_tokens_content_chunks_then_its_finish(c
     assert all(len(f) == 1 and f[0] in ("stop", "length") for f in finishes)
 
 
-CITY_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
-                                                "country": {"type": "string", "maxLength": 40},
-                                                "population": {"type": "integer", "minimum": 0}},
-               "required": ["name", "country", "population"], "additionalProperties": False}
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "country": {"type": "string", "maxLength": 40},
+        "population": {"type": "integer", "minimum": 0},
+    },
+    "required": ["name", "country", "population"],
+    "additionalProperties": False,
+}
 CITY_QUESTION = [{"role": "user", "content": "Give the capital of France as JSON with name, country and population."}]
 
 
@@ -179,9 +191,15 @@ CITY_QUESTION = [{"role": "user", "content": "Give the capital of France as JSON
 def test_json_schema_answers_are_valid_against_the_schema(client, stream):
     import jsonschema
 
-    kwargs = dict(model=CHAT_MODEL, messages=CITY_QUESTION, max_tokens=120, temperature=0.8, seed=3, n=2,
-                  response_format={"type": "json_schema",
-                                   "json_schema": {"name": "city", "schema": CITY_SCHEMA, "strict": True}})
+    kwargs = dict(
+        model=CHAT_MODEL,
+        messages=CITY_QUESTION,
+        max_tokens=120,
+        temperature=0.8,
+        seed=3,
+        n=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY_SCHEMA, "strict": True}},
+    )
     if stream:
         texts, reasons = ["", ""], ["", ""]
         for chunk in client.chat.completions.create(**kwargs, stream=True):
@@ -204,53 +222,89 @@ def test_a_json_schema_answer_parses_into_a_pydantic_model(client):
         country: str
         population: int
 
-    answer = client.chat.completions.parse(model=CHAT_MODEL, messages=CITY_QUESTION, response_format=City,
-                                           max_tokens=80, temperature=0)
+    answer = client.chat.completions.parse(
+        model=CHAT_MODEL, messages=CITY_QUESTION, response_format=City, max_tokens=80, temperature=0
+    )
     city = answer.choices[0].message.parsed
     assert isinstance(city, City) and city.name == "Paris"
 
 
 def test_json_object_answers_are_json_objects(client):
-    answer = client.chat.completions.create(model=CHAT_MODEL, messages=CITY_QUESTION, max_tokens=80,
-                                            temperature=0, response_format={"type": "json_object"})
+    answer = client.chat.completions.create(
+        model=CHAT_MODEL, messages=CITY_QUESTION, max_tokens=80, temperature=0, response_format={"type": "json_object"}
+    )
     assert answer.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(answer.choices[0].message.content), dict)
 
 
-@pytest.mark.parametrize(("response_format", "field"), [
-    ({"type": "xml"}, "response_format.type"),
-    ({"type": "json_schema"}, "response_format.json_schema"),
-    ({"type": "json_schema", "json_schema": {"name": "a", "schema": ["not", "an", "object"]}},
-     "response_format.json_schema.schema"),
-    ({"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "strng"}}},
-     "response_format.json_schema.schema"),
-    ({"type": "json_schema", "json_schema": {"name": "a", "strict": True,
-                                             "schema": {"type": "object", "dependentSchemas": {"a": {}}}}},
-     "response_format.json_schema"),
-])
+@pytest.mark.parametrize(
+    ("response_format", "field"),
+    [
+        ({"type": "xml"}, "response_format.type"),
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": ["not", "an", "object"]}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "strng"}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "a",
+                    "strict": True,
+                    "schema": {"type": "object", "dependentSchemas": {"a": {}}},
+                },
+            },
+            "response_format.json_schema",
+        ),
+    ],
+)
 def test_an_unusable_response_format_is_refused_by_name_before_any_work(http, response_format, field):
-    response = http.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": QUESTION,
-                                                       "response_format": response_format})
+    response = http.post(
+        "/v1/chat/completions", json={"model": CHAT_MODEL, "messages": QUESTION, "response_format": response_format}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == field
 
 
 def test_text_response_format_is_free_text(client):
     plain = client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=10, temperature=0)
-    text = client.chat.completions.create(model=CHAT_MODEL, messages=QUESTION, max_tokens=10, temperature=0,
-                                          response_format={"type": "text"})
+    text = client.chat.completions.create(
+        model=CHAT_MODEL, messages=QUESTION, max_tokens=10, temperature=0, response_format={"type": "text"}
+    )
     assert text.choices[0].message.content == plain.choices[0].message.content
 
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
-                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
-                   "required": ["city", "unit"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "description": "The current time in a time zone.",
-    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}},
-                   "required": ["zone"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a time zone.",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 30}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris right now?"}]
 
 
@@ -277,15 +331,25 @@ def streamed_calls(stream) -> tuple[list[dict], list[str]]:
 def test_required_tool_choice_always_gives_well_formed_calls(client, stream):
     import jsonschema
 
-    kwargs = dict(model=CHAT_MODEL, messages=ASK_WEATHER, tools=[WEATHER, TIME], tool_choice="required", n=2,
-                  temperature=0.9, seed=6, max_tokens=80)
+    kwargs = dict(
+        model=CHAT_MODEL,
+        messages=ASK_WEATHER,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        n=2,
+        temperature=0.9,
+        seed=6,
+        max_tokens=80,
+    )
     if stream:
         per_choice, reasons = streamed_calls(client.chat.completions.create(**kwargs, stream=True))
     else:
         answer = client.chat.completions.create(**kwargs)
         reasons = [c.finish_reason for c in answer.choices]
-        per_choice = [[{"id": t.id, "name": t.function.name, "arguments": t.function.arguments}
-                       for t in c.message.tool_calls] for c in answer.choices]
+        per_choice = [
+            [{"id": t.id, "name": t.function.name, "arguments": t.function.arguments} for t in c.message.tool_calls]
+            for c in answer.choices
+        ]
         assert all(c.message.content is None for c in answer.choices)
     assert reasons == ["tool_calls", "tool_calls"]
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
@@ -297,55 +361,85 @@ def test_required_tool_choice_always_gives_well_formed_calls(client, stream):
 
 
 def test_a_named_function_is_the_one_called(client):
-    answer = client.chat.completions.create(model=CHAT_MODEL, messages=ASK_WEATHER, tools=[WEATHER, TIME],
-                                            tool_choice={"type": "function", "function": {"name": "get_time"}},
-                                            max_tokens=60, temperature=0)
+    answer = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=ASK_WEATHER,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_tokens=60,
+        temperature=0,
+    )
     (call,) = answer.choices[0].message.tool_calls
     assert call.function.name == "get_time" and set(json.loads(call.function.arguments)) == {"zone"}
     assert answer.choices[0].finish_reason == "tool_calls"
 
 
 def test_a_tool_call_round_trip(client):
-    first = client.chat.completions.create(model=CHAT_MODEL, messages=ASK_WEATHER, tools=[WEATHER],
-                                           tool_choice="required", parallel_tool_calls=False, max_tokens=60,
-                                           temperature=0)
+    first = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=ASK_WEATHER,
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=60,
+        temperature=0,
+    )
     message = first.choices[0].message
     (call,) = message.tool_calls
-    history = ASK_WEATHER + [message.model_dump(exclude_none=True),
-                             {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'}]
-    second = client.chat.completions.create(model=CHAT_MODEL, messages=history, tools=[WEATHER], max_tokens=40,
-                                            temperature=0)
+    history = ASK_WEATHER + [
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'},
+    ]
+    second = client.chat.completions.create(
+        model=CHAT_MODEL, messages=history, tools=[WEATHER], max_tokens=40, temperature=0
+    )
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
     reply = second.choices[0].message
     assert reply.content or reply.tool_calls
-    plain = client.chat.completions.create(model=CHAT_MODEL, messages=history, tools=[WEATHER], tool_choice="none",
-                                           max_tokens=40, temperature=0)
+    plain = client.chat.completions.create(
+        model=CHAT_MODEL, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=40, temperature=0
+    )
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
 
 
 def test_auto_answers_prose_as_text_streamed_as_it_comes(client):
-    kwargs = dict(model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
-                  tools=[WEATHER], max_tokens=30, temperature=0)
+    kwargs = dict(
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+        tools=[WEATHER],
+        max_tokens=30,
+        temperature=0,
+    )
     whole = client.chat.completions.create(**kwargs)
     assert whole.choices[0].message.tool_calls is None and whole.choices[0].finish_reason == "length"
-    chunks = [c.choices[0].delta.content for c in client.chat.completions.create(**kwargs, stream=True)
-              if c.choices and c.choices[0].delta.content]
+    chunks = [
+        c.choices[0].delta.content
+        for c in client.chat.completions.create(**kwargs, stream=True)
+        if c.choices and c.choices[0].delta.content
+    ]
     assert "".join(chunks) == whole.choices[0].message.content and len(chunks) > 5
 
 
-@pytest.mark.parametrize(("extra", "field"), [
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strng"}}}]},
-     "tools[0].function.parameters"),
-])
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "strng"}}}]},
+            "tools[0].function.parameters",
+        ),
+    ],
+)
 def test_bad_tool_fields_are_refused_by_name(http, extra, field):
     response = http.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": QUESTION, **extra})
     assert response.status_code == 400 and response.json()["error"]["param"] == field
 
 
 def test_a_tool_message_without_its_call_id_is_refused(http):
-    response = http.post("/v1/chat/completions", json={"model": CHAT_MODEL, "messages": QUESTION + [
-        {"role": "tool", "content": "21 degrees"}]})
+    response = http.post(
+        "/v1/chat/completions",
+        json={"model": CHAT_MODEL, "messages": QUESTION + [{"role": "tool", "content": "21 degrees"}]},
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages[1].tool_call_id"

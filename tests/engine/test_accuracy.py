@@ -26,9 +26,14 @@ PATHS = ["whole", "prefix", "batch", "packed"]
 def probes(smollm2_tokenizer, smollm2_transformers):
     """Prompt ids, fp32 greedy continuations, and transformers' fp32 logits over them (the reference)."""
     reference = smollm2_transformers(torch.float32)
-    prompts = [list(smollm2_tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                          add_generation_prompt=True, tokenize=True,
-                                                          return_dict=False)) for text in PROMPTS]
+    prompts = [
+        list(
+            smollm2_tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+        for text in PROMPTS
+    ]
     continuations = [greedy_continuation(reference, ids, CONTINUATION_TOKENS) for ids in prompts]
     logits = [reference_logits(reference, ids, cont) for ids, cont in zip(prompts, continuations)]
     return prompts, continuations, logits
@@ -65,8 +70,10 @@ def batched_logits(forward, prompts, continuations, packed: bool = False) -> lis
             last, prefills = packed_prefill(forward, prompts)
         else:
             prefills = [PrefillKV() for _ in prompts]
-            last = [forward(torch.tensor([ids]), torch.arange(len(ids))[None], prefill, None)[0]
-                    for ids, prefill in zip(prompts, prefills)]
+            last = [
+                forward(torch.tensor([ids]), torch.arange(len(ids))[None], prefill, None)[0]
+                for ids, prefill in zip(prompts, prefills)
+            ]
         for ids, first, prefill in zip(prompts, last, prefills):
             rows.append([first])
             kv.add_rows(prefill, torch.ones((1, len(ids)), dtype=torch.long))
@@ -106,7 +113,8 @@ def test_fp32_engine_matches_transformers(smollm2_served, probes, path):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("label, dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
 def test_half_precision_engine_is_as_close_to_fp32_as_transformers_in_that_dtype(
-        smollm2_served, smollm2_transformers, probes, path, label, dtype):
+    smollm2_served, smollm2_transformers, probes, path, label, dtype
+):
     """Our fused forward, prefix cache and batch must add no error of their own on top of the dtype's
     rounding: they stay within twice the divergence transformers' own forward shows in the same dtype,
     agree with it on every clearly decided token, and pass the bar ``--dtype auto`` applies."""

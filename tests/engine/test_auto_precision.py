@@ -60,8 +60,12 @@ def test_a_changed_model_is_measured_again(engine_factory, tiny_model_dir, tmp_p
     config = json.loads((changed / "config.json").read_text())
     config["rms_norm_eps"] = config["rms_norm_eps"] * 10
     (changed / "config.json").write_text(json.dumps(config))
-    engine = LocalChatEngine(ModelEntry("tiny-changed", "chat", f"dir:{changed}", owned_by="tests"),
-                             cache_dir=engine_factory.cache_dir, device="cpu", dtype="auto")
+    engine = LocalChatEngine(
+        ModelEntry("tiny-changed", "chat", f"dir:{changed}", owned_by="tests"),
+        cache_dir=engine_factory.cache_dir,
+        device="cpu",
+        dtype="auto",
+    )
     try:
         assert engine.precision_choice.how == "measured"
     finally:

@@ -227,8 +227,9 @@ def test_prompts_prefilled_packed_decode_as_if_each_was_prefilled_alone(tiny_mod
     with torch.inference_mode():
         prefix = PrefillKV()
         forward(torch.tensor([prompts[2][:6]]), torch.arange(6)[None], prefix, None)
-        packed = PackedPrefillKV([len(p) - s for p, s in zip(prompts, splits)],
-                                 [prefix if s else None for s in splits], CPU)
+        packed = PackedPrefillKV(
+            [len(p) - s for p, s in zip(prompts, splits)], [prefix if s else None for s in splits], CPU
+        )
         ids = torch.tensor([[t for p, s in zip(prompts, splits) for t in p[s:]]])
         positions = torch.cat([torch.arange(s, len(p)) for p, s in zip(prompts, splits)])[None]
         last = forward.packed(ids, positions, packed)

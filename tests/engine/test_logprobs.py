@@ -17,6 +17,7 @@ TOLERANCE = 1e-4  # float32 through two implementations of the same forward
 
 def run_events(engine, ids: list[int], n: int = 1, **params):
     """Every event of one run, and the run (for its prompt's logprobs)."""
+
     async def go():
         run = GenerationRun(engine, [ids], SamplingParams(**params), n, prompt_field="prompt")
         try:
@@ -62,8 +63,9 @@ def test_each_token_has_the_models_own_logprob_and_its_top_rivals(chat_engine, t
 
 def test_logprobs_are_the_raw_distribution_before_penalties_and_temperature(chat_engine, tiny_model):
     prompt = chat(chat_engine, "Count with me")
-    events, _ = run_events(chat_engine, prompt, temperature=1.7, seed=11, frequency_penalty=2.0, max_tokens=10,
-                           logprobs=0)
+    events, _ = run_events(
+        chat_engine, prompt, temperature=1.7, seed=11, frequency_penalty=2.0, max_tokens=10, logprobs=0
+    )
     finish = next(event for event in events if isinstance(event, Finish))
     (_,), (entries,) = per_choice(events)
     assert finish.completion_tokens == 10 and all(entry.top == [] for entry in entries)
@@ -89,8 +91,9 @@ def test_echo_gives_each_prompt_token_its_logprob_the_first_none(chat_engine, ti
     assert echoed[0].logprob is None and echoed[0].top == []
     reference = reference_logprobs(tiny_model, prompt)
     for position in range(1, len(prompt)):
-        assert echoed[position].logprob == pytest.approx(float(reference[position - 1, prompt[position]]),
-                                                         abs=TOLERANCE)
+        assert echoed[position].logprob == pytest.approx(
+            float(reference[position - 1, prompt[position]]), abs=TOLERANCE
+        )
         assert len(echoed[position].top) == 2
     assert "".join(entry.text for entry in echoed) == tiny_tokenizer.decode(prompt, skip_special_tokens=True)
 

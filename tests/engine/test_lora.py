@@ -90,7 +90,7 @@ def greedy(forward, lora, rows: list[tuple[str | None, list[int]]], steps: int) 
 def reference(model, ids: list[int], steps: int) -> list[int]:
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, min_new_tokens=steps)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def test_each_row_decodes_like_its_merged_model_in_one_mixed_batch(tiny_model, adapters, served):
@@ -123,9 +123,13 @@ def test_an_adapter_for_another_model_is_refused_with_the_reason(tiny_model, tmp
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
     from safetensors.torch import save_file
 
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 999),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2)},
-              str(tmp_path / "adapter_model.safetensors"))
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 999),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2),
+        },
+        str(tmp_path / "adapter_model.safetensors"),
+    )
     with pytest.raises(InvalidRequestError, match="does not fit the base model"):
         lora.load("odd", tmp_path)
     with pytest.raises(InvalidRequestError, match="readable LoRA adapter"):
@@ -145,14 +149,20 @@ def test_fine_tuned_models_are_served_next_to_their_base(engine_factory, adapter
     from qubrid_lab.engine.local import LocalChatEngine
     from qubrid_lab.models.catalogue import ModelEntry
 
-    merged = LocalChatEngine(ModelEntry("merged", "chat", f"dir:{merged_dir}", owned_by="tests"), tmp_path / "cache",
-                             device="cpu", dtype="float32")
+    merged = LocalChatEngine(
+        ModelEntry("merged", "chat", f"dir:{merged_dir}", owned_by="tests"),
+        tmp_path / "cache",
+        device="cpu",
+        dtype="float32",
+    )
     try:
         conversation = [{"role": "user", "content": "Hello there"}]
 
         async def both():
-            runs = [GenerationRun(m, [m.encode_chat(conversation)], SamplingParams(temperature=0.0, max_tokens=10), 1)
-                    for m in (fine_tuned, base)]
+            runs = [
+                GenerationRun(m, [m.encode_chat(conversation)], SamplingParams(temperature=0.0, max_tokens=10), 1)
+                for m in (fine_tuned, base)
+            ]
             return await asyncio.gather(*(collect(run) for run in runs))
 
         tuned_text, base_text = (outcome.text() for outcome in asyncio.run(both()))
@@ -175,8 +185,12 @@ def test_deleting_a_fine_tuned_model_fails_its_running_requests_with_the_reason(
     fine_tuned = registry.chat_model("ft:tiny:narrow:ftjob-3")
 
     async def run_then_delete():
-        run = GenerationRun(fine_tuned, [fine_tuned.encode_chat([{"role": "user", "content": "Go"}])],
-                            SamplingParams(temperature=0.0, max_tokens=200), 1)
+        run = GenerationRun(
+            fine_tuned,
+            [fine_tuned.encode_chat([{"role": "user", "content": "Go"}])],
+            SamplingParams(temperature=0.0, max_tokens=200),
+            1,
+        )
         events = run.events()
         await events.__anext__()  # decoding has started
         registry.remove_adapter("ft:tiny:narrow:ftjob-3")
@@ -198,14 +212,15 @@ def test_adapters_also_apply_over_int8_layers(engine_factory, adapters, dtype):
     registry.remove_adapter("ft:tiny:wide:ftjob-4")
 
 
-def test_a_fine_tune_renders_prompts_with_the_template_it_was_trained_with(engine_factory, adapters, tmp_path,
-                                                                           caplog):
+def test_a_fine_tune_renders_prompts_with_the_template_it_was_trained_with(engine_factory, adapters, tmp_path, caplog):
     base = engine_factory()
     registry = ModelRegistry(chat={"tiny": base})
     conversation = [{"role": "user", "content": "Hello there"}]
     same, other = tmp_path / "same", tmp_path / "other"
-    for folder, template in ((same, base.tokenizer.chat_template),
-                             (other, base.tokenizer.chat_template.replace("<|im_start|>", "<|im_start|>>"))):
+    for folder, template in (
+        (same, base.tokenizer.chat_template),
+        (other, base.tokenizer.chat_template.replace("<|im_start|>", "<|im_start|>>")),
+    ):
         shutil.copytree(adapters[0]["wide"], folder)
         (folder / TRAINED_TEMPLATE_FILE).write_text(template)
     registry.add_adapter("ft:tiny:same:ftjob-1", "tiny", same, created=1)

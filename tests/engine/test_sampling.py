@@ -44,9 +44,7 @@ def test_the_same_seed_draws_the_same_tokens():
 
 def test_different_seeds_draw_different_tokens():
     logits = flat_logits()
-    assert draw(sampler(temperature=1.0, seed=7), logits, 64) != draw(
-        sampler(temperature=1.0, seed=8), logits, 64
-    )
+    assert draw(sampler(temperature=1.0, seed=7), logits, 64) != draw(sampler(temperature=1.0, seed=8), logits, 64)
 
 
 def test_the_seed_offset_separates_choices_of_one_request():

@@ -68,9 +68,7 @@ def test_chat_prompts_follow_the_template(chat_engine, tiny_tokenizer):
 
 
 def test_n_choices_each_finish_with_their_own_count(chat_engine):
-    outcome = generate(
-        chat_engine, [chat(chat_engine, "Tell me")], n=3, temperature=1.0, seed=5, max_tokens=12
-    )
+    outcome = generate(chat_engine, [chat(chat_engine, "Tell me")], n=3, temperature=1.0, seed=5, max_tokens=12)
     assert sorted(outcome.finishes) == [0, 1, 2]
     for finish in outcome.finishes.values():
         assert finish.reason in ("stop", "length")
@@ -144,9 +142,7 @@ def test_the_same_seed_gives_the_same_reply(chat_engine):
     assert other.text() != first.text()
 
 
-async def join_while_running(
-    engine, first: tuple[list[int], SamplingParams], *later: tuple[list[int], SamplingParams]
-):
+async def join_while_running(engine, first: tuple[list[int], SamplingParams], *later: tuple[list[int], SamplingParams]):
     """Start ``first``; once it has produced a token, submit ``later`` into the running batch."""
     lead = GenerationRun(engine, [first[0]], first[1], 1)
     lead_task = asyncio.create_task(collect(lead))
@@ -166,9 +162,7 @@ def test_concurrent_greedy_runs_match_their_solo_replies(chat_engine):
         chat(chat_engine, "Medium length words"),
     ]
     budgets = [120, 10, 25]  # rows leave the batch at different steps; the first outlasts the others
-    alone = [
-        generate(chat_engine, [ids], temperature=0.0, max_tokens=b).text() for ids, b in zip(prompts, budgets)
-    ]
+    alone = [generate(chat_engine, [ids], temperature=0.0, max_tokens=b).text() for ids, b in zip(prompts, budgets)]
     requests = [(ids, SamplingParams(temperature=0.0, max_tokens=b)) for ids, b in zip(prompts, budgets)]
 
     runs, outcomes = asyncio.run(join_while_running(chat_engine, *requests))
@@ -176,9 +170,7 @@ def test_concurrent_greedy_runs_match_their_solo_replies(chat_engine):
     assert [o.text() for o in outcomes] == alone
     assert [o.finishes[0].completion_tokens for o in outcomes] == budgets
     lead = runs[0].handles[0]
-    assert all(run.handles[0].first_token_at < lead.finished_at for run in runs[1:]), (
-        "the runs never overlapped"
-    )
+    assert all(run.handles[0].first_token_at < lead.finished_at for run in runs[1:]), "the runs never overlapped"
 
 
 def test_a_seeded_reply_does_not_depend_on_other_traffic(chat_engine):
@@ -194,9 +186,7 @@ def test_a_seeded_reply_does_not_depend_on_other_traffic(chat_engine):
 def test_cancelling_a_run_frees_its_rows(chat_engine):
     async def go():
         await until_idle(chat_engine)
-        run = GenerationRun(
-            chat_engine, [chat(chat_engine, "Go on forever")], SamplingParams(temperature=0.0), 2
-        )
+        run = GenerationRun(chat_engine, [chat(chat_engine, "Go on forever")], SamplingParams(temperature=0.0), 2)
         events = []
         async for event in run.events():
             events.append(event)
@@ -282,9 +272,7 @@ def test_requests_beyond_the_batch_size_wait_their_turn(engine_factory):
     alone = [generate(engine, [ids], temperature=0.0, max_tokens=12).text() for ids in prompts]
 
     async def together():
-        runs = [
-            GenerationRun(engine, [ids], SamplingParams(temperature=0.0, max_tokens=12), 1) for ids in prompts
-        ]
+        runs = [GenerationRun(engine, [ids], SamplingParams(temperature=0.0, max_tokens=12), 1) for ids in prompts]
         return await asyncio.gather(*(collect(run) for run in runs))
 
     assert [o.text() for o in asyncio.run(together())] == alone
@@ -292,8 +280,7 @@ def test_requests_beyond_the_batch_size_wait_their_turn(engine_factory):
     assert sorted(generate(engine, prompts[:1], n=3, temperature=0.0, max_tokens=3).finishes) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("dtype, layer", [("int8", torch.ao.nn.quantized.dynamic.Linear),
-                                          ("w8a16", Int8WeightLinear)])
+@pytest.mark.parametrize("dtype, layer", [("int8", torch.ao.nn.quantized.dynamic.Linear), ("w8a16", Int8WeightLinear)])
 def test_int8_weights_generate(engine_factory, dtype, layer):
     engine = engine_factory(f"tiny-{dtype}", dtype=dtype)
     assert engine.precision.label == dtype
@@ -349,8 +336,10 @@ def test_a_shared_system_prompt_is_prefilled_once_and_changes_no_output(engine_f
     system = {"role": "system", "content": "You are a careful assistant who answers every question with few words."}
     conversations = [[system, {"role": "user", "content": text}] for text in ("Hello there", "Tell me a story")]
     fresh = engine_factory()  # has seen no chat prompt, so it knows no prefix and prefills whole
-    prompts = [fresh.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
-               for c in conversations]
+    prompts = [
+        fresh.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
+        for c in conversations
+    ]
     whole = [generate(fresh, [ids], temperature=0.0, max_tokens=8).text() for ids in prompts]
     assert fresh.scheduler.prefixes.hits + fresh.scheduler.prefixes.misses == 0
 
@@ -366,8 +355,12 @@ def test_prompts_waiting_together_are_prefilled_in_one_pass_and_answer_as_alone(
     engine = engine_factory()
     system = {"role": "system", "content": "You are a careful assistant who answers every question with few words."}
     engine.encode_chat([system, {"role": "user", "content": "learn the prefix"}])
-    prompts = [chat(engine, "Hi"), chat(engine, "A much longer question about batching and padding?"),
-               engine.encode_chat([system, {"role": "user", "content": "Tell me a story"}]), chat(engine, "Go")]
+    prompts = [
+        chat(engine, "Hi"),
+        chat(engine, "A much longer question about batching and padding?"),
+        engine.encode_chat([system, {"role": "user", "content": "Tell me a story"}]),
+        chat(engine, "Go"),
+    ]
     alone = [generate(engine, [ids], temperature=0.0, max_tokens=12).text() for ids in prompts]
     assert engine.scheduler.packed_prompts == 0  # one prompt at a time: each prefilled alone
 

@@ -16,9 +16,12 @@ from qubrid_lab.server.protocol.response_format import json_grammar
 from tests.engine.test_logprobs import per_choice, run_events
 from tests.engine.test_scheduler import chat
 
-SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
-                                           "colour": {"enum": ["red", "blue"]}},
-          "required": ["n", "colour"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}, "colour": {"enum": ["red", "blue"]}},
+    "required": ["n", "colour"],
+    "additionalProperties": False,
+}
 
 
 def reference_tokens(model, ll_tokenizer, grammar: str, prompt: list[int], limit: int) -> list[int]:
@@ -60,13 +63,18 @@ def test_constrained_and_free_rows_decode_together_unchanged(chat_engine):
     grammar = json_grammar(SCHEMA, strict=True)
     free_prompt, constrained_prompt = chat(chat_engine, "Say something"), chat(chat_engine, "Describe a thing")
     solo_free = run_events(chat_engine, free_prompt, temperature=0.0, max_tokens=20)[0]
-    solo_constrained = run_events(chat_engine, constrained_prompt, n=3, temperature=0.9, seed=8, max_tokens=60,
-                                  grammar=grammar)[0]
+    solo_constrained = run_events(
+        chat_engine, constrained_prompt, n=3, temperature=0.9, seed=8, max_tokens=60, grammar=grammar
+    )[0]
 
     async def together():
         free = GenerationRun(chat_engine, [free_prompt], SamplingParams(temperature=0.0, max_tokens=20), 1)
-        constrained = GenerationRun(chat_engine, [constrained_prompt],
-                                    SamplingParams(temperature=0.9, seed=8, max_tokens=60, grammar=grammar), 3)
+        constrained = GenerationRun(
+            chat_engine,
+            [constrained_prompt],
+            SamplingParams(temperature=0.9, seed=8, max_tokens=60, grammar=grammar),
+            3,
+        )
         return await asyncio.gather(collect(free), collect(constrained))
 
     free, constrained = asyncio.run(together())

@@ -31,8 +31,15 @@ def picture(kind: str) -> Image.Image:
 
 
 def question(text: str = "What is in the picture?") -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
-                                         {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +47,12 @@ def vision_engines(tiny_vision_dirs, tmp_path_factory):
     from qubrid_lab.engine.local import LocalChatEngine
 
     cache = tmp_path_factory.mktemp("vision-cache")
-    engines = {family: LocalChatEngine(ModelEntry(f"tiny-{family}", "chat", f"dir:{path}"), cache_dir=cache,
-                                       device="cpu", dtype="float32")
-               for family, path in tiny_vision_dirs.items()}
+    engines = {
+        family: LocalChatEngine(
+            ModelEntry(f"tiny-{family}", "chat", f"dir:{path}"), cache_dir=cache, device="cpu", dtype="float32"
+        )
+        for family, path in tiny_vision_dirs.items()
+    }
     yield engines
     for engine in engines.values():
         engine.close()
@@ -80,17 +90,22 @@ class Reply(list):
 
     def __eq__(self, other):
         return len(self) == len(other) and all(
-            a[0] == b[0] and abs(a[1] - b[1]) <= TOLERANCE for a, b in zip(self, other))
+            a[0] == b[0] and abs(a[1] - b[1]) <= TOLERANCE for a, b in zip(self, other)
+        )
 
 
 def generated(model, eos: set[int], max_tokens: int = 8, **inputs) -> Reply:
     """transformers' own greedy generate: each new token with its logprob (the end-of-sequence token left out)."""
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-    return Reply((token, float(torch.log_softmax(logits[0].float(), dim=-1)[token]))
-                 for token, logits in zip(tokens, out.logits) if token not in eos)
+        out = model.generate(
+            **inputs, max_new_tokens=max_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return Reply(
+        (token, float(torch.log_softmax(logits[0].float(), dim=-1)[token]))
+        for token, logits in zip(tokens, out.logits)
+        if token not in eos
+    )
 
 
 def test_two_images_give_different_logits(vision_engines):
@@ -115,10 +130,18 @@ def test_image_rows_decode_in_the_batch_as_generate_does_alone(vision_engines, f
 
     async def together():
         return await asyncio.gather(
-            _tokens(engine, GenerationRequest(SamplingParams(temperature=0.0, max_tokens=8, logprobs=0),
-                                              messages=question(), images=[picture("gradient")])),
-            _tokens(engine, GenerationRequest(SamplingParams(temperature=0.0, max_tokens=8, logprobs=0),
-                                              messages=text_only)))
+            _tokens(
+                engine,
+                GenerationRequest(
+                    SamplingParams(temperature=0.0, max_tokens=8, logprobs=0),
+                    messages=question(),
+                    images=[picture("gradient")],
+                ),
+            ),
+            _tokens(
+                engine, GenerationRequest(SamplingParams(temperature=0.0, max_tokens=8, logprobs=0), messages=text_only)
+            ),
+        )
 
     (with_image, image_prompt), (plain, _) = asyncio.run(together())
     expected, _ = reference(engine, question(), [picture("gradient")])
@@ -145,14 +168,17 @@ def test_multimodal_rotary_positions_decode_as_generate_does():
     model, image_processor = build_qwen2_vl(tokenizer)
     pixels = dict(image_processor(images=[picture("gradient")], return_tensors="pt"))
     placeholders = int(pixels["image_grid_thw"].prod()) // 4  # 2x2 patches merge into one token
-    text = (f"<|im_start|>user\n{QWEN_IMAGE.replace('<|image_pad|>', '<|image_pad|>' * placeholders)}"
-            "Describe it.<|im_end|>\n<|im_start|>assistant\n")
+    text = (
+        f"<|im_start|>user\n{QWEN_IMAGE.replace('<|image_pad|>', '<|image_pad|>' * placeholders)}"
+        "Describe it.<|im_end|>\n<|im_start|>assistant\n"
+    )
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     tensors = {**pixels, "mm_token_type_ids": (ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")).int()}
     inputs = image_inputs(model, ids, tensors)
     assert inputs.positions.shape == (3, 1, ids.shape[1]) and inputs.position_offset != 0
-    plain = tokenizer("<|im_start|>user\nHello there, how are you?<|im_end|>\n<|im_start|>assistant\n",
-                      add_special_tokens=False)["input_ids"]
+    plain = tokenizer(
+        "<|im_start|>user\nHello there, how are you?<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    )["input_ids"]
     eos = {tokenizer.eos_token_id}
     thread = ModelThread("qwen2-vl test")
     scheduler = BatchScheduler(transformers_forward(model), tokenizer, torch.device("cpu"), eos, 8, thread)
@@ -160,8 +186,10 @@ def test_multimodal_rotary_positions_decode_as_generate_does():
     async def decode():
         queue, loop = asyncio.Queue(), asyncio.get_running_loop()
         params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=0)
-        handles = [GenerationHandle(ids[0].tolist(), params, queue, loop, images=inputs),
-                   GenerationHandle(plain, params, queue, loop, first_index=1)]
+        handles = [
+            GenerationHandle(ids[0].tolist(), params, queue, loop, images=inputs),
+            GenerationHandle(plain, params, queue, loop, first_index=1),
+        ]
         for handle in handles:
             handle.max_new_tokens = 8
             scheduler.submit(handle)
@@ -185,8 +213,12 @@ def test_text_only_models_refuse_images_and_a_wrong_vision_key(chat_engine, tiny
     with pytest.raises(InvalidRequestError, match="reads text only"):
         chat_engine.encode_vision_chat(question(), None, [picture("red")])
     with pytest.raises(InvalidRequestError, match="vision: true"):
-        LocalChatEngine(ModelEntry("not-vision", "chat", f"dir:{tiny_model_dir}", vision=True), cache_dir=tmp_path,
-                        device="cpu", dtype="float32")
+        LocalChatEngine(
+            ModelEntry("not-vision", "chat", f"dir:{tiny_model_dir}", vision=True),
+            cache_dir=tmp_path,
+            device="cpu",
+            dtype="float32",
+        )
 
 
 def test_vision_models_know_it(vision_engines):

@@ -91,11 +91,15 @@ def test_serve_refuses_an_open_network_address(capsys):
 @pytest.mark.parametrize("verb", [[], ["list"]])
 def test_models_list_shows_each_entry_with_its_backend_and_status(tmp_path, capsys, verb, tiny_model_dir):
     extra = tmp_path / "catalogue.json"
-    extra.write_text(json.dumps([
-        {"id": "mine", "kind": "chat", "source": f"dir:{tiny_model_dir}", "owned_by": "me"},
-        {"id": "gone", "kind": "chat", "source": "dir:/no/such/model", "owned_by": "me"},
-        {"id": "hub", "kind": "embedding", "source": "hf:someorg/never-downloaded", "owned_by": "someorg"},
-    ]))
+    extra.write_text(
+        json.dumps(
+            [
+                {"id": "mine", "kind": "chat", "source": f"dir:{tiny_model_dir}", "owned_by": "me"},
+                {"id": "gone", "kind": "chat", "source": "dir:/no/such/model", "owned_by": "me"},
+                {"id": "hub", "kind": "embedding", "source": "hf:someorg/never-downloaded", "owned_by": "someorg"},
+            ]
+        )
+    )
     assert main(["--home", str(tmp_path), "models", *verb, "--catalogue-file", str(extra)]) == 0
     rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
     assert rows[0] == ["id", "kind", "backend", "source", "status"]
@@ -110,12 +114,16 @@ def test_models_list_shows_each_entry_with_its_backend_and_status(tmp_path, caps
 @pytest.mark.parametrize(
     ("item", "words"),
     [
-        ({"id": "a", "kind": "chat", "backend": "openai", "base_url": "http://h/v1", "python": "/usr/bin/python3"},
-         "unknown key 'python' for backend 'openai'"),
+        (
+            {"id": "a", "kind": "chat", "backend": "openai", "base_url": "http://h/v1", "python": "/usr/bin/python3"},
+            "unknown key 'python' for backend 'openai'",
+        ),
         ({"id": "a", "kind": "chat", "backend": "openai", "base_url": "h:8000"}, "needs base_url"),
         ({"id": "a", "kind": "chat", "backend": "tgi", "base_url": "http://h/v1"}, "backend 'tgi'"),
-        ({"id": "a", "kind": "chat", "source": "hf:x/y", "owned_by": "x", "base_url": "http://h/v1"},
-         "unknown key 'base_url' for backend 'local'"),
+        (
+            {"id": "a", "kind": "chat", "source": "hf:x/y", "owned_by": "x", "base_url": "http://h/v1"},
+            "unknown key 'base_url' for backend 'local'",
+        ),
         ({"id": "a", "kind": "chat", "owned_by": "x"}, "key 'source' is required"),
         ({"id": "a", "kind": "image", "backend": "openai", "base_url": "http://h/v1"}, "kind 'image'"),
         ({"kind": "chat"}, "at least 'id' and 'kind'"),
@@ -131,8 +139,11 @@ def test_a_bad_catalogue_entry_is_refused_naming_the_entry_and_the_key(tmp_path,
 
 def test_an_openai_entry_defaults_its_upstream_model_and_owner(tmp_path):
     path = tmp_path / "catalogue.json"
-    path.write_text(json.dumps([{"id": "team/llama", "kind": "chat", "backend": "openai",
-                                 "base_url": "http://vllm.internal:8000/v1"}]))
+    path.write_text(
+        json.dumps(
+            [{"id": "team/llama", "kind": "chat", "backend": "openai", "base_url": "http://vllm.internal:8000/v1"}]
+        )
+    )
     catalogue = default_catalogue()
     catalogue.load_file(path)
     entry = catalogue.get("team/llama")

@@ -62,5 +62,6 @@ def test_every_linear_of_a_model_is_swapped_and_the_tied_head_gets_its_own_weigh
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert isinstance(model.lm_head, Int8WeightLinear)
     assert torch.equal(model.get_input_embeddings().weight, embeddings)
-    assert set(model.weight_int8_rows) == {(m.in_features, m.out_features) for m in model.modules()
-                                           if isinstance(m, Int8WeightLinear)}
+    assert set(model.weight_int8_rows) == {
+        (m.in_features, m.out_features) for m in model.modules() if isinstance(m, Int8WeightLinear)
+    }

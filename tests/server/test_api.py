@@ -82,17 +82,13 @@ def events(response) -> list[str]:
     ],
 )
 def test_invalid_chat_fields_are_400_naming_the_field(client, fields, param, words):
-    error = assert_error(
-        client.post("/v1/chat/completions", json=chat_body(**fields)), 400, "invalid_request", param
-    )
+    error = assert_error(client.post("/v1/chat/completions", json=chat_body(**fields)), 400, "invalid_request", param)
     assert error["type"] == "invalid_request_error"
     assert all(word in error["message"] for word in words), error["message"]
 
 
 def test_a_missing_field_is_named(client):
-    assert_error(
-        client.post("/v1/chat/completions", json={"model": MODEL}), 400, "invalid_request", "messages"
-    )
+    assert_error(client.post("/v1/chat/completions", json={"model": MODEL}), 400, "invalid_request", "messages")
 
 
 def test_every_problem_is_reported_at_once(client):
@@ -139,16 +135,12 @@ def test_invalid_completion_fields_are_400(client, fields, param):
     ],
 )
 def test_an_unknown_model_is_404_listing_the_loaded_ones(client, path, body):
-    error = assert_error(
-        client.post(path, json={"model": "no-such-model", **body}), 404, "model_not_found", "model"
-    )
+    error = assert_error(client.post(path, json={"model": "no-such-model", **body}), 404, "model_not_found", "model")
     assert "no-such-model" in error["message"]
 
 
 def test_a_chat_model_is_no_embedding_model(client):
-    error = assert_error(
-        client.post("/v1/embeddings", json={"model": MODEL, "input": "hi"}), 404, "model_not_found"
-    )
+    error = assert_error(client.post("/v1/embeddings", json={"model": MODEL, "input": "hi"}), 404, "model_not_found")
     assert "not an embedding model" in error["message"]
 
 
@@ -157,18 +149,14 @@ def test_an_image_for_a_text_only_model_is_400(client):
         {"type": "text", "text": "What is this?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
     ]
-    response = client.post(
-        "/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": content}])
-    )
+    response = client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": content}]))
     error = assert_error(response, 400, "invalid_request", "messages[0].content")
     assert "messages[0].content" in error["message"] and "image" in error["message"]
 
 
 def test_a_prompt_longer_than_the_context_is_400(client, chat_engine):
     words = " ".join(["Hello"] * chat_engine.context_length)
-    response = client.post(
-        "/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": words}])
-    )
+    response = client.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": words}]))
     error = assert_error(response, 400, "invalid_request", "messages")
     assert str(chat_engine.context_length) in error["message"]
 
@@ -247,9 +235,7 @@ def test_a_chunked_body_over_the_limit_is_413(client_for):
     client = client_for(max_request_bytes=1024)
     payload = json.dumps(chat_body(messages=[{"role": "user", "content": "x" * 5000}])).encode()
     chunks = iter([payload[i : i + 512] for i in range(0, len(payload), 512)])
-    response = client.post(
-        "/v1/chat/completions", content=chunks, headers={"Content-Type": "application/json"}
-    )
+    response = client.post("/v1/chat/completions", content=chunks, headers={"Content-Type": "application/json"})
     assert_error(response, 413, "payload_too_large")
 
 
@@ -288,9 +274,7 @@ def test_a_chat_completion_has_usage_and_metrics(client, chat_engine):
     response = client.post("/v1/chat/completions", json=chat_body(max_tokens=6))
     assert response.status_code == 200
     body = response.json()
-    assert (
-        body["object"] == "chat.completion" and body["model"] == MODEL and body["id"].startswith("chatcmpl-")
-    )
+    assert body["object"] == "chat.completion" and body["model"] == MODEL and body["id"].startswith("chatcmpl-")
     [choice] = body["choices"]
     assert choice["index"] == 0 and choice["finish_reason"] == "length"
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
@@ -304,17 +288,13 @@ def test_a_chat_completion_has_usage_and_metrics(client, chat_engine):
 
 
 def test_n_choices_are_numbered_and_counted(client):
-    body = client.post(
-        "/v1/chat/completions", json=chat_body(n=3, temperature=1, seed=3, max_tokens=5)
-    ).json()
+    body = client.post("/v1/chat/completions", json=chat_body(n=3, temperature=1, seed=3, max_tokens=5)).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert 3 <= body["usage"]["completion_tokens"] <= 15
 
 
 def test_max_completion_tokens_is_honoured(client):
-    body = client.post(
-        "/v1/chat/completions", json=chat_body(max_tokens=None, max_completion_tokens=3)
-    ).json()
+    body = client.post("/v1/chat/completions", json=chat_body(max_tokens=None, max_completion_tokens=3)).json()
     assert body["usage"]["completion_tokens"] == 3
 
 
@@ -334,21 +314,15 @@ def test_text_parts_read_like_a_string(client):
 
 
 def test_null_means_the_default_and_unknown_fields_are_ignored(client):
-    body = chat_body(
-        temperature=None, top_p=None, n=None, stop=None, logprobs=False, some_future_field={"x": 1}
-    )
+    body = chat_body(temperature=None, top_p=None, n=None, stop=None, logprobs=False, some_future_field={"x": 1})
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200 and len(response.json()["choices"]) == 1
 
 
 def test_a_stop_string_ends_the_reply(client):
-    full = client.post("/v1/chat/completions", json=chat_body(max_tokens=30)).json()["choices"][0]["message"][
-        "content"
-    ]
+    full = client.post("/v1/chat/completions", json=chat_body(max_tokens=30)).json()["choices"][0]["message"]["content"]
     start = next(
-        i
-        for i in range(2, len(full) - 3)
-        if "\ufffd" not in full[i : i + 3] and full.find(full[i : i + 3]) == i
+        i for i in range(2, len(full) - 3) if "\ufffd" not in full[i : i + 3] and full.find(full[i : i + 3]) == i
     )
     stop = full[start : start + 3]
     reply = client.post("/v1/chat/completions", json=chat_body(max_tokens=30, stop=stop)).json()["choices"][0]
@@ -366,9 +340,7 @@ def test_a_chat_stream_follows_the_chunk_format(client):
     chunks = [json.loads(p) for p in payloads[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
-    assert chunks[0]["choices"] == [
-        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    ]
+    assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert set(chunks[-1]["x_metrics"]) == METRIC_KEYS
@@ -396,9 +368,7 @@ def test_a_stream_can_end_with_usage(client, chat_engine):
 
 
 def test_a_stream_with_n_choices_opens_and_closes_each(client):
-    with client.stream(
-        "POST", "/v1/chat/completions", json=chat_body(n=2, max_tokens=4, stream=True)
-    ) as response:
+    with client.stream("POST", "/v1/chat/completions", json=chat_body(n=2, max_tokens=4, stream=True)) as response:
         chunks = [json.loads(p) for p in events(response)[:-1]]
     opened = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["delta"].get("role") == "assistant"]
     finished = sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"])
@@ -444,9 +414,7 @@ def test_a_completion_stream_echoes_and_ends_with_done(client):
     assert {c["object"] for c in chunks} == {"text_completion"}
     assert chunks[0]["choices"][0]["text"] == "Hello there"
     assert "".join(c["choices"][0]["text"] for c in chunks) == "Hello there" + plain
-    assert (
-        chunks[-1]["choices"][0]["finish_reason"] == "length" and set(chunks[-1]["x_metrics"]) == METRIC_KEYS
-    )
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and set(chunks[-1]["x_metrics"]) == METRIC_KEYS
 
 
 def test_an_event_stays_one_line_for_clients_that_split_at_unicode_line_breaks():

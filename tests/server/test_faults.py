@@ -25,8 +25,9 @@ HEADERS = {"Authorization": f"Bearer {KEY}"}
 
 
 def serve(root, tiny_model_dir, *extra: str):
-    return start_tiny_server(root, tiny_model_dir, "--model", "tiny", "--training-device", "cpu", *extra,
-                             env={"QUBRID_LAB_API_KEYS": KEY})
+    return start_tiny_server(
+        root, tiny_model_dir, "--model", "tiny", "--training-device", "cpu", *extra, env={"QUBRID_LAB_API_KEYS": KEY}
+    )
 
 
 def http(server) -> httpx.Client:
@@ -69,11 +70,15 @@ def test_a_server_killed_mid_training_restarts_with_everything_intact(tmp_path, 
     try:
         with http(server) as client:
             dataset_id = upload(client).json()["id"]
-            chat = client.post("/v1/chat/completions", json={
-                "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+            chat = client.post(
+                "/v1/chat/completions",
+                json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+            )
             assert chat.status_code == 200
-            job = client.post("/v1/fine-tuning/jobs", json={"base_model": "tiny", "dataset_id": dataset_id,
-                                                           "task_type": "qa", "hyperparameters": LONG})
+            job = client.post(
+                "/v1/fine-tuning/jobs",
+                json={"base_model": "tiny", "dataset_id": dataset_id, "task_type": "qa", "hyperparameters": LONG},
+            )
             job_id = job.json()["id"]
             wait_for(client, job_id, lambda j: j["training_metrics"]["steps_completed"] >= 3)
             datasets = client.get("/v1/fine-tuning/datasets").json()
@@ -85,9 +90,17 @@ def test_a_server_killed_mid_training_restarts_with_everything_intact(tmp_path, 
     with serve(tmp_path, tiny_model_dir) as again, http(again) as client:
         assert client.get("/v1/fine-tuning/datasets").json() == datasets
         assert client.get("/v1/usage").json() == usage
-        resumed = wait_for(client, job_id, lambda j: j["status"] == "running" and any(
-            "resumes from its checkpoint" in e["message"] for e in
-            client.get(f"/v1/fine-tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]))
+        resumed = wait_for(
+            client,
+            job_id,
+            lambda j: (
+                j["status"] == "running"
+                and any(
+                    "resumes from its checkpoint" in e["message"]
+                    for e in client.get(f"/v1/fine-tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+                )
+            ),
+        )
         assert resumed["status"] == "running"
         assert client.post(f"/v1/fine-tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
 
@@ -114,8 +127,10 @@ def test_a_database_locked_by_another_writer_makes_requests_wait_not_fail(tmp_pa
         locker.execute("BEGIN EXCLUSIVE")
         # Inference answers while the lock is held (its usage row waits for the lock, the answer does not),
         # and the server keeps answering.
-        answer = client.post("/v1/chat/completions", json={
-            "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        answer = client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+        )
         assert answer.status_code == 200 and client.get("/health").status_code == 200
         results = []
         thread = threading.Thread(target=lambda: results.append(upload(client)))
@@ -138,9 +153,11 @@ def test_racing_clients_never_leave_a_job_without_its_dataset(tmp_path, tiny_mod
         for _ in range(8):
             dataset_id = upload(client).json()["id"]
             create, delete = together(
-                lambda: client.post("/v1/fine-tuning/jobs", json={
-                    "base_model": "tiny", "dataset_id": dataset_id, "task_type": "qa"}),  # noqa: B023
-                lambda: client.delete(f"/v1/fine-tuning/datasets/{dataset_id}"))  # noqa: B023
+                lambda: client.post(
+                    "/v1/fine-tuning/jobs", json={"base_model": "tiny", "dataset_id": dataset_id, "task_type": "qa"}
+                ),  # noqa: B023
+                lambda: client.delete(f"/v1/fine-tuning/datasets/{dataset_id}"),
+            )  # noqa: B023
             assert (create.status_code, delete.status_code) in ((201, 409), (400, 204)), (create.text, delete.text)
             if create.status_code == 201:  # the job's dataset is still there; two cancels make one cancellation
                 job_id = create.json()["id"]

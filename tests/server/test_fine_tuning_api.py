@@ -66,8 +66,7 @@ def stored_files(client: TestClient) -> list[Path]:
 def upload(client, content: bytes | Path = QA_CSV, filename: str | None = None, prefix: str = "/v1", **fields):
     if isinstance(content, Path):
         filename, content = filename or content.name, content.read_bytes()
-    return client.post(f"{prefix}/fine-tuning/datasets", files={"file": (filename, content, "text/csv")},
-                       data=fields)
+    return client.post(f"{prefix}/fine-tuning/datasets", files={"file": (filename, content, "text/csv")}, data=fields)
 
 
 def dataset_id(client, path: Path = QA_CSV) -> str:
@@ -143,11 +142,16 @@ def test_an_upload_over_the_dataset_limit_is_413_and_leaves_nothing(app_for):
 def test_a_streamed_upload_over_the_limit_is_413(app_for):
     client = app_for(max_dataset_bytes=1024)
     boundary = "qubridboundary"
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n'
-            "Content-Type: text/csv\r\n\r\nquestion,answer\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.csv"\r\n'
+        "Content-Type: text/csv\r\n\r\nquestion,answer\n"
+    ).encode()
     chunks = iter([head, *[b"q,a\n" * 128] * 8, f"\r\n--{boundary}--\r\n".encode()])
-    response = client.post("/v1/fine-tuning/datasets", content=chunks,
-                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = client.post(
+        "/v1/fine-tuning/datasets",
+        content=chunks,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert_error(response, 413, "payload_too_large")
     assert stored_files(client) == []
 
@@ -196,31 +200,52 @@ def test_a_dataset_used_by_a_queued_job_cannot_be_deleted(client):
 
 def test_a_job_is_created_queued_with_every_hyperparameter_resolved(client):
     dataset = dataset_id(client)
-    response = create_job(client, dataset_id=dataset, suffix="lighthouse",
-                          hyperparameters={"epochs": 2, "learning_rate": 1e-3, "lora_rank": 8})
+    response = create_job(
+        client,
+        dataset_id=dataset,
+        suffix="lighthouse",
+        hyperparameters={"epochs": 2, "learning_rate": 1e-3, "lora_rank": 8},
+    )
     assert response.status_code == 201, response.text
     job = response.json()
     assert job["id"].startswith("ftjob-")
-    assert (job["status"], job["base_model"], job["dataset_id"], job["task_type"]) == \
-        ("queued", "tiny", dataset, "qa")
+    assert (job["status"], job["base_model"], job["dataset_id"], job["task_type"]) == ("queued", "tiny", dataset, "qa")
     hyperparameters = job["hyperparameters"]
     assert (hyperparameters["epochs"], hyperparameters["learning_rate"], hyperparameters["lora_rank"]) == (2, 1e-3, 8)
     assert hyperparameters["validation_split"] == 0.0 and hyperparameters["batch_size"] >= 1  # defaults filled in
     assert job["fine_tuned_model"] is None and job["completed_at"] is None and job["error"] is None
-    assert job["training_metrics"] == {"training_loss": None, "validation_loss": None, "steps_completed": 0,
-                                       "epochs_completed": 0}
+    assert job["training_metrics"] == {
+        "training_loss": None,
+        "validation_loss": None,
+        "steps_completed": 0,
+        "epochs_completed": 0,
+    }
     assert ISO_UTC.match(job["created_at"]) and job["suffix"] == "lighthouse"
     assert client.get(f"/api/v1/fine-tuning/jobs/{job['id']}").json() == job
 
 
 def test_every_problem_with_a_job_is_reported_at_once(client):
-    response = create_job(client, base_model="gpt-9", dataset_id="ds-missing", suffix="bad suffix!",
-                          hyperparameters={"epochs": 0, "learning_rate": -1, "validation_split": 1, "warp": 9})
+    response = create_job(
+        client,
+        base_model="gpt-9",
+        dataset_id="ds-missing",
+        suffix="bad suffix!",
+        hyperparameters={"epochs": 0, "learning_rate": -1, "validation_split": 1, "warp": 9},
+    )
     error = assert_error(response, 400, "invalid_request", "base_model")
     message = error["message"]
-    for words in ("base_model", "gpt-9", "tiny", "dataset_id", "ds-missing", "hyperparameters.epochs",
-                  "hyperparameters.learning_rate", "hyperparameters.validation_split", "hyperparameters.warp",
-                  "suffix"):
+    for words in (
+        "base_model",
+        "gpt-9",
+        "tiny",
+        "dataset_id",
+        "ds-missing",
+        "hyperparameters.epochs",
+        "hyperparameters.learning_rate",
+        "hyperparameters.validation_split",
+        "hyperparameters.warp",
+        "suffix",
+    ):
         assert words in message, (words, message)
     assert "tiny-embedder" not in message  # only chat models can be fine-tuned
 
@@ -229,41 +254,67 @@ def test_an_embedding_model_or_an_unknown_task_is_refused(client):
     dataset = dataset_id(client)
     error = assert_error(create_job(client, dataset_id=dataset, base_model="tiny-embedder"), 400, "invalid_request")
     assert "embedding model" in error["message"]
-    error = assert_error(create_job(client, dataset_id=dataset, task_type="summarise"), 400, "invalid_request",
-                         "task_type")
+    error = assert_error(
+        create_job(client, dataset_id=dataset, task_type="summarise"), 400, "invalid_request", "task_type"
+    )
     assert "not_qa" in error["message"] and "chat" in error["message"]
 
 
 def test_settings_that_need_validation_data_or_a_tracker_are_checked_at_creation(client):
     dataset = dataset_id(client)
-    error = assert_error(create_job(client, dataset_id=dataset, hyperparameters={
-        "early_stopping_patience": 2, "load_best_at_end": True, "report_to": "wandb"}), 400, "invalid_request")
+    error = assert_error(
+        create_job(
+            client,
+            dataset_id=dataset,
+            hyperparameters={"early_stopping_patience": 2, "load_best_at_end": True, "report_to": "wandb"},
+        ),
+        400,
+        "invalid_request",
+    )
     assert "early_stopping_patience: it needs validation data" in error["message"]
     assert "load_best_at_end: it needs validation data" in error["message"]
     assert "pip install wandb" in error["message"]
-    ok = create_job(client, dataset_id=dataset, hyperparameters={
-        "early_stopping_patience": 2, "load_best_at_end": True, "validation_split": 0.2, "report_to": "tensorboard"})
+    ok = create_job(
+        client,
+        dataset_id=dataset,
+        hyperparameters={
+            "early_stopping_patience": 2,
+            "load_best_at_end": True,
+            "validation_split": 0.2,
+            "report_to": "tensorboard",
+        },
+    )
     assert ok.status_code == 201, ok.text
 
 
 def test_a_validation_dataset_is_checked_and_in_use_while_its_job_is_queued(client):
     training, held_out, chats = dataset_id(client), dataset_id(client), dataset_id(client, CHATS)
-    error = assert_error(create_job(client, dataset_id=training, validation_dataset_id=chats), 400, "invalid_request",
-                         "validation_dataset_id")
+    error = assert_error(
+        create_job(client, dataset_id=training, validation_dataset_id=chats),
+        400,
+        "invalid_request",
+        "validation_dataset_id",
+    )
     assert "is JSONL" in error["message"]
-    both = create_job(client, dataset_id=training, validation_dataset_id=held_out,
-                      hyperparameters={"validation_split": 0.2})
+    both = create_job(
+        client, dataset_id=training, validation_dataset_id=held_out, hyperparameters={"validation_split": 0.2}
+    )
     assert "not both" in assert_error(both, 400, "invalid_request")["message"]
-    job = create_job(client, dataset_id=training, validation_dataset_id=held_out,
-                     hyperparameters={"early_stopping_patience": 2})  # validation data: early stopping is allowed
+    job = create_job(
+        client, dataset_id=training, validation_dataset_id=held_out, hyperparameters={"early_stopping_patience": 2}
+    )  # validation data: early stopping is allowed
     assert job.status_code == 201 and job.json()["validation_dataset_id"] == held_out
     assert_error(client.delete(f"/v1/fine-tuning/datasets/{held_out}"), 409, "conflict")
 
 
 def test_a_max_seq_length_that_leaves_no_row_anything_to_train_is_refused_naming_the_rows(client):
     rows = len(QA_CSV.read_text().strip().splitlines()) - 1
-    error = assert_error(create_job(client, dataset_id=dataset_id(client), hyperparameters={"max_seq_length": 16}),
-                         400, "invalid_request", "dataset_id")
+    error = assert_error(
+        create_job(client, dataset_id=dataset_id(client), hyperparameters={"max_seq_length": 16}),
+        400,
+        "invalid_request",
+        "dataset_id",
+    )
     assert "max_seq_length 16 leaves no token to train on in any row" in error["message"]
     assert f"rows 1-{rows}" in error["message"]
     assert create_job(client, dataset_id=dataset_id(client), hyperparameters={"max_seq_length": 64}).status_code == 201
@@ -277,8 +328,9 @@ def test_chat_jobs_train_on_jsonl_and_column_tasks_on_csv(client):
     assert job.status_code == 201 and job.json()["task_type"] == "chat"
     error = assert_error(create_job(client, dataset_id=chats, task_type="qa"), 400, "invalid_request", "task_type")
     assert "JSONL" in error["message"]
-    error = assert_error(create_job(client, dataset_id=dataset_id(client), task_type="chat"), 400, "invalid_request",
-                         "task_type")
+    error = assert_error(
+        create_job(client, dataset_id=dataset_id(client), task_type="chat"), 400, "invalid_request", "task_type"
+    )
     assert "is CSV" in error["message"]
 
 
@@ -352,8 +404,11 @@ def test_events_are_read_forward_from_a_cursor(client):
     first = client.get(url, params={"limit": 1}).json()
     assert first["data"] == events[:1] and first["has_more"] is True
     assert client.get(url, params={"after": events[0]["id"]}).json()["data"] == events[1:]
-    assert client.get(url, params={"after": events[1]["id"]}).json() == {"object": "list", "data": [],
-                                                                          "has_more": False}
+    assert client.get(url, params={"after": events[1]["id"]}).json() == {
+        "object": "list",
+        "data": [],
+        "has_more": False,
+    }
     assert_error(client.get(url, params={"after": "ftevent-unknown"}), 400, "invalid_request", "after")
 
 

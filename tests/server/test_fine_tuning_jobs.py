@@ -29,9 +29,22 @@ from qubrid_lab.storage.jobs import JobStore
 from tests.server.test_api import assert_error
 
 QA_CSV = Path(__file__).parent.parent / "data" / "qa_facts.csv"
-QUICK = {"max_steps": 4, "batch_size": 4, "validation_split": 0.2, "eval_steps": 2, "save_steps": 2,
-         "lora_rank": 4, "max_seq_length": 64}
-ENDLESS = {**QUICK, "epochs": 100, "max_steps": 100_000, "eval_steps": 100_000, "save_steps": 2}  # 300 steps: time to act
+QUICK = {
+    "max_steps": 4,
+    "batch_size": 4,
+    "validation_split": 0.2,
+    "eval_steps": 2,
+    "save_steps": 2,
+    "lora_rank": 4,
+    "max_seq_length": 64,
+}
+ENDLESS = {
+    **QUICK,
+    "epochs": 100,
+    "max_steps": 100_000,
+    "eval_steps": 100_000,
+    "save_steps": 2,
+}  # 300 steps: time to act
 TIMEOUT = 240
 
 
@@ -63,8 +76,13 @@ def start(tmp_path, catalogue):
 
 def submit(client: TestClient, hyperparameters: dict, base_model: str = "tiny", **fields) -> str:
     upload = client.post("/v1/fine-tuning/datasets", files={"file": (QA_CSV.name, QA_CSV.read_bytes())})
-    body = {"base_model": base_model, "dataset_id": upload.json()["id"], "task_type": "qa",
-            "hyperparameters": hyperparameters, **fields}
+    body = {
+        "base_model": base_model,
+        "dataset_id": upload.json()["id"],
+        "task_type": "qa",
+        "hyperparameters": hyperparameters,
+        **fields,
+    }
     response = client.post("/v1/fine-tuning/jobs", json=body)
     assert response.status_code == 201, response.text
     return response.json()["id"]
@@ -85,8 +103,10 @@ def wait_for(client: TestClient, job_id: str, done, seen: list | None = None) ->
             return job
         time.sleep(0.1)
     log = client.app.state.job_manager.job_dir(job_id) / "worker.log"
-    raise AssertionError(f"job did not get there in {TIMEOUT}s: {job}\n{events(client, job_id)}\n"
-                         f"{log.read_text()[-3000:] if log.exists() else ''}")
+    raise AssertionError(
+        f"job did not get there in {TIMEOUT}s: {job}\n{events(client, job_id)}\n"
+        f"{log.read_text()[-3000:] if log.exists() else ''}"
+    )
 
 
 def wait_for_exit(client: TestClient, job_id: str, seconds: float = 20) -> None:
@@ -101,8 +121,10 @@ def served_ids(client: TestClient) -> list[str]:
 
 
 def chat(client: TestClient, model: str):
-    return client.post("/v1/chat/completions", json={"model": model, "max_tokens": 3, "temperature": 0,
-                                                     "messages": [{"role": "user", "content": "Hello"}]})
+    return client.post(
+        "/v1/chat/completions",
+        json={"model": model, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": "Hello"}]},
+    )
 
 
 def test_a_job_trains_reports_and_its_model_is_served_at_once(start, engine_factory):
@@ -128,8 +150,9 @@ def test_a_job_trains_reports_and_its_model_is_served_at_once(start, engine_fact
     assert [e["step"] for e in evaluations] == [2, 4]
     assert all(0 <= e["validation_mean_token_accuracy"] <= 1 for e in evaluations)
     best = min(evaluations, key=lambda e: e["validation_loss"])["step"]
-    assert messages[-1] == (f"Job completed; fine-tuned model {model_id} is ready; it holds the best checkpoint's "
-                            f"weights (step {best}).")
+    assert messages[-1] == (
+        f"Job completed; fine-tuned model {model_id} is ready; it holds the best checkpoint's weights (step {best})."
+    )
     steps = [e["data"] for e in log if e["type"] == "metrics" and "training_loss" in e["data"]]
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert all(s["learning_rate"] > 0 and s["tokens"] > 0 and s["epoch"] > 0 for s in steps)
@@ -147,8 +170,12 @@ def test_a_job_trains_reports_and_its_model_is_served_at_once(start, engine_fact
     assert checkpoint_model in served_ids(client)
 
     [listed] = client.get("/api/v1/fine-tuning/models").json()["data"]
-    assert (listed["id"], listed["base_model"], listed["job_id"], listed["status"]) == \
-        (model_id, "tiny", job_id, "available")
+    assert (listed["id"], listed["base_model"], listed["job_id"], listed["status"]) == (
+        model_id,
+        "tiny",
+        job_id,
+        "available",
+    )
     assert model_id in served_ids(client)
     reply = chat(client, model_id)
     assert reply.status_code == 200 and reply.json()["model"] == model_id
@@ -232,14 +259,14 @@ def test_a_worker_error_fails_the_job_in_words(start):
 def test_a_job_running_when_the_server_stopped_resumes_from_its_checkpoint(start):
     first = start()
     job_id = submit(first, ENDLESS)
-    wait_for(first, job_id, lambda j: any(e["message"].startswith("Checkpoint saved")
-                                          for e in events(first, job_id)))
+    wait_for(first, job_id, lambda j: any(e["message"].startswith("Checkpoint saved") for e in events(first, job_id)))
     first.__exit__(None, None, None)  # the server stops; the job is left running, to resume
     saved = max(e["data"]["step"] for e in events(first, job_id) if e["message"].startswith("Checkpoint saved"))
 
     again = start()
-    resumed = wait_for(again, job_id, lambda j: any(e["message"].startswith("Resumed from step")
-                                                    for e in events(again, job_id)))
+    resumed = wait_for(
+        again, job_id, lambda j: any(e["message"].startswith("Resumed from step") for e in events(again, job_id))
+    )
     assert resumed["status"] == "running"
     log = events(again, job_id)
     messages = [e["message"] for e in log]
@@ -249,7 +276,7 @@ def test_a_job_running_when_the_server_stopped_resumes_from_its_checkpoint(start
 
     def steps_since_resume() -> list[int]:
         log = events(again, job_id)
-        return [e["data"]["step"] for e in log[log.index(resume):] if e["type"] == "metrics"]
+        return [e["data"]["step"] for e in log[log.index(resume) :] if e["type"] == "metrics"]
 
     wait_for(again, job_id, lambda j: steps_since_resume())
     assert steps_since_resume()[0] == resume["data"]["step"] + 1  # training went on from the checkpoint
@@ -265,14 +292,35 @@ def test_an_orphaned_worker_stops_by_itself(tmp_path, tiny_model_dir):
     incoming = datasets.incoming_file()
     shutil.copy(QA_CSV, incoming)
     dataset = datasets.add(incoming, QA_CSV.name)
-    job = JobStore(db).create(base_model="tiny", dataset_id=dataset.id, task_type="qa", hyperparameters=ENDLESS,
-                              column_mapping=None, suffix=None)
+    job = JobStore(db).create(
+        base_model="tiny",
+        dataset_id=dataset.id,
+        task_type="qa",
+        hyperparameters=ENDLESS,
+        column_mapping=None,
+        suffix=None,
+    )
     job_dir = tmp_path / "job"
-    worker = [sys.executable, "-m", "qubrid_lab.training.worker", "--database", str(db.path), "--job-id", job.id,
-              "--model-dir", str(tiny_model_dir), "--job-dir", str(job_dir), "--device", "cpu"]
-    launcher = (f"import os, subprocess, sys; worker = {worker!r} + ['--server-pid', str(os.getpid())]; "
-                f"print(subprocess.Popen(worker, stdout=open({str(tmp_path / 'worker.log')!r}, 'w'), "
-                "stderr=subprocess.STDOUT).pid)")
+    worker = [
+        sys.executable,
+        "-m",
+        "qubrid_lab.training.worker",
+        "--database",
+        str(db.path),
+        "--job-id",
+        job.id,
+        "--model-dir",
+        str(tiny_model_dir),
+        "--job-dir",
+        str(job_dir),
+        "--device",
+        "cpu",
+    ]
+    launcher = (
+        f"import os, subprocess, sys; worker = {worker!r} + ['--server-pid', str(os.getpid())]; "
+        f"print(subprocess.Popen(worker, stdout=open({str(tmp_path / 'worker.log')!r}, 'w'), "
+        "stderr=subprocess.STDOUT).pid)"
+    )
     pid = int(subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, check=True).stdout)
 
     deadline = time.monotonic() + TIMEOUT

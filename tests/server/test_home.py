@@ -16,14 +16,15 @@ from qubrid_lab.server.home import INFO_NAME, claim_home, home_server
 
 def hold_home(home, owner_pid: int | None = None) -> subprocess.Popen:
     """Another process that claims ``home`` and keeps it until its stdin closes."""
-    script = ("import sys\n"
-              "from pathlib import Path\n"
-              "from qubrid_lab.server.home import claim_home\n"
-              f"with claim_home(Path({str(home)!r}), 'http://127.0.0.1:9', owner_pid={owner_pid!r}):\n"
-              "    print('held', flush=True)\n"
-              "    sys.stdin.read()\n")
-    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from qubrid_lab.server.home import claim_home\n"
+        f"with claim_home(Path({str(home)!r}), 'http://127.0.0.1:9', owner_pid={owner_pid!r}):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -53,8 +54,10 @@ def test_a_home_held_by_a_running_server_is_refused_naming_it(tmp_path):
     try:
         with pytest.raises(ConflictError) as refused, claim_home(tmp_path, "http://127.0.0.1:2"):
             pass
-        assert f"(pid {holder.pid}, http://127.0.0.1:9) already uses the home directory {tmp_path}" \
+        assert (
+            f"(pid {holder.pid}, http://127.0.0.1:9) already uses the home directory {tmp_path}"
             in refused.value.message
+        )
         assert refused.value.param == "home"
     finally:
         holder.communicate("")

@@ -28,9 +28,14 @@ def data_url(data: bytes, kind: str = "png") -> str:
 
 
 def messages(*urls: str) -> list[dict]:
-    return [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Look:"}]
-             + [{"type": "image_url", "image_url": {"url": url}} for url in urls]}]
+    return [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Look:"}]
+            + [{"type": "image_url", "image_url": {"url": url}} for url in urls],
+        },
+    ]
 
 
 def load(policy: ImagePolicy, *urls: str):
@@ -65,7 +70,7 @@ class _Images(QuietHandler):
             self.end_headers()
         elif self.path.startswith("/to/"):
             self.send_response(302)
-            self.send_header("Location", self.path[len("/to/"):])
+            self.send_header("Location", self.path[len("/to/") :])
             self.end_headers()
         else:
             self.send_response(404)
@@ -84,13 +89,16 @@ def test_data_urls_become_rgb_images_in_order():
     assert images[1].mode == "RGB" and images[1].getpixel((0, 0)) == (1, 2, 3)
 
 
-@pytest.mark.parametrize("url, says", [
-    ("data:image/png;base64,@@@@", "not valid base64"),
-    ("data:text/plain;base64,aGVsbG8=", "without an image"),
-    (data_url(b"this is not a picture"), "not an image this server can read"),
-    ("ftp://example.com/a.png", "http(s) URL or a data URL"),
-    ("file:///etc/passwd", "http(s) URL or a data URL"),
-])
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("data:image/png;base64,@@@@", "not valid base64"),
+        ("data:text/plain;base64,aGVsbG8=", "without an image"),
+        (data_url(b"this is not a picture"), "not an image this server can read"),
+        ("ftp://example.com/a.png", "http(s) URL or a data URL"),
+        ("file:///etc/passwd", "http(s) URL or a data URL"),
+    ],
+)
 def test_bad_images_get_a_400_naming_the_part(url, says):
     error = refused(ImagePolicy(hosts=frozenset({"*"})), url)
     assert error.param == "messages[1].content[1].image_url.url" and says in error.message
@@ -98,8 +106,10 @@ def test_bad_images_get_a_400_naming_the_part(url, says):
 
 def test_limits_on_count_bytes_and_pixels():
     assert refused(ImagePolicy(max_images=1), data_url(png()), data_url(png())).param == "messages"
-    assert "larger than this server's limit of 2,048 bytes" in refused(
-        ImagePolicy(max_bytes=2048), data_url(png((400, 400)) + b"\0" * 4096)).message
+    assert (
+        "larger than this server's limit of 2,048 bytes"
+        in refused(ImagePolicy(max_bytes=2048), data_url(png((400, 400)) + b"\0" * 4096)).message
+    )
     assert "20x10 pixels" in refused(ImagePolicy(max_pixels=100), data_url(png((20, 10)))).message
 
 

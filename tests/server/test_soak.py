@@ -35,16 +35,27 @@ MODEL = CHAT_MODEL if BUNDLED else "tiny"
 @pytest.fixture(scope="module")
 def soaked(tmp_path_factory, tiny_model_dir):
     models = ["--model", CHAT_MODEL, "--dtype", "float32"] if BUNDLED else ["--model", "tiny"]
-    server = start_tiny_server(tmp_path_factory.mktemp("soak"), tiny_model_dir, *models, "--max-batch-size", "32",
-                               env={"QUBRID_LAB_API_KEYS": KEY})
+    server = start_tiny_server(
+        tmp_path_factory.mktemp("soak"),
+        tiny_model_dir,
+        *models,
+        "--max-batch-size",
+        "32",
+        env={"QUBRID_LAB_API_KEYS": KEY},
+    )
     yield server
     stop_server(server)
 
 
 async def one_stream(client: httpx.AsyncClient, hang_up: bool, rng: random.Random) -> str:
     """'done' for a stream that ended with [DONE], 'left' for one we hung up on, else what went wrong."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell me {rng.randint(0, 999)} things"}],
-            "max_tokens": rng.randint(8, 48), "temperature": 0.8, "stream": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Tell me {rng.randint(0, 999)} things"}],
+        "max_tokens": rng.randint(8, 48),
+        "temperature": 0.8,
+        "stream": True,
+    }
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             return f"status {response.status_code}: {(await response.aread())[:300]!r}"
@@ -65,8 +76,9 @@ async def one_stream(client: httpx.AsyncClient, hang_up: bool, rng: random.Rando
 async def run_clients(base_url: str, until: float, outcomes: dict) -> None:
     async def client_loop(index: int) -> None:
         rng = random.Random(index)
-        async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {KEY}"},
-                                     timeout=120) as client:
+        async with httpx.AsyncClient(
+            base_url=base_url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120
+        ) as client:
             while time.monotonic() < until:
                 try:
                     outcome = await one_stream(client, hang_up=index % 3 == 0, rng=rng)
@@ -124,8 +136,10 @@ def test_64_streams_for_minutes_fail_nothing_and_leak_nothing(soaked):
     growth = final / baseline - 1
     timeline = ", ".join(f"{at:.0f}s {rss / 2**20:.0f}" for at, rss in samples[::6])
     print(f"\nRSS MiB over time: {timeline}")
-    print(f"\nsoak {MODEL}, {SECONDS:.0f}s, {CLIENTS} clients: {outcomes}; RSS {baseline / 2**20:.0f} MiB at "
-          f"{BASELINE_AT:.0f}s -> {final / 2**20:.0f} MiB at the end ({growth:+.1%}); fds {fds_before} -> {fds_after}")
+    print(
+        f"\nsoak {MODEL}, {SECONDS:.0f}s, {CLIENTS} clients: {outcomes}; RSS {baseline / 2**20:.0f} MiB at "
+        f"{BASELINE_AT:.0f}s -> {final / 2**20:.0f} MiB at the end ({growth:+.1%}); fds {fds_before} -> {fds_after}"
+    )
     assert growth < 0.05, f"resident memory grew {growth:.1%} after minute {BASELINE_AT / 60:.1f}"
     # The SQLite pool may keep up to IDLE_CONNECTIONS connections idle (database, WAL and shm files each),
     # fewer before the load than after it; a leak would grow with the thousands of requests.

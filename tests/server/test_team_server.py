@@ -27,8 +27,16 @@ HELLO = [{"role": "user", "content": "Hello"}]
 @pytest.fixture
 def catalogue(tiny_model_dir) -> Catalogue:
     catalogue = Catalogue()
-    catalogue.register(ModelEntry("tiny", "chat", f"dir:{tiny_model_dir}", owned_by="test",
-                                  price_input_per_mtok=1000.0, price_output_per_mtok=2000.0))
+    catalogue.register(
+        ModelEntry(
+            "tiny",
+            "chat",
+            f"dir:{tiny_model_dir}",
+            owned_by="test",
+            price_input_per_mtok=1000.0,
+            price_output_per_mtok=2000.0,
+        )
+    )
     return catalogue
 
 
@@ -37,8 +45,9 @@ def server(tmp_path, catalogue, engine_factory):
     """The app over the tiny model ('tiny'), home ``tmp_path/home``; yields (client, home)."""
     home = tmp_path / "home"
     settings = Settings(home=home, training_device="cpu", max_batch_size=2, max_waiting_requests=1)
-    app = create_app(settings, ModelRegistry(chat={"tiny": engine_factory("tiny")}), close_registry=False,
-                     catalogue=catalogue)
+    app = create_app(
+        settings, ModelRegistry(chat={"tiny": engine_factory("tiny")}), close_registry=False, catalogue=catalogue
+    )
     with TestClient(app) as client:
         yield client, home
 
@@ -58,8 +67,9 @@ def chat(client: TestClient, key: str | None, model: str = "tiny", **fields):
 
 
 def upload(client: TestClient, key: str) -> str:
-    response = client.post("/v1/fine-tuning/datasets", files={"file": (QA_CSV.name, QA_CSV.read_bytes())},
-                           headers=auth(key))
+    response = client.post(
+        "/v1/fine-tuning/datasets", files={"file": (QA_CSV.name, QA_CSV.read_bytes())}, headers=auth(key)
+    )
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
@@ -110,8 +120,10 @@ def test_objects_belong_to_the_key_that_made_them(server, capsys):
         assert_error(client.delete(path, headers=auth(bob)), 404, "not_found")
     assert client.get("/v1/fine-tuning/datasets", headers=auth(bob)).json()["data"] == []
     assert [d["id"] for d in client.get("/v1/fine-tuning/datasets", headers=auth(alice)).json()["data"]] == [mine]
-    assert {d["id"] for d in client.get("/v1/fine-tuning/datasets", headers=auth(admin)).json()["data"]} == \
-        {mine, early}
+    assert {d["id"] for d in client.get("/v1/fine-tuning/datasets", headers=auth(admin)).json()["data"]} == {
+        mine,
+        early,
+    }
 
     # bob cannot train on alice's dataset, see her job, its events, or cancel it
     job = {"base_model": "tiny", "dataset_id": mine, "task_type": "qa", "hyperparameters": QUICK}
@@ -120,8 +132,11 @@ def test_objects_belong_to_the_key_that_made_them(server, capsys):
     created = client.post("/v1/fine-tuning/jobs", json=job, headers=auth(alice))
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
-    for method, path in (("GET", f"/v1/fine-tuning/jobs/{job_id}"), ("GET", f"/v1/fine-tuning/jobs/{job_id}/events"),
-                         ("POST", f"/v1/fine-tuning/jobs/{job_id}/cancel")):
+    for method, path in (
+        ("GET", f"/v1/fine-tuning/jobs/{job_id}"),
+        ("GET", f"/v1/fine-tuning/jobs/{job_id}/events"),
+        ("POST", f"/v1/fine-tuning/jobs/{job_id}/cancel"),
+    ):
         assert_error(client.request(method, path, headers=auth(bob)), 404, "not_found")
     assert client.get("/v1/fine-tuning/jobs", headers=auth(bob)).json() == {"data": [], "total": 0}
 
@@ -143,12 +158,19 @@ def test_objects_belong_to_the_key_that_made_them(server, capsys):
     assert chat(client, alice, model_id).status_code == 200
 
     # the same through OpenAI's API; and a checkpoint served for alice stays hers
-    assert {f["purpose"]: f["id"] for f in client.get("/v1/files", headers=auth(alice)).json()["data"]} == \
-        {"fine-tune": mine, "fine-tune-results": f"ftresult-{job_id.removeprefix('ftjob-')}"}
+    assert {f["purpose"]: f["id"] for f in client.get("/v1/files", headers=auth(alice)).json()["data"]} == {
+        "fine-tune": mine,
+        "fine-tune-results": f"ftresult-{job_id.removeprefix('ftjob-')}",
+    }
     assert client.get("/v1/files", headers=auth(bob)).json()["data"] == []
-    for path in (f"/v1/files/{mine}", f"/v1/files/{mine}/content", f"/v1/files/ftresult-{job_id[6:]}/content",
-                 f"/v1/fine_tuning/jobs/{job_id}",
-                 f"/v1/fine_tuning/jobs/{job_id}/checkpoints", f"/v1/fine_tuning/jobs/{job_id}/events"):
+    for path in (
+        f"/v1/files/{mine}",
+        f"/v1/files/{mine}/content",
+        f"/v1/files/ftresult-{job_id[6:]}/content",
+        f"/v1/fine_tuning/jobs/{job_id}",
+        f"/v1/fine_tuning/jobs/{job_id}/checkpoints",
+        f"/v1/fine_tuning/jobs/{job_id}/events",
+    ):
         assert_error(client.get(path, headers=auth(bob)), 404, "not_found")
     refused = client.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": mine}, headers=auth(bob))
     assert_error(refused, 400, "invalid_request", "training_file")
@@ -177,8 +199,11 @@ def test_a_metered_key_is_charged_and_refused_with_402_once_spent(server, capsys
     assert answer.status_code == 200
     used = answer.json()["usage"]
     [row] = usage(client, key)
-    assert (row["prompt_tokens"], row["completion_tokens"], row["requests"]) == \
-        (used["prompt_tokens"], used["completion_tokens"], 1)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["requests"]) == (
+        used["prompt_tokens"],
+        used["completion_tokens"],
+        1,
+    )
     cost = (used["prompt_tokens"] * 1000.0 + used["completion_tokens"] * 2000.0) / 1e6
     assert row["cost"] == pytest.approx(cost)
     # spend the rest: a stream that crosses the limit finishes; the request after it is refused before any work
@@ -247,8 +272,11 @@ def test_a_full_waiting_room_is_503_with_retry_after(server, capsys):
     started = threading.Event()
 
     def waiting_stream():
-        with client.stream("POST", "/v1/chat/completions", json={
-                "model": "tiny", "messages": HELLO, "max_tokens": 4, "stream": True, "n": 3}) as response:
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": "tiny", "messages": HELLO, "max_tokens": 4, "stream": True, "n": 3},
+        ) as response:
             started.set()
             results.append(response.status_code)
             for _ in response.iter_lines():
@@ -284,10 +312,18 @@ def test_usage_is_filtered_and_other_keys_usage_is_for_admins(server, capsys):
     assert usage(client, admin, model="nothing") == []
     assert usage(client, admin, start_date="2000-01-01", end_date="2000-01-02") == []
     assert_error(client.get("/v1/usage", params={"key_name": "root"}, headers=auth(alice)), 403, "permission_denied")
-    assert_error(client.get("/v1/usage", params={"start_date": "yesterday"}, headers=auth(alice)), 400,
-                 "invalid_request", "start_date")
-    assert_error(client.get("/v1/usage", params={"start_date": "2030-01-02", "end_date": "2030-01-01"},
-                            headers=auth(alice)), 400, "invalid_request", "start_date")
+    assert_error(
+        client.get("/v1/usage", params={"start_date": "yesterday"}, headers=auth(alice)),
+        400,
+        "invalid_request",
+        "start_date",
+    )
+    assert_error(
+        client.get("/v1/usage", params={"start_date": "2030-01-02", "end_date": "2030-01-01"}, headers=auth(alice)),
+        400,
+        "invalid_request",
+        "start_date",
+    )
 
 
 def metric(text: str, name: str, **labels) -> float | None:
@@ -303,8 +339,11 @@ def metric(text: str, name: str, **labels) -> float | None:
 def test_metrics_count_requests_tokens_and_state_for_admins_only(server, capsys, caplog):
     client, home = server
     caplog.set_level("INFO", logger="qubrid_lab.access")
-    answer = client.post("/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": 5,
-                                                       "temperature": 0}, headers={"X-Request-Id": "trace-42"})
+    answer = client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": HELLO, "max_tokens": 5, "temperature": 0},
+        headers={"X-Request-Id": "trace-42"},
+    )
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "trace-42"
     assert any("request_id=trace-42" in r.getMessage() and "status=200" in r.getMessage() for r in caplog.records)
     fresh = client.get("/v1/models", headers={"X-Request-Id": "bad id\twith tab" + "x" * 200})
@@ -313,8 +352,7 @@ def test_metrics_count_requests_tokens_and_state_for_admins_only(server, capsys,
     used = answer.json()["usage"]
 
     text = client.get("/metrics").text  # no keys yet: open like the rest of the server
-    assert metric(text, "qubrid_lab_requests_total", route="/v1/chat/completions", method="POST",
-                  status="200") == 1
+    assert metric(text, "qubrid_lab_requests_total", route="/v1/chat/completions", method="POST", status="200") == 1
     assert metric(text, "qubrid_lab_requests_total", route="unmatched", status="404") == 1
     assert metric(text, "qubrid_lab_tokens_total", model="tiny", kind="prompt") == used["prompt_tokens"]
     assert metric(text, "qubrid_lab_tokens_total", model="tiny", kind="completion") == used["completion_tokens"]

@@ -43,8 +43,14 @@ def test_reopening_keeps_the_data_and_migrating_again_changes_nothing(tmp_path):
     first = Database(path)
     first.migrate()
     dataset = DatasetStore(first, tmp_path / "files").add(write_csv(tmp_path), "facts.csv")
-    job = JobStore(first).create(base_model="m", dataset_id=dataset.id, task_type="qa", hyperparameters={"epochs": 1},
-                                 column_mapping=None, suffix="s")
+    job = JobStore(first).create(
+        base_model="m",
+        dataset_id=dataset.id,
+        task_type="qa",
+        hyperparameters={"epochs": 1},
+        column_mapping=None,
+        suffix="s",
+    )
 
     again = Database(path)
     assert again.migrate() == len(MIGRATIONS)
@@ -67,8 +73,9 @@ def test_a_second_process_writes_while_this_one_does(tmp_path):
     db.migrate()
     dataset = DatasetStore(db, tmp_path / "files").add(write_csv(tmp_path), "facts.csv")
     jobs = JobStore(db)
-    job = jobs.create(base_model="m", dataset_id=dataset.id, task_type="qa", hyperparameters={},
-                      column_mapping=None, suffix=None)
+    job = jobs.create(
+        base_model="m", dataset_id=dataset.id, task_type="qa", hyperparameters={}, column_mapping=None, suffix=None
+    )
     writer = textwrap.dedent(f"""
         import time
         from qubrid_lab.storage.db import Database
@@ -107,8 +114,9 @@ def db(tmp_path) -> Database:
 
 def new_job(db: Database):
     dataset = DatasetStore(db, db.path.parent / "files").add(write_csv(db.path.parent), "facts.csv")
-    return JobStore(db).create(base_model="m", dataset_id=dataset.id, task_type="qa", hyperparameters={},
-                               column_mapping=None, suffix=None)
+    return JobStore(db).create(
+        base_model="m", dataset_id=dataset.id, task_type="qa", hyperparameters={}, column_mapping=None, suffix=None
+    )
 
 
 def record_in_another_process(db: Database, job_id: str, step: int) -> None:
@@ -171,8 +179,10 @@ def test_a_connection_moves_between_threads_but_is_never_shared(db):
 
 def test_a_failed_write_is_rolled_back_and_the_next_write_works(db):
     with pytest.raises(RuntimeError), db.transaction() as failed:
-        failed.execute("INSERT INTO jobs (id, status, base_model, dataset_id, task_type, hyperparameters, "
-                       "created_at) VALUES ('ftjob-x', 'queued', 'm', 'ds-x', 'qa', '{}', 0)")
+        failed.execute(
+            "INSERT INTO jobs (id, status, base_model, dataset_id, task_type, hyperparameters, "
+            "created_at) VALUES ('ftjob-x', 'queued', 'm', 'ds-x', 'qa', '{}', 0)"
+        )
         raise RuntimeError("the caller's own error")
     with db.transaction() as next_write:
         assert next_write is failed  # reused, and not left inside the failed transaction

@@ -25,8 +25,9 @@ def upload(datasets: DatasetStore, text: str, filename: str = "facts.csv"):
 
 
 def new_job(jobs: JobStore, dataset_id: str):
-    return jobs.create(base_model="m", dataset_id=dataset_id, task_type="qa", hyperparameters={},
-                       column_mapping=None, suffix=None)
+    return jobs.create(
+        base_model="m", dataset_id=dataset_id, task_type="qa", hyperparameters={}, column_mapping=None, suffix=None
+    )
 
 
 def test_a_dataset_is_kept_under_the_files_dir(stores, tmp_path):
@@ -78,8 +79,12 @@ def test_status_changes_only_leave_the_expected_statuses(stores, tmp_path):
     assert not jobs.transition(job.id, ("queued", "running"), "cancelled")  # a finished job stays finished
     assert not jobs.complete(job.id, model, "again")
     stored = jobs.get(job.id)
-    assert (stored.status, stored.fine_tuned_model, stored.steps_completed, stored.completed_at) == \
-        ("completed", model.id, 3, 2.0)
+    assert (stored.status, stored.fine_tuned_model, stored.steps_completed, stored.completed_at) == (
+        "completed",
+        model.id,
+        3,
+        2.0,
+    )
     assert jobs.models() == [model] and jobs.get_model(model.id) == model
     assert jobs.delete_model(model.id) == model
     assert jobs.models() == []

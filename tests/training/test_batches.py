@@ -11,10 +11,12 @@ from qubrid_lab.training.lora import resolve_placement
 
 
 def test_the_collator_pads_inputs_with_the_pad_id_labels_with_minus_100_and_masks_the_padding():
-    batch = PaddingCollator(pad_id=0)([
-        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
-        {"input_ids": [8], "labels": [8]},
-    ])
+    batch = PaddingCollator(pad_id=0)(
+        [
+            {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+            {"input_ids": [8], "labels": [8]},
+        ]
+    )
 
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

@@ -39,14 +39,18 @@ def lengths_in_training(path: Path, plan: ColumnPlan, tokenizer, max_seq_length:
 @pytest.fixture
 def messy_csv(tmp_path) -> Path:
     """Row 1 spans two lines, so data rows and file lines are numbered differently."""
-    return write(tmp_path / "messy.csv", (
-        'question,answer\n'
-        '"Where is the\nferry?",It crosses the bay twice a day.\n'  # row 1, lines 2-3
-        'Who rings the bell?,\n'  # row 2: empty answer
-        'When does it open?,At dawn.\n'  # row 3
-        'When does it open?,At dawn.\n'  # row 4: copy of row 3
-        '  ,Nobody asked.\n'  # row 5: blank question
-        'Is it far?,No\n'))  # row 6: a two-character answer
+    return write(
+        tmp_path / "messy.csv",
+        (
+            "question,answer\n"
+            '"Where is the\nferry?",It crosses the bay twice a day.\n'  # row 1, lines 2-3
+            "Who rings the bell?,\n"  # row 2: empty answer
+            "When does it open?,At dawn.\n"  # row 3
+            "When does it open?,At dawn.\n"  # row 4: copy of row 3
+            "  ,Nobody asked.\n"  # row 5: blank question
+            "Is it far?,No\n"
+        ),
+    )  # row 6: a two-character answer
 
 
 def test_a_qa_file_is_detected_and_measured_as_training_tokenizes_it(tiny_tokenizer):
@@ -83,8 +87,10 @@ def test_lengths_are_measured_before_truncation_and_cut_rows_are_those_training_
 
 
 def test_a_row_whose_question_fills_max_seq_length_is_reported_as_skipped(tmp_path, tiny_tokenizer):
-    path = write(tmp_path / "long_question.csv",
-                 "question,answer\nShort?,Yes it is.\n" + "Why " * 60 + "?,Because.\nAnother?,Another one.\n")
+    path = write(
+        tmp_path / "long_question.csv",
+        "question,answer\nShort?,Yes it is.\n" + "Why " * 60 + "?,Because.\nAnother?,Another one.\n",
+    )
     profile = profile_csv(path, tokenizer=tiny_tokenizer, max_seq_length=32, batch_size=1)
     skipped_in_training = build_examples(read_rows(path), profile.plan, tiny_tokenizer, 32).skipped_too_long
 
@@ -117,7 +123,9 @@ def test_column_mapping_and_an_explicit_task_type_are_honoured(tmp_path, tiny_to
     undetected = profile_csv(path, model=str(tmp_path / "no-model"))  # no plan: no tokenizer is loaded
     assert (undetected.task_type, undetected.plan, undetected.token_lengths) == (None, None, [])
     assert [w.message.split(",")[0] for w in undetected.warnings] == [
-        "The dataset does not fit task_type 'qa'", "The dataset does not fit task_type 'not_qa'"]
+        "The dataset does not fit task_type 'qa'",
+        "The dataset does not fit task_type 'not_qa'",
+    ]
     assert all("Columns found: 'title', 'body'" in w.message for w in undetected.warnings)
 
     mapped = profile_csv(path, column_mapping={"text": "body"}, tokenizer=tiny_tokenizer)
@@ -139,8 +147,9 @@ def test_empty_and_duplicate_rows_are_numbered_from_the_first_row_after_the_head
     assert len(profile.empty_rows) == skipped
     assert profile.token_length_rows == [1, 3, 4, 6]
     messages = {tuple(w.rows): w.message for w in profile.warnings}
-    assert messages[(2, 5)].startswith("2 rows have an empty question or answer and are skipped in training: "
-                                       "rows 2 and 5.")
+    assert messages[(2, 5)].startswith(
+        "2 rows have an empty question or answer and are skipped in training: rows 2 and 5."
+    )
     assert messages[(4,)].startswith("1 row repeats an earlier row exactly")
     assert "shorter than 3 characters: row 6" in messages[(6,)]
     question, answer = profile.column_stats
@@ -191,8 +200,7 @@ def test_the_suggested_length_covers_nearly_every_row_and_stays_within_the_model
 
 
 def test_a_dataframe_is_profiled_as_the_csv_an_upload_of_it_would_be(tmp_path, tiny_tokenizer):
-    frame = pd.DataFrame({"question": ["What is 2+2?", "Name a colour.", None],
-                          "answer": [4, float("nan"), "Blue."]})
+    frame = pd.DataFrame({"question": ["What is 2+2?", "Name a colour.", None], "answer": [4, float("nan"), "Blue."]})
     path = tmp_path / "frame.csv"
     frame.to_csv(path, index=False)
 
@@ -202,11 +210,14 @@ def test_a_dataframe_is_profiled_as_the_csv_an_upload_of_it_would_be(tmp_path, t
     assert from_frame.to_dict() == profile_csv(path, tokenizer=tiny_tokenizer).to_dict()
 
 
-@pytest.mark.parametrize(("name", "content", "words"), [
-    ("ragged.csv", "question,answer\nq1,a1\nq2,a2,extra\n", ["line 3", "3 fields"]),
-    ("notes.txt", "question,answer\nq,a\n", [".csv"]),
-    ("empty.csv", "", ["empty"]),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("ragged.csv", "question,answer\nq1,a1\nq2,a2,extra\n", ["line 3", "3 fields"]),
+        ("notes.txt", "question,answer\nq,a\n", [".csv"]),
+        ("empty.csv", "", ["empty"]),
+    ],
+)
 def test_a_file_the_server_would_refuse_raises_the_same_error(tmp_path, tiny_tokenizer, name, content, words):
     with pytest.raises(DatasetError) as error:
         profile_csv(write(tmp_path / name, content), tokenizer=tiny_tokenizer)
@@ -227,15 +238,25 @@ def test_a_model_directory_gives_its_own_tokenizer(tiny_model_dir, tiny_tokenize
 
 
 def test_the_notebook_view_shows_the_numbers_and_escapes_the_data(tmp_path, tiny_tokenizer):
-    path = write(tmp_path / "html.csv", "question,answer,<b>notes</b>\n"
-                 "Where?,Here and there.,x\nWhere?,Here and there.,x\nWhy?,,y\n")
+    path = write(
+        tmp_path / "html.csv",
+        "question,answer,<b>notes</b>\nWhere?,Here and there.,x\nWhere?,Here and there.,x\nWhy?,,y\n",
+    )
     limit = profile_csv(path, tokenizer=tiny_tokenizer).token_lengths[0] - 1  # answers lose their last token
     profile = profile_csv(path, tokenizer=tiny_tokenizer, max_seq_length=limit, batch_size=2)
     html = profile._repr_html_()
 
-    for shown in ("3 rows", "qa", f"<b>{profile.suggested_max_seq_length}</b>", f"<b>{profile.steps_per_epoch}</b>",
-                  f"max {max(profile.token_lengths)}", "&lt;b&gt;notes&lt;/b&gt;", "(row 2)", "(row 3)",
-                  "Rows are numbered from 1"):
+    for shown in (
+        "3 rows",
+        "qa",
+        f"<b>{profile.suggested_max_seq_length}</b>",
+        f"<b>{profile.steps_per_epoch}</b>",
+        f"max {max(profile.token_lengths)}",
+        "&lt;b&gt;notes&lt;/b&gt;",
+        "(row 2)",
+        "(row 3)",
+        "Rows are numbered from 1",
+    ):
         assert shown in html, shown
     assert "<b>notes</b>" not in html
     assert html.count("<li") == len(profile.warnings) == 3  # duplicate, empty, cut
@@ -250,26 +271,36 @@ def test_the_notebook_view_shows_the_numbers_and_escapes_the_data(tmp_path, tiny
     assert profile.example_row == 1
     assert "".join(piece for piece, trained in profile.example if trained) == "Here and there."
     assert "".join(piece for piece, _ in profile.example).startswith("<|im_start|>user\nWhere?<|im_end|>")
-    assert "Row 1 as training sees it" in html and "border-radius:2px\">Here and there.</span>" in html
+    assert "Row 1 as training sees it" in html and 'border-radius:2px">Here and there.</span>' in html
 
 
 def test_the_server_refuses_a_job_the_profile_says_cannot_train(tmp_path, tiny_model_dir):
     catalogue = Catalogue()
     catalogue.register(ModelEntry("tiny", "chat", f"dir:{tiny_model_dir}", owned_by="test"))
-    app = create_app(Settings(home=tmp_path / "home", max_running_jobs=0), ModelRegistry(), close_registry=False,
-                     catalogue=catalogue)
+    app = create_app(
+        Settings(home=tmp_path / "home", max_running_jobs=0), ModelRegistry(), close_registry=False, catalogue=catalogue
+    )
     with TestClient(app) as client:
+
         def job_on(csv: str, **hyperparameters):
             upload = client.post("/v1/fine-tuning/datasets", files={"file": ("d.csv", csv.encode(), "text/csv")})
-            return client.post("/v1/fine-tuning/jobs", json={
-                "base_model": "tiny", "dataset_id": upload.json()["id"], "task_type": "qa",
-                "hyperparameters": hyperparameters})
+            return client.post(
+                "/v1/fine-tuning/jobs",
+                json={
+                    "base_model": "tiny",
+                    "dataset_id": upload.json()["id"],
+                    "task_type": "qa",
+                    "hyperparameters": hyperparameters,
+                },
+            )
 
         refused = job_on("question,answer\nA?,\nB?, \n")
         assert refused.status_code == 400
         assert refused.json()["error"]["param"] == "dataset_id"
-        assert "no usable rows: each of its 2 rows has an empty question or answer (rows 1-2)" in \
-            refused.json()["error"]["message"]
+        assert (
+            "no usable rows: each of its 2 rows has an empty question or answer (rows 1-2)"
+            in refused.json()["error"]["message"]
+        )
         one_row = job_on("question,answer\nA?,B.\n", validation_split=0.5)
         assert "validation_split 0.5 needs at least 2 usable rows" in one_row.json()["error"]["message"]
         assert job_on("question,answer\nA?,B.\n").status_code == 201

@@ -36,12 +36,22 @@ class RecordingSink:
         self.start = (total_steps, train_rows, validation_rows)
 
     def on_train_step(self, step, epoch, loss, learning_rate, tokens, grad_norm=None, tokens_per_second=None) -> None:
-        self.steps.append({"step": step, "epoch": epoch, "loss": loss, "learning_rate": learning_rate, "tokens": tokens,
-                           "grad_norm": grad_norm, "tokens_per_second": tokens_per_second})
+        self.steps.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "learning_rate": learning_rate,
+                "tokens": tokens,
+                "grad_norm": grad_norm,
+                "tokens_per_second": tokens_per_second,
+            }
+        )
 
     def on_evaluation(self, step, epoch, validation_loss, token_accuracy=None) -> None:
-        self.evaluations.append({"step": step, "epoch": epoch, "validation_loss": validation_loss,
-                                 "token_accuracy": token_accuracy})
+        self.evaluations.append(
+            {"step": step, "epoch": epoch, "validation_loss": validation_loss, "token_accuracy": token_accuracy}
+        )
 
     def on_checkpoint(self, step, path) -> None:
         self.checkpoints.append({"step": step, "path": path})
@@ -83,8 +93,14 @@ def facts_csv(tmp_path_factory) -> Path:
 def run(tiny_model_dir, tmp_path):
     """``run(csv, output_name, sink=None, **hyperparameters) -> (sink, result)`` on the tiny model, on the CPU."""
 
-    def go(csv: Path, output: str = "job", sink: RecordingSink | None = None, validation_path: Path | None = None,
-           validation_plan: ColumnPlan | None = None, **overrides):
+    def go(
+        csv: Path,
+        output: str = "job",
+        sink: RecordingSink | None = None,
+        validation_path: Path | None = None,
+        validation_plan: ColumnPlan | None = None,
+        **overrides,
+    ):
         options = {"epochs": 50, "batch_size": 4, "learning_rate": 1e-2, "lora_rank": 8, "max_seq_length": 64}
         sink = sink or RecordingSink()
         spec = TrainingSpec(
@@ -234,8 +250,11 @@ def test_gradient_checkpointing_recomputes_the_same_losses(run, facts_csv, monke
 
     checkpointed_calls = []
     checkpoint = transformers.modeling_utils.checkpoint
-    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
-                        lambda *args, **kwargs: checkpointed_calls.append(1) or checkpoint(*args, **kwargs))
+    monkeypatch.setattr(
+        transformers.modeling_utils,
+        "checkpoint",
+        lambda *args, **kwargs: checkpointed_calls.append(1) or checkpoint(*args, **kwargs),
+    )
     plain, _ = run(facts_csv, output="plain", max_steps=3)
     assert not checkpointed_calls
     checkpointed, _ = run(facts_csv, output="checkpointed", max_steps=3, gradient_checkpointing=True)
@@ -291,7 +310,6 @@ def test_running_out_of_memory_is_reported_with_what_to_lower(run, repeated_csv,
         run(repeated_csv, max_steps=1)
 
 
-
 def adapter_weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -317,8 +335,9 @@ def test_checkpoints_keep_their_weights_and_metrics_and_the_best_one(run, facts_
 
 
 def test_load_best_at_end_serves_the_best_checkpoints_weights(run, facts_csv, tmp_path):
-    _, result = run(facts_csv, max_steps=8, validation_split=0.25, eval_steps=2, load_best_at_end=True,
-                    learning_rate=5e-2)
+    _, result = run(
+        facts_csv, max_steps=8, validation_split=0.25, eval_steps=2, load_best_at_end=True, learning_rate=5e-2
+    )
     assert result.served_step == result.best_step
     best = adapter_weights(tmp_path / "job" / "checkpoints" / f"checkpoint-{result.best_step}")
     served = adapter_weights(result.adapter_dir)
@@ -327,8 +346,14 @@ def test_load_best_at_end_serves_the_best_checkpoints_weights(run, facts_csv, tm
 
 def test_early_stopping_ends_the_run_once_validation_loss_stops_improving(run, facts_csv):
     # no evaluation can beat the best by this threshold, so every one after the first counts against patience
-    sink, result = run(facts_csv, max_steps=40, validation_split=0.25, eval_steps=2, early_stopping_patience=2,
-                       early_stopping_threshold=100.0)
+    sink, result = run(
+        facts_csv,
+        max_steps=40,
+        validation_split=0.25,
+        eval_steps=2,
+        early_stopping_patience=2,
+        early_stopping_threshold=100.0,
+    )
     assert result.early_stopped and not result.stopped
     assert result.steps < 40 and len(sink.evaluations) <= 3
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()

@@ -8,9 +8,15 @@ from qubrid_lab.training.worker_contract import WorkerArguments
 
 
 def test_the_command_line_the_manager_writes_is_the_one_the_worker_reads(tmp_path):
-    written = WorkerArguments(database=tmp_path / "lab.db", job_id="ftjob-abc", model_dir="/models/tiny",
-                              job_dir=tmp_path / "jobs" / "ftjob-abc", device="cuda:1", files_dir=tmp_path / "files",
-                              server_pid=4242)
+    written = WorkerArguments(
+        database=tmp_path / "lab.db",
+        job_id="ftjob-abc",
+        model_dir="/models/tiny",
+        job_dir=tmp_path / "jobs" / "ftjob-abc",
+        device="cuda:1",
+        files_dir=tmp_path / "files",
+        server_pid=4242,
+    )
     command = written.command_line()
 
     assert command[:2] == ["-m", "qubrid_lab.training.worker"]

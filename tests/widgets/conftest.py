@@ -23,9 +23,15 @@ def server(tiny_model_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # server and training worker: the machine's cores are shared
-        lab = start_server(models=[str(tiny_model_dir), DEFAULT_EMBEDDING_MODEL], api_key=API_KEY,
-                           home=tmp_path_factory.mktemp("widgets-home"), device="cpu", dtype="float32",
-                           timeout=300, reuse=False)
+        lab = start_server(
+            models=[str(tiny_model_dir), DEFAULT_EMBEDDING_MODEL],
+            api_key=API_KEY,
+            home=tmp_path_factory.mktemp("widgets-home"),
+            device="cpu",
+            dtype="float32",
+            timeout=300,
+            reuse=False,
+        )
     yield lab
     lab.stop()
 

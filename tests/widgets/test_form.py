@@ -26,8 +26,12 @@ def test_the_form_offers_the_servers_chat_models_and_datasets(server, chat_model
     assert form.base_model.options == (chat_model,)  # no embedding model, no fine-tuned model
     assert DEFAULT_EMBEDDING_MODEL in [model.id for model in server.client.models.list()]
     assert {facts_dataset["id"], notes["id"]} <= {value for _, value in form.dataset.options}
-    assert form.value == {"base_model": chat_model, "dataset_id": facts_dataset["id"], "task_type": "qa",
-                          "hyperparameters": DEFAULTS}
+    assert form.value == {
+        "base_model": chat_model,
+        "dataset_id": facts_dataset["id"],
+        "task_type": "qa",
+        "hyperparameters": DEFAULTS,
+    }
     assert form.errors == {}
 
     form.dataset.value = notes["id"]  # a text-only dataset: the task type follows its columns
@@ -47,10 +51,16 @@ def test_presets_and_typed_values_make_the_payload(server, facts_dataset):
     form.fields["gradient_checkpointing"].value = True
     value = form.value
     assert value["suffix"] == "facts" and value["column_mapping"] == {"question": "question", "answer": "answer"}
-    assert {key: value["hyperparameters"][key] for key in
-            ("max_steps", "learning_rate", "target_modules", "eval_steps", "gradient_checkpointing")} == \
-        {"max_steps": 7, "learning_rate": 3e-4, "target_modules": ["q_proj", "v_proj"], "eval_steps": 2,
-         "gradient_checkpointing": True}
+    assert {
+        key: value["hyperparameters"][key]
+        for key in ("max_steps", "learning_rate", "target_modules", "eval_steps", "gradient_checkpointing")
+    } == {
+        "max_steps": 7,
+        "learning_rate": 3e-4,
+        "target_modules": ["q_proj", "v_proj"],
+        "eval_steps": 2,
+        "gradient_checkpointing": True,
+    }
 
     form.fields["max_steps"].value = ""
     assert form.value["hyperparameters"]["max_steps"] is None and form.errors == {}
@@ -68,10 +78,18 @@ def test_bad_values_are_shown_next_to_their_fields_and_nothing_is_sent(server, f
     form.fields["validation_split"].value = 1.0
     form.fields["suffix"].value = "no spaces please"
     form.fields["column_mapping"].value = "question"
-    assert set(form.errors) == {"learning_rate", "target_modules", "max_steps", "validation_split", "suffix",
-                                "column_mapping"}
-    assert all(html.unescape(form._all_fields[name].error.value).endswith(f"{problem}</span>")
-               for name, problem in form.errors.items())
+    assert set(form.errors) == {
+        "learning_rate",
+        "target_modules",
+        "max_steps",
+        "validation_split",
+        "suffix",
+        "column_mapping",
+    }
+    assert all(
+        html.unescape(form._all_fields[name].error.value).endswith(f"{problem}</span>")
+        for name, problem in form.errors.items()
+    )
 
     form.submit_button.click()
     assert "6 field(s)" in form.status.value

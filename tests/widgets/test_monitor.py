@@ -63,8 +63,12 @@ def test_a_monitor_attaches_to_a_finished_job_and_draws_it_whole(server, finishe
 
 
 def test_a_launched_job_updates_live_while_the_kernel_is_free_and_cancels(server, chat_model, facts_dataset):
-    payload = {"base_model": chat_model, "dataset_id": facts_dataset["id"], "task_type": "qa",
-               "hyperparameters": {**SMALL_RUN, "max_steps": 500}}
+    payload = {
+        "base_model": chat_model,
+        "dataset_id": facts_dataset["id"],
+        "task_type": "qa",
+        "hyperparameters": {**SMALL_RUN, "max_steps": 500},
+    }
     monitor = TrainingMonitor(server, job=payload, poll_seconds=0.2)
     assert monitor.job["status"] in {"queued", "running"}
     assert threading.current_thread() is threading.main_thread()  # this test thread is not blocked: it goes on
@@ -93,8 +97,15 @@ def test_problems_are_shown_instead_of_a_traceback(server, facts_dataset):
     with pytest.raises(RuntimeError, match="ftjob-missing"):
         missing.wait(timeout=1)
 
-    refused = TrainingMonitor(server, job={"base_model": "no-such/model", "dataset_id": facts_dataset["id"],
-                                           "task_type": "qa", "hyperparameters": {"learning_rate": 0}})
+    refused = TrainingMonitor(
+        server,
+        job={
+            "base_model": "no-such/model",
+            "dataset_id": facts_dataset["id"],
+            "task_type": "qa",
+            "hyperparameters": {"learning_rate": 0},
+        },
+    )
     assert "base_model" in refused.status.value and "learning_rate" in refused.status.value
     with pytest.raises(RuntimeError, match="not in the model catalogue"):
         refused.wait(timeout=1)

@@ -25,19 +25,34 @@ def test_ask_streams_the_answer_token_by_token_and_shows_its_metrics(server, cha
     answers = playground.ask("Hello, how are you?", temperature=0, max_tokens=8, seed=3)
 
     whole = server.client.chat.completions.create(
-        model=chat_model, temperature=0, max_tokens=8, seed=3,
-        messages=[{"role": "system", "content": "You answer briefly."},
-                  {"role": "user", "content": "Hello, how are you?"}])
+        model=chat_model,
+        temperature=0,
+        max_tokens=8,
+        seed=3,
+        messages=[
+            {"role": "system", "content": "You answer briefly."},
+            {"role": "user", "content": "Hello, how are you?"},
+        ],
+    )
     assert answers == [whole.choices[0].message.content] and answers[0]
     assert len(updates) > 3  # the pane grew piece by piece, not once at the end
     assert html.unescape(updates[-1]).endswith(f"{answers[0]}</div>")
 
     pane = playground.panes[0]
-    assert pane.metrics["completion_tokens"] == 8 and 0 < pane.metrics["ttft_seconds"] <= pane.metrics["total_time_seconds"]
+    assert (
+        pane.metrics["completion_tokens"] == 8
+        and 0 < pane.metrics["ttft_seconds"] <= pane.metrics["total_time_seconds"]
+    )
     assert "8 tokens" in pane.footer.value and "tokens/s" in pane.footer.value
     assert (playground.temperature.value, playground.seed.value) == (0, "3")  # the inputs show what was sent
-    assert playground.sampling == {"temperature": 0, "top_p": 1.0, "max_tokens": 8, "presence_penalty": 0.0,
-                                   "frequency_penalty": 0.0, "seed": 3}
+    assert playground.sampling == {
+        "temperature": 0,
+        "top_p": 1.0,
+        "max_tokens": 8,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "seed": 3,
+    }
 
 
 def test_side_by_side_sends_the_same_prompt_to_both_models(server, chat_model):
@@ -83,7 +98,8 @@ def test_side_by_side_first_in_a_fresh_kernel_builds_the_sdk_types_before_stream
         "    built_when_streams_start.append(all(t.__pydantic_complete__ for t in types))\n"
         "    return stream(self, *args)\n"
         "ChatPlayground._stream = recording\n"
-        f"playground = ChatPlayground(base_url={server.url!r}, api_key={server.api_key!r}, models=[{chat_model!r}] * 2)\n"
+        f"playground = ChatPlayground(base_url={server.url!r}, api_key={server.api_key!r}, "
+        f"models=[{chat_model!r}] * 2)\n"
         "playground.side_by_side.value = True\n"
         "answers = playground.ask('Hello', temperature=0, max_tokens=4)\n"
         "print(built_when_streams_start, len(answers), answers[0] == answers[1] != '')\n"

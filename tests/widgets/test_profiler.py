@@ -13,8 +13,15 @@ from tests.widgets.conftest import QA_FACTS
 
 def browser_upload(profiler: DatasetProfiler, name: str, content: bytes) -> None:
     """What the FileUpload widget receives when a user picks a file in JupyterLab."""
-    profiler.upload.value = ({"name": name, "type": "text/csv", "size": len(content), "content": memoryview(content),
-                              "last_modified": datetime.now(timezone.utc)},)
+    profiler.upload.value = (
+        {
+            "name": name,
+            "type": "text/csv",
+            "size": len(content),
+            "content": memoryview(content),
+            "last_modified": datetime.now(timezone.utc),
+        },
+    )
 
 
 def shown(widget) -> str:
@@ -42,9 +49,13 @@ def test_an_uploaded_file_shows_its_warnings_and_follows_the_settings(server, ti
     profiler = DatasetProfiler(server, model=str(tiny_model_dir))
     assert profiler.profile is None and profiler.upload_button.disabled
 
-    rows = ["question,answer", "What is the capital of France?,Paris is the capital.",
-            "Who are you?,", "What is the capital of France?,Paris is the capital.",
-            "Tell me a long story about a fox.," + "The quick brown fox jumps over the lazy dog. " * 6]
+    rows = [
+        "question,answer",
+        "What is the capital of France?,Paris is the capital.",
+        "Who are you?,",
+        "What is the capital of France?,Paris is the capital.",
+        "Tell me a long story about a fox.," + "The quick brown fox jumps over the lazy dog. " * 6,
+    ]
     browser_upload(profiler, "notes.csv", ("\n".join(rows) + "\n").encode())
 
     profile = profiler.profile

@@ -90,11 +90,13 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
     logprobs: bool | None = Field(False, description="Return each output token's log probability.")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                     description="With logprobs: this many most likely tokens at each position.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: this many most likely tokens at each position."
+    )
 
     response_format: ResponseFormat | None = Field(
-        None, description="text, json_object, or json_schema (structured outputs, enforced while decoding).")
+        None, description="text, json_object, or json_schema (structured outputs, enforced while decoding)."
+    )
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = True
@@ -102,8 +104,11 @@ class ChatCompletionRequest(SamplingFields):
     @field_validator("tool_choice")
     @classmethod
     def _names_a_tool(cls, value, info: ValidationInfo):
-        check_tool_choice(value, value.function.name if isinstance(value, NamedToolChoice) else None,
-                          {tool.function.name for tool in info.data.get("tools") or []})
+        check_tool_choice(
+            value,
+            value.function.name if isinstance(value, NamedToolChoice) else None,
+            {tool.function.name for tool in info.data.get("tools") or []},
+        )
         return value
 
     @field_validator("top_logprobs")
@@ -122,11 +127,18 @@ class ChatCompletionRequest(SamplingFields):
         """The request as every chat backend receives it."""
         params = self.sampling_params(self.token_limit, self.logprobs_wanted)
         choice = self.tool_choice or "auto"
-        return GenerationRequest(params, self.choices_per_prompt, messages=self.template_messages(),
-                                 **format_and_tools(params, self.response_format,
-                                                    [tool.model_dump() for tool in self.tools or []],
-                                                    choice.model_dump() if isinstance(choice, NamedToolChoice)
-                                                    else choice, self.parallel_tool_calls is not False))
+        return GenerationRequest(
+            params,
+            self.choices_per_prompt,
+            messages=self.template_messages(),
+            **format_and_tools(
+                params,
+                self.response_format,
+                [tool.model_dump() for tool in self.tools or []],
+                choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
+                self.parallel_tool_calls is not False,
+            ),
+        )
 
     def template_messages(self) -> list[dict]:
         return [m.template_message() for m in self.messages]

@@ -19,6 +19,7 @@ def one_per_input(value: str | list) -> list[str | list[int]]:
         return [value]
     return list(value)
 
+
 MAX_STOP_LENGTH = 1024  # streaming holds back as many characters as the longest stop sequence has
 StopString = Annotated[str, StringConstraints(max_length=MAX_STOP_LENGTH)]
 
@@ -67,8 +68,9 @@ class SamplingFields(WireModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None = None,
-                        echo_logprobs: bool = False) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None = None, echo_logprobs: bool = False
+    ) -> SamplingParams:
         # imported here: the engine loads torch, which the notebook widgets that read these fields' ranges do without
         from qubrid_lab.engine.sampling import SamplingParams
 

@@ -15,18 +15,24 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the legacy endpoint
 class CompletionRequest(SamplingFields):
     model: str
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
-        description="Text, texts, token ids, or lists of token ids (one prompt each).")
+        description="Text, texts, token ids, or lists of token ids (one prompt each)."
+    )
     echo: bool | None = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS, description=(
-        "Return each token's log probability and this many most likely tokens at each position (with echo: "
-        "the prompt's tokens too)."))
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        description=(
+            "Return each token's log probability and this many most likely tokens at each position (with echo: "
+            "the prompt's tokens too)."
+        ),
+    )
 
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, value):
         if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
-            raise ValueError("prompt must be a string, a non-empty array of strings, or non-empty arrays of "
-                             "token ids")
+            raise ValueError("prompt must be a string, a non-empty array of strings, or non-empty arrays of token ids")
         return value
 
     def prompts(self) -> list[str | list[int]]:

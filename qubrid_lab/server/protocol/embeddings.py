@@ -27,8 +27,9 @@ class EmbeddingRequest(WireModel):
             raise ValueError(f"at most {MAX_INPUTS} inputs per request, got {len(inputs)}")
         empty = [i for i, item in enumerate(inputs) if not item]
         if empty:
-            raise ValueError(f"input contains empty inputs (at positions {empty[:10]}); each input must have text "
-                             "or token ids")
+            raise ValueError(
+                f"input contains empty inputs (at positions {empty[:10]}); each input must have text or token ids"
+            )
         return value
 
     def inputs(self) -> list[str | list[int]]:

@@ -37,8 +37,14 @@ class Dataset(WireModel):
 
     @classmethod
     def of(cls, record: DatasetRecord) -> Dataset:
-        return cls(id=record.id, name=record.name, size_bytes=record.size_bytes, row_count=record.row_count,
-                   columns=record.columns, created_at=iso_utc(record.created_at))
+        return cls(
+            id=record.id,
+            name=record.name,
+            size_bytes=record.size_bytes,
+            row_count=record.row_count,
+            columns=record.columns,
+            created_at=iso_utc(record.created_at),
+        )
 
 
 class DatasetList(WireModel):
@@ -64,9 +70,11 @@ class CreateFineTuningJobRequest(WireModel):
     hyperparameters: dict | None = None
     suffix: str | None = None
     column_mapping: dict[str, str] | None = Field(
-        None, description="Extension: the dataset's column for each role (question, answer, context, text).")
+        None, description="Extension: the dataset's column for each role (question, answer, context, text)."
+    )
     validation_dataset_id: str | None = Field(
-        None, description="Extension: a dataset to validate on, instead of a validation_split of the training one.")
+        None, description="Extension: a dataset to validate on, instead of a validation_split of the training one."
+    )
 
 
 class FineTuningJob(WireModel):
@@ -87,24 +95,39 @@ class FineTuningJob(WireModel):
     started_at: str | None = Field(None, description="Extension: when training first started.")
     total_steps: int | None = Field(None, description="Extension: optimizer steps the run will take, once known.")
     validation_dataset_id: str | None = Field(None, description="Extension: the dataset it validates on, if any.")
-    status_detail: str | None = Field(None, description="Extension: why a job is in its status (a paused job shows "
-                                                        "as queued with 'paused' here).")
+    status_detail: str | None = Field(
+        None, description="Extension: why a job is in its status (a paused job shows as queued with 'paused' here)."
+    )
 
     @classmethod
     def of(cls, job: JobRecord) -> FineTuningJob:
         paused = job.status == "paused"  # the platform's statuses have no "paused"
         return cls(
-            id=job.id, status="queued" if paused else job.status, base_model=job.base_model, dataset_id=job.dataset_id,
-            task_type=job.task_type, hyperparameters=Hyperparameters.model_construct(**job.hyperparameters),
+            id=job.id,
+            status="queued" if paused else job.status,
+            base_model=job.base_model,
+            dataset_id=job.dataset_id,
+            task_type=job.task_type,
+            hyperparameters=Hyperparameters.model_construct(**job.hyperparameters),
             fine_tuned_model=job.fine_tuned_model,
             training_metrics=TrainingMetrics(
-                training_loss=job.training_loss, validation_loss=job.validation_loss,
-                steps_completed=job.steps_completed, epochs_completed=int(job.epochs_completed + 1e-6)),
-            created_at=iso_utc(job.created_at), completed_at=iso_utc(job.completed_at), suffix=job.suffix,
-            column_mapping=job.column_mapping, error=job.error, started_at=iso_utc(job.started_at),
-            total_steps=job.total_steps, validation_dataset_id=job.validation_dataset_id,
+                training_loss=job.training_loss,
+                validation_loss=job.validation_loss,
+                steps_completed=job.steps_completed,
+                epochs_completed=int(job.epochs_completed + 1e-6),
+            ),
+            created_at=iso_utc(job.created_at),
+            completed_at=iso_utc(job.completed_at),
+            suffix=job.suffix,
+            column_mapping=job.column_mapping,
+            error=job.error,
+            started_at=iso_utc(job.started_at),
+            total_steps=job.total_steps,
+            validation_dataset_id=job.validation_dataset_id,
             status_detail="paused: POST .../resume queues it again, to continue from its newest checkpoint"
-            if paused else None)
+            if paused
+            else None,
+        )
 
 
 class FineTuningJobList(WireModel):
@@ -126,8 +149,14 @@ class FineTuningJobEvent(WireModel):
     @classmethod
     def of(cls, event: EventRecord) -> FineTuningJobEvent:
         # milliseconds: a live plot or a benchmark times steps a fraction of a second apart
-        return cls(id=event.id, created_at=iso_utc(event.created_at, "milliseconds"), level=event.level, type=event.type,
-                   message=event.message, data=event.data)
+        return cls(
+            id=event.id,
+            created_at=iso_utc(event.created_at, "milliseconds"),
+            level=event.level,
+            type=event.type,
+            message=event.message,
+            data=event.data,
+        )
 
 
 class FineTuningJobEventList(WireModel):
@@ -148,10 +177,15 @@ class FineTuningCheckpoint(WireModel):
 
     @classmethod
     def of(cls, job: JobRecord, checkpoint: Checkpoint) -> FineTuningCheckpoint:
-        return cls(id=checkpoint_id(job.id, checkpoint.step), step=checkpoint.step,
-                   created_at=iso_utc(checkpoint.created_at), metrics=checkpoint.metrics,
-                   fine_tuned_model_checkpoint=checkpoint_model_id(
-                       fine_tuned_model_id(job.base_model, job.suffix, job.id), checkpoint.step))
+        return cls(
+            id=checkpoint_id(job.id, checkpoint.step),
+            step=checkpoint.step,
+            created_at=iso_utc(checkpoint.created_at),
+            metrics=checkpoint.metrics,
+            fine_tuned_model_checkpoint=checkpoint_model_id(
+                fine_tuned_model_id(job.base_model, job.suffix, job.id), checkpoint.step
+            ),
+        )
 
 
 class FineTuningCheckpointList(WireModel):
@@ -176,8 +210,13 @@ class FineTunedModel(WireModel):
 
     @classmethod
     def of(cls, model: FineTunedModelRecord) -> FineTunedModel:
-        return cls(id=model.id, base_model=model.base_model, job_id=model.job_id, status=model.status,
-                   created_at=iso_utc(model.created_at))
+        return cls(
+            id=model.id,
+            base_model=model.base_model,
+            job_id=model.job_id,
+            status=model.status,
+            created_at=iso_utc(model.created_at),
+        )
 
 
 class FineTunedModelList(WireModel):

@@ -33,9 +33,17 @@ def chat_logprobs(entries: list[TokenLogprob] | None) -> dict | None:
     """``logprobs`` of a chat choice or chunk: each token with exactly the asked-for number of rivals."""
     if entries is None:
         return None
-    return {"content": [{"token": e.text, "logprob": e.logprob, "bytes": list(e.token_bytes),
-                         "top_logprobs": [{"token": text, "logprob": lp, "bytes": list(raw)}
-                                          for text, raw, lp in e.top]} for e in entries]}
+    return {
+        "content": [
+            {
+                "token": e.text,
+                "logprob": e.logprob,
+                "bytes": list(e.token_bytes),
+                "top_logprobs": [{"token": text, "logprob": lp, "bytes": list(raw)} for text, raw, lp in e.top],
+            }
+            for e in entries
+        ]
+    }
 
 
 def completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict | None:
@@ -47,7 +55,11 @@ def completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict
     for entry in entries:
         offsets.append(offset)
         offset += len(entry.text)
-    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [None if e.logprob is None else {**{text: lp for text, _, lp in e.top}, e.text: e.logprob}
-                             for e in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": [e.text for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [
+            None if e.logprob is None else {**{text: lp for text, _, lp in e.top}, e.text: e.logprob} for e in entries
+        ],
+        "text_offset": offsets,
+    }

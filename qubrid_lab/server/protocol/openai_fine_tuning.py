@@ -26,8 +26,14 @@ BASE_LEARNING_RATE = Hyperparameters.model_fields["learning_rate"].default  # wh
 AUTO_EXAMPLES_SEEN = 100
 AUTO_EPOCHS = (3, 25)
 AUTO_BATCH_FRACTION = 0.002
-STATUSES = {"queued": "queued", "running": "running", "paused": "paused", "completed": "succeeded",
-            "failed": "failed", "cancelled": "cancelled"}
+STATUSES = {
+    "queued": "queued",
+    "running": "running",
+    "paused": "paused",
+    "completed": "succeeded",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
 
 
 def unix(timestamp: float | None) -> int | None:
@@ -54,6 +60,8 @@ class FileObject(WireModel):
 
 
 RESULT_FILE_PREFIX = "ftresult-"  # a job's metrics CSV, made from its events when read
+
+
 def result_file_id(job_id: str) -> str:
     return RESULT_FILE_PREFIX + job_id.removeprefix("ftjob-")
 
@@ -64,8 +72,13 @@ def result_job_id(file_id: str) -> str | None:
 
 
 def result_file(job: JobRecord, content: str) -> FileObject:
-    return FileObject(id=result_file_id(job.id), bytes=len(content.encode()), created_at=unix(job.completed_at),
-                      filename="step_metrics.csv", purpose="fine-tune-results")
+    return FileObject(
+        id=result_file_id(job.id),
+        bytes=len(content.encode()),
+        created_at=unix(job.completed_at),
+        filename="step_metrics.csv",
+        purpose="fine-tune-results",
+    )
 
 
 def cursor_page(items: list, after: str | None, limit: int, missing: str) -> dict:
@@ -76,10 +89,14 @@ def cursor_page(items: list, after: str | None, limit: int, missing: str) -> dic
         ids = [item.id for item in items]
         if after not in ids:
             raise InvalidRequestError(f"after: {missing} '{after}'.", param="after")
-        items = items[ids.index(after) + 1:]
+        items = items[ids.index(after) + 1 :]
     page = items[:limit]
-    return {"data": page, "has_more": len(items) > limit, "first_id": page[0].id if page else None,
-            "last_id": page[-1].id if page else None}
+    return {
+        "data": page,
+        "has_more": len(items) > limit,
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+    }
 
 
 class FileList(WireModel):
@@ -107,16 +124,21 @@ class OpenAIHyperparameters(WireModel):
     n_epochs: int | Literal["auto"] = Field("auto", description="Passes over the training file (1-100).")
     batch_size: int | Literal["auto"] = Field("auto", description="Rows per optimizer step (1-1024).")
     learning_rate_multiplier: float | Literal["auto"] = Field(
-        "auto", description=f"Scales the LoRA learning rate {BASE_LEARNING_RATE:g}.")
+        "auto", description=f"Scales the LoRA learning rate {BASE_LEARNING_RATE:g}."
+    )
 
     def platform(self, rows: int) -> dict:
         """The platform's hyperparameters for a training file of ``rows`` rows, "auto" chosen from it."""
         chosen = dict(self.model_extra or {})
         low, high = AUTO_EPOCHS
-        chosen["epochs"] = (min(high, max(low, math.ceil(AUTO_EXAMPLES_SEEN / max(rows, 1))))
-                            if self.n_epochs == "auto" else self.n_epochs)
-        chosen["batch_size"] = (min(256, max(1, round(rows * AUTO_BATCH_FRACTION)))
-                                if self.batch_size == "auto" else self.batch_size)
+        chosen["epochs"] = (
+            min(high, max(low, math.ceil(AUTO_EXAMPLES_SEEN / max(rows, 1))))
+            if self.n_epochs == "auto"
+            else self.n_epochs
+        )
+        chosen["batch_size"] = (
+            min(256, max(1, round(rows * AUTO_BATCH_FRACTION))) if self.batch_size == "auto" else self.batch_size
+        )
         multiplier = 1.0 if self.learning_rate_multiplier == "auto" else self.learning_rate_multiplier
         chosen["learning_rate"] = BASE_LEARNING_RATE * multiplier
         return chosen
@@ -190,17 +212,27 @@ class OpenAIFineTuningJob(WireModel):
     def of(cls, job: JobRecord, trained_tokens: int | None) -> OpenAIFineTuningJob:
         chosen = job.hyperparameters
         hyperparameters = OpenAIJobHyperparameters(
-            n_epochs=chosen["epochs"], batch_size=chosen["batch_size"],
-            learning_rate_multiplier=round(chosen["learning_rate"] / BASE_LEARNING_RATE, 6))
+            n_epochs=chosen["epochs"],
+            batch_size=chosen["batch_size"],
+            learning_rate_multiplier=round(chosen["learning_rate"] / BASE_LEARNING_RATE, 6),
+        )
         return cls(
-            id=job.id, created_at=unix(job.created_at),
+            id=job.id,
+            created_at=unix(job.created_at),
             error=JobError(code="job_failed", message=job.error) if job.status == "failed" and job.error else None,
-            fine_tuned_model=job.fine_tuned_model, finished_at=unix(job.completed_at),
-            hyperparameters=hyperparameters, model=job.base_model, seed=chosen["seed"], status=STATUSES[job.status],
-            trained_tokens=trained_tokens if job.status == "completed" else None, training_file=job.dataset_id,
+            fine_tuned_model=job.fine_tuned_model,
+            finished_at=unix(job.completed_at),
+            hyperparameters=hyperparameters,
+            model=job.base_model,
+            seed=chosen["seed"],
+            status=STATUSES[job.status],
+            trained_tokens=trained_tokens if job.status == "completed" else None,
+            training_file=job.dataset_id,
             validation_file=job.validation_dataset_id,
             method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters.model_dump()}},
-            user_provided_suffix=job.suffix, result_files=[result_file_id(job.id)] if job.status == "completed" else [])
+            user_provided_suffix=job.suffix,
+            result_files=[result_file_id(job.id)] if job.status == "completed" else [],
+        )
 
 
 class OpenAIJobList(WireModel):
@@ -220,8 +252,14 @@ class OpenAIJobEvent(WireModel):
 
     @classmethod
     def of(cls, event: EventRecord) -> OpenAIJobEvent:
-        return cls(id=event.id, created_at=unix(event.created_at), level="warn" if event.level == "warning"
-                   else event.level, message=event.message, type=event.type, data=event.data)
+        return cls(
+            id=event.id,
+            created_at=unix(event.created_at),
+            level="warn" if event.level == "warning" else event.level,
+            message=event.message,
+            type=event.type,
+            data=event.data,
+        )
 
 
 class OpenAICheckpoint(WireModel):
@@ -236,9 +274,14 @@ class OpenAICheckpoint(WireModel):
     @classmethod
     def of(cls, job: JobRecord, checkpoint: Checkpoint) -> OpenAICheckpoint:
         shown = FineTuningCheckpoint.of(job, checkpoint)
-        return cls(id=shown.id, created_at=unix(checkpoint.created_at), fine_tuning_job_id=job.id,
-                   fine_tuned_model_checkpoint=shown.fine_tuned_model_checkpoint, metrics=checkpoint.metrics,
-                   step_number=checkpoint.step)
+        return cls(
+            id=shown.id,
+            created_at=unix(checkpoint.created_at),
+            fine_tuning_job_id=job.id,
+            fine_tuned_model_checkpoint=shown.fine_tuned_model_checkpoint,
+            metrics=checkpoint.metrics,
+            step_number=checkpoint.step,
+        )
 
 
 class OpenAICheckpointList(WireModel):

@@ -84,8 +84,10 @@ class TextFormat(WireModel):
     def response_format(self) -> ResponseFormat:
         if self.type != "json_schema":
             return ResponseFormat(type=self.type)
-        return ResponseFormat(type="json_schema", json_schema={"name": self.name or "output", "schema": self.schema_,
-                                                               "strict": self.strict})
+        return ResponseFormat(
+            type="json_schema",
+            json_schema={"name": self.name or "output", "schema": self.schema_, "strict": self.strict},
+        )
 
 
 class TextOptions(WireModel):
@@ -113,15 +115,20 @@ class ResponseRequest(WireModel):
     @classmethod
     def _stateless(cls, value: str | None) -> str | None:
         if value is not None:
-            raise ValueError("this server keeps no responses, so it cannot continue one: send the whole "
-                             "conversation in input (the earlier output items included) instead")
+            raise ValueError(
+                "this server keeps no responses, so it cannot continue one: send the whole "
+                "conversation in input (the earlier output items included) instead"
+            )
         return value
 
     @field_validator("tool_choice")
     @classmethod
     def _names_a_tool(cls, value, info: ValidationInfo):
-        check_tool_choice(value, value.name if isinstance(value, NamedFunctionChoice) else None,
-                          {tool.name for tool in info.data.get("tools") or []})
+        check_tool_choice(
+            value,
+            value.name if isinstance(value, NamedFunctionChoice) else None,
+            {tool.name for tool in info.data.get("tools") or []},
+        )
         return value
 
     def messages(self) -> list[dict]:
@@ -132,8 +139,11 @@ class ResponseRequest(WireModel):
             if isinstance(item, MessageItem):
                 messages.append({"role": item.role, "content": item.text()})
             elif isinstance(item, FunctionCallItem):
-                call = {"id": item.call_id, "type": "function",
-                        "function": {"name": item.name, "arguments": item.arguments}}
+                call = {
+                    "id": item.call_id,
+                    "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments},
+                }
                 if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
                     messages[-1]["tool_calls"].append(call)
                 else:
@@ -143,23 +153,43 @@ class ResponseRequest(WireModel):
         return messages
 
     def generation_request(self) -> GenerationRequest:
-        params = SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
-                                top_p=1.0 if self.top_p is None else self.top_p, max_tokens=self.max_output_tokens)
+        params = SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            max_tokens=self.max_output_tokens,
+        )
         choice = self.tool_choice or "auto"
-        return GenerationRequest(params, 1, messages=self.messages(), **format_and_tools(
-            params, self.text.format.response_format() if self.text else None,
-            [{"type": "function", "function": tool.wire()} for tool in self.tools or []],
-            {"type": "function", "function": {"name": choice.name}} if isinstance(choice, NamedFunctionChoice)
-            else choice, self.parallel_tool_calls is not False))
+        return GenerationRequest(
+            params,
+            1,
+            messages=self.messages(),
+            **format_and_tools(
+                params,
+                self.text.format.response_format() if self.text else None,
+                [{"type": "function", "function": tool.wire()} for tool in self.tools or []],
+                {"type": "function", "function": {"name": choice.name}}
+                if isinstance(choice, NamedFunctionChoice)
+                else choice,
+                self.parallel_tool_calls is not False,
+            ),
+        )
 
     def echoed(self) -> dict:
         """The request's settings as a response object repeats them."""
-        return {"instructions": self.instructions, "max_output_tokens": self.max_output_tokens,
-                "temperature": self.temperature, "top_p": self.top_p,
-                "tools": [{"type": "function", **tool.wire()} for tool in self.tools or []],
-                "tool_choice": self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedFunctionChoice)
-                else (self.tool_choice or "auto"),
-                "parallel_tool_calls": self.parallel_tool_calls is not False,
-                "text": {"format": self.text.format.model_dump(by_alias=True, exclude_none=True)}
-                if self.text else {"format": {"type": "text"}},
-                "store": False, "previous_response_id": None, "metadata": self.metadata or {}}
+        return {
+            "instructions": self.instructions,
+            "max_output_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "tools": [{"type": "function", **tool.wire()} for tool in self.tools or []],
+            "tool_choice": self.tool_choice.model_dump()
+            if isinstance(self.tool_choice, NamedFunctionChoice)
+            else (self.tool_choice or "auto"),
+            "parallel_tool_calls": self.parallel_tool_calls is not False,
+            "text": {"format": self.text.format.model_dump(by_alias=True, exclude_none=True)}
+            if self.text
+            else {"format": {"type": "text"}},
+            "store": False,
+            "previous_response_id": None,
+            "metadata": self.metadata or {},
+        }

@@ -21,19 +21,31 @@ def check_tool_choice(choice: str | None, named: str | None, declared: set[str])
         raise ValueError(f"tool_choice names function '{named}', which is not among the tools")
 
 
-def format_and_tools(params: SamplingParams, response_format: ResponseFormat | None, tools: list[dict] | None,
-                     tool_choice: str | dict, parallel_tool_calls: bool) -> dict:
+def format_and_tools(
+    params: SamplingParams,
+    response_format: ResponseFormat | None,
+    tools: list[dict] | None,
+    tool_choice: str | dict,
+    parallel_tool_calls: bool,
+) -> dict:
     """The output format and function tools as a ``GenerationRequest`` takes them, alike for chat and the
     Responses API: a structured format becomes ``params``' decoding grammar; one beside callable tools is a 400
     (a tool call is JSON of its own shape)."""
     structured = response_format is not None and response_format.type != "text"
     if structured and tools and tool_choice != "none":
-        raise InvalidRequestError("response_format and tools cannot be combined: a tool call is JSON of its "
-                                  "own shape; drop one, or set tool_choice to 'none'.", param="response_format")
+        raise InvalidRequestError(
+            "response_format and tools cannot be combined: a tool call is JSON of its "
+            "own shape; drop one, or set tool_choice to 'none'.",
+            param="response_format",
+        )
     if structured:
         params.grammar = response_format.grammar()
-    return {"response_format": response_format.wire() if structured else None, "tools": tools or None,
-            "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls}
+    return {
+        "response_format": response_format.wire() if structured else None,
+        "tools": tools or None,
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": parallel_tool_calls,
+    }
 
 
 class FunctionDefinition(WireModel):
@@ -52,8 +64,12 @@ class FunctionDefinition(WireModel):
         return value
 
     def wire(self) -> dict:
-        return {"name": self.name, "description": self.description or "",
-                "parameters": self.parameters or NO_PARAMETERS, **({"strict": True} if self.strict else {})}
+        return {
+            "name": self.name,
+            "description": self.description or "",
+            "parameters": self.parameters or NO_PARAMETERS,
+            **({"strict": True} if self.strict else {}),
+        }
 
 
 class Tool(WireModel):

@@ -6,12 +6,12 @@ import time
 
 from fastapi import APIRouter, Request
 
-from qubrid_lab.errors import InvalidRequestError
-from qubrid_lab.server.protocol.chat import ChatCompletion, ChatCompletionRequest
-from qubrid_lab.server.protocol.logprobs import chat_logprobs
 from qubrid_lab.engine.base import GenerationRequest, message_text
+from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.server.access import chat_backend, reads_images
 from qubrid_lab.server.images import check_fetchable, load_images
+from qubrid_lab.server.protocol.chat import ChatCompletion, ChatCompletionRequest
+from qubrid_lab.server.protocol.logprobs import chat_logprobs
 from qubrid_lab.server.routes.generation import (
     StreamFormat,
     collect,
@@ -34,7 +34,9 @@ async def _read_images(body: ChatCompletionRequest, generation: GenerationReques
     if not reads_images(backend):
         raise InvalidRequestError(
             f"messages[{with_image[0]}].content has an image_url part, but model '{body.model}' reads text only. "
-            "Send text parts only, or use a vision model.", param=f"messages[{with_image[0]}].content")
+            "Send text parts only, or use a vision model.",
+            param=f"messages[{with_image[0]}].content",
+        )
     policy = request.app.state.image_policy
     if hasattr(backend, "encode_vision_chat"):
         generation.images = await load_images(generation.messages, policy)
@@ -55,13 +57,37 @@ def _call_chunks(index: int, calls: list[dict]) -> list[dict]:
     fragments."""
     chunks = []
     for k, call in enumerate(calls):
-        chunks.append({"index": index, "finish_reason": None, "logprobs": None, "delta": {"tool_calls": [
-            {"index": k, "id": call["id"], "type": "function",
-             "function": {"name": call["function"]["name"], "arguments": ""}}]}})
+        chunks.append(
+            {
+                "index": index,
+                "finish_reason": None,
+                "logprobs": None,
+                "delta": {
+                    "tool_calls": [
+                        {
+                            "index": k,
+                            "id": call["id"],
+                            "type": "function",
+                            "function": {"name": call["function"]["name"], "arguments": ""},
+                        }
+                    ]
+                },
+            }
+        )
         arguments = call["function"]["arguments"]
         for start in range(0, len(arguments), ARGUMENT_FRAGMENT):
-            chunks.append({"index": index, "finish_reason": None, "logprobs": None, "delta": {"tool_calls": [
-                {"index": k, "function": {"arguments": arguments[start:start + ARGUMENT_FRAGMENT]}}]}})
+            chunks.append(
+                {
+                    "index": index,
+                    "finish_reason": None,
+                    "logprobs": None,
+                    "delta": {
+                        "tool_calls": [
+                            {"index": k, "function": {"arguments": arguments[start : start + ARGUMENT_FRAGMENT]}}
+                        ]
+                    },
+                }
+            )
     return chunks
 
 
@@ -75,8 +101,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if body.stream:
         fmt = StreamFormat(
             opening=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
-            piece=lambda i, text, finish, logprobs: {"index": i, "delta": {"content": text} if text else {},
-                                                     "logprobs": chat_logprobs(logprobs), "finish_reason": finish},
+            piece=lambda i, text, finish, logprobs: {
+                "index": i,
+                "delta": {"content": text} if text else {},
+                "logprobs": chat_logprobs(logprobs),
+                "finish_reason": finish,
+            },
             envelope=envelope("chat.completion.chunk", request_id, body.model),
             calls=_call_chunks,
         )
@@ -86,11 +116,19 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         id=request_id,
         created=int(time.time()),
         model=body.model,
-        choices=[{"index": i, "finish_reason": reason, "logprobs": chat_logprobs(logprobs),
-                  "message": {"role": "assistant", "content": None, "tool_calls": calls} if calls
-                  else {"role": "assistant", "content": text}}
-                 for i, (text, reason, logprobs, calls)
-                 in enumerate(zip(done.texts, done.reasons, done.logprobs, done.tool_calls))],
+        choices=[
+            {
+                "index": i,
+                "finish_reason": reason,
+                "logprobs": chat_logprobs(logprobs),
+                "message": {"role": "assistant", "content": None, "tool_calls": calls}
+                if calls
+                else {"role": "assistant", "content": text},
+            }
+            for i, (text, reason, logprobs, calls) in enumerate(
+                zip(done.texts, done.reasons, done.logprobs, done.tool_calls)
+            )
+        ],
         usage=done.usage,
         x_metrics=done.metrics,
     )

@@ -29,9 +29,17 @@ async def create_completion(body: CompletionRequest, request: Request):
     n = body.choices_per_prompt
     with_logprobs = body.logprobs is not None
     echo_logprobs = bool(body.echo) and with_logprobs
-    run, charge = await start_metered(request, body.model, GenerationRequest(
-        body.sampling_params(body.max_tokens, body.logprobs, echo_logprobs), n, prompts=prompts, echo=bool(body.echo)),
-        input_characters(prompts))
+    run, charge = await start_metered(
+        request,
+        body.model,
+        GenerationRequest(
+            body.sampling_params(body.max_tokens, body.logprobs, echo_logprobs),
+            n,
+            prompts=prompts,
+            echo=bool(body.echo),
+        ),
+        input_characters(prompts),
+    )
     request_id = completion_id("cmpl")
 
     def echoed(index: int) -> str:
@@ -44,15 +52,26 @@ async def create_completion(body: CompletionRequest, request: Request):
         offsets = [len(echoed(i)) for i in range(run.choices)]  # where each choice's next text starts
 
         def piece(i: int, text: str, finish: str | None, logprobs: list | None) -> dict:
-            chunk = {"text": text, "index": i, "logprobs": completion_logprobs(logprobs, offsets[i]),
-                     "finish_reason": finish}
+            chunk = {
+                "text": text,
+                "index": i,
+                "logprobs": completion_logprobs(logprobs, offsets[i]),
+                "finish_reason": finish,
+            }
             offsets[i] += len(text)
             return chunk
 
         fmt = StreamFormat(
-            opening=(lambda i: {"text": echoed(i), "index": i, "finish_reason": None,
-                                "logprobs": completion_logprobs(echoed_logprobs(i), 0) if echo_logprobs else None})
-            if body.echo else None,
+            opening=(
+                lambda i: {
+                    "text": echoed(i),
+                    "index": i,
+                    "finish_reason": None,
+                    "logprobs": completion_logprobs(echoed_logprobs(i), 0) if echo_logprobs else None,
+                }
+            )
+            if body.echo
+            else None,
             piece=piece,
             envelope=envelope("text_completion", request_id, body.model),
             late_opening=echo_logprobs,
@@ -63,9 +82,15 @@ async def create_completion(body: CompletionRequest, request: Request):
         id=request_id,
         created=int(time.time()),
         model=body.model,
-        choices=[{"text": echoed(i) + text, "index": i, "finish_reason": reason,
-                  "logprobs": completion_logprobs(echoed_logprobs(i) + (logprobs or []), 0) if with_logprobs else None}
-                 for i, (text, reason, logprobs) in enumerate(zip(done.texts, done.reasons, done.logprobs))],
+        choices=[
+            {
+                "text": echoed(i) + text,
+                "index": i,
+                "finish_reason": reason,
+                "logprobs": completion_logprobs(echoed_logprobs(i) + (logprobs or []), 0) if with_logprobs else None,
+            }
+            for i, (text, reason, logprobs) in enumerate(zip(done.texts, done.reasons, done.logprobs))
+        ],
         usage=done.usage,
         x_metrics=done.metrics,
     )

@@ -29,25 +29,47 @@ router = APIRouter(prefix="/files", tags=["Files (OpenAI)"])
 
 UPLOAD_PATH = router.prefix  # streamed by the handler itself: the app's JSON body limit does not apply
 PURPOSES = ("fine-tune", "fine-tune-results")
-UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file", "purpose"],
-    "properties": {"file": {"type": "string", "format": "binary",
-                            "description": "The training file: CSV, or JSONL in OpenAI's chat format."},
-                   "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The training file: CSV, or JSONL in OpenAI's chat format.",
+                        },
+                        "purpose": {"type": "string", "enum": ["fine-tune"]},
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 @router.post("", openapi_extra=UPLOAD_BODY)
 async def create_file(request: Request) -> FileObject:
     """Stream the file to disk (413 past ``max_dataset_bytes``), check it, and keep it as a dataset."""
     store = request.app.state.datasets
-    upload = await receive_upload(request, store.incoming_file(), file_field="file",
-                                  max_file_bytes=request.app.state.settings.max_dataset_bytes,
-                                  limit_setting="QUBRID_LAB_MAX_DATASET_BYTES")
+    upload = await receive_upload(
+        request,
+        store.incoming_file(),
+        file_field="file",
+        max_file_bytes=request.app.state.settings.max_dataset_bytes,
+        limit_setting="QUBRID_LAB_MAX_DATASET_BYTES",
+    )
     purpose = upload.fields.get("purpose", "").strip()
     if purpose != "fine-tune":
         upload.path.unlink(missing_ok=True)
-        raise InvalidRequestError(f"purpose: this server keeps files for fine-tuning only; send purpose "
-                                  f"'fine-tune' (got {purpose!r}).", param="purpose")
+        raise InvalidRequestError(
+            f"purpose: this server keeps files for fine-tuning only; send purpose 'fine-tune' (got {purpose!r}).",
+            param="purpose",
+        )
     record = await run_in_threadpool(store.add, upload.path, upload.filename, None, owner_of(request))
     return FileObject.of(record)
 
@@ -73,13 +95,19 @@ def _result_of(request: Request, job: JobRecord) -> tuple[FileObject, str]:
 
 def _results(request: Request) -> list[FileObject]:
     jobs = request.app.state.job_manager.jobs
-    return [_result_of(request, job)[0] for job in jobs.page(10_000, 0, scope_of(request))[0]
-            if job.status == "completed"]
+    return [
+        _result_of(request, job)[0] for job in jobs.page(10_000, 0, scope_of(request))[0] if job.status == "completed"
+    ]
 
 
 @router.get("")
-def list_files(request: Request, purpose: str | None = Query(None), limit: int = Query(10000, ge=1, le=10000),
-               after: str | None = Query(None), order: str = Query("desc", pattern="^(asc|desc)$")) -> FileList:
+def list_files(
+    request: Request,
+    purpose: str | None = Query(None),
+    limit: int = Query(10000, ge=1, le=10000),
+    after: str | None = Query(None),
+    order: str = Query("desc", pattern="^(asc|desc)$"),
+) -> FileList:
     """The key's files newest first (``order=asc``: oldest first), those after the file ``after``."""
     files = []
     if purpose in (None, "fine-tune"):

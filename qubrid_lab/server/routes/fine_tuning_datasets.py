@@ -14,20 +14,40 @@ router = APIRouter(prefix="/fine-tuning/datasets", tags=["Datasets"])
 
 MAX_NAME_LENGTH = 256
 UPLOAD_PATH = router.prefix  # streamed by the handler itself: the app's JSON body limit does not apply
-UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["file"],
-    "properties": {"file": {"type": "string", "format": "binary", "description": "The CSV file."},
-                   "name": {"type": "string", "maxLength": MAX_NAME_LENGTH,
-                            "description": "Display name (default: the file's name)."}}}}}}}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "The CSV file."},
+                        "name": {
+                            "type": "string",
+                            "maxLength": MAX_NAME_LENGTH,
+                            "description": "Display name (default: the file's name).",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
 
 
 @router.post("", status_code=201, openapi_extra=UPLOAD_BODY)
 async def upload_dataset(request: Request) -> Dataset:
     """Stream the CSV to disk (413 past ``max_dataset_bytes``), check it, and keep it as a dataset."""
     store = request.app.state.datasets
-    upload = await receive_upload(request, store.incoming_file(), file_field="file",
-                                  max_file_bytes=request.app.state.settings.max_dataset_bytes,
-                                  limit_setting="QUBRID_LAB_MAX_DATASET_BYTES")
+    upload = await receive_upload(
+        request,
+        store.incoming_file(),
+        file_field="file",
+        max_file_bytes=request.app.state.settings.max_dataset_bytes,
+        limit_setting="QUBRID_LAB_MAX_DATASET_BYTES",
+    )
     name = upload.fields.get("name", "").strip() or None
     if name is not None and len(name) > MAX_NAME_LENGTH:
         upload.path.unlink(missing_ok=True)

@@ -33,15 +33,23 @@ def create_fine_tuning_job(body: CreateFineTuningJobRequest, request: Request) -
     """Queue a job; every problem with the request is listed in one 400; 402 once the key's credit is spent."""
     request.app.state.meter.require_credit(key_of(request))
     job = request.app.state.job_manager.create(
-        base_model=body.base_model, dataset_id=body.dataset_id, task_type=body.task_type,
-        hyperparameters=body.hyperparameters, suffix=body.suffix, column_mapping=body.column_mapping,
-        owner=owner_of(request), scope=scope_of(request), validation_dataset_id=body.validation_dataset_id)
+        base_model=body.base_model,
+        dataset_id=body.dataset_id,
+        task_type=body.task_type,
+        hyperparameters=body.hyperparameters,
+        suffix=body.suffix,
+        column_mapping=body.column_mapping,
+        owner=owner_of(request),
+        scope=scope_of(request),
+        validation_dataset_id=body.validation_dataset_id,
+    )
     return FineTuningJob.of(job)
 
 
 @router.get("")
-def list_fine_tuning_jobs(request: Request, limit: int = Query(20, ge=1, le=100),
-                          offset: int = Query(0, ge=0, le=2**31 - 1)) -> FineTuningJobList:
+def list_fine_tuning_jobs(
+    request: Request, limit: int = Query(20, ge=1, le=100), offset: int = Query(0, ge=0, le=2**31 - 1)
+) -> FineTuningJobList:
     """Jobs newest first, a page at a time; ``total`` counts them all."""
     jobs, total = request.app.state.job_manager.jobs.page(limit, offset, scope_of(request))
     return FineTuningJobList(data=[FineTuningJob.of(job) for job in jobs], total=total)
@@ -78,8 +86,9 @@ def list_fine_tuning_checkpoints(job_id: str, request: Request) -> FineTuningChe
 
 
 @router.get("/{job_id}/events", response_model=FineTuningJobEventList)
-def list_fine_tuning_events(job_id: str, request: Request, after: str | None = Query(None),
-                            limit: int = Query(100, ge=1, le=1000)) -> Response:
+def list_fine_tuning_events(
+    job_id: str, request: Request, after: str | None = Query(None), limit: int = Query(100, ge=1, le=1000)
+) -> Response:
     """Extension: the job's events oldest first; pass the last id seen as ``after`` to get only newer ones."""
     events, has_more = request.app.state.job_manager.jobs.events(job_id, after, limit, scope_of(request))
     page = FineTuningJobEventList(data=[FineTuningJobEvent.of(event) for event in events], has_more=has_more)

@@ -12,7 +12,9 @@ router = APIRouter(prefix="/fine-tuning/models", tags=["Fine-Tuned Models"])
 
 @router.get("")
 def list_fine_tuned_models(request: Request) -> FineTunedModelList:
-    return FineTunedModelList(data=[FineTunedModel.of(m) for m in request.app.state.job_manager.jobs.models(scope_of(request))])
+    return FineTunedModelList(
+        data=[FineTunedModel.of(m) for m in request.app.state.job_manager.jobs.models(scope_of(request))]
+    )
 
 
 @router.delete("/{model_id:path}", status_code=204)

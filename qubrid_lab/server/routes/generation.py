@@ -17,7 +17,6 @@ from qubrid_lab.server.access import chat_backend
 from qubrid_lab.server.auth import key_of
 from qubrid_lab.server.metering import Charge
 
-
 RECORD_WAIT_SECONDS = 1.0
 
 
@@ -40,17 +39,22 @@ class Collected:
 
     @property
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
 
-async def start_metered(request: Request, model: str, generation: GenerationRequest, prompt_characters: int,
-                        backend=None) -> tuple[GenerationRun, Charge]:
+async def start_metered(
+    request: Request, model: str, generation: GenerationRequest, prompt_characters: int, backend=None
+) -> tuple[GenerationRun, Charge]:
     """Admit the request for its key (credit, limits, the model's waiting room), then start it on its model."""
     backend = backend or chat_backend(request, model)
     choices = generation.n * (len(generation.prompts) if generation.prompts is not None else 1)
-    charge = request.app.state.meter.admit(key_of(request), model, prompt_characters, generation.params.max_tokens,
-                                           choices, backend)
+    charge = request.app.state.meter.admit(
+        key_of(request), model, prompt_characters, generation.params.max_tokens, choices, backend
+    )
     try:
         run = await backend.start(generation)
     except BaseException:
@@ -147,8 +151,11 @@ async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool, cha
             extra = {"x_metrics": run.metrics(tokens)} if last else {}
             yield chunk([fmt.piece(event.index, "", event.reason, None)], **extra)
         if include_usage:
-            usage = {"prompt_tokens": run.prompt_tokens, "completion_tokens": tokens,
-                     "total_tokens": run.prompt_tokens + tokens}
+            usage = {
+                "prompt_tokens": run.prompt_tokens,
+                "completion_tokens": tokens,
+                "total_tokens": run.prompt_tokens + tokens,
+            }
             yield chunk([], usage=usage, x_metrics=run.metrics(tokens))
         yield DONE
     finally:
@@ -158,5 +165,10 @@ async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool, cha
 
 def envelope(object_name: str, request_id: str, model: str) -> Callable[[list[dict]], dict]:
     created = int(time.time())
-    return lambda choices: {"id": request_id, "object": object_name, "created": created, "model": model,
-                            "choices": choices}
+    return lambda choices: {
+        "id": request_id,
+        "object": object_name,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }

@@ -12,15 +12,21 @@ router = APIRouter()
 
 def _describe(backend) -> Model:
     entry = backend.entry
-    return Model(id=backend.model_id, created=backend.created, owned_by=entry.owned_by, kind=entry.kind,
-                 vision=reads_images(backend))
+    return Model(
+        id=backend.model_id,
+        created=backend.created,
+        owned_by=entry.owned_by,
+        kind=entry.kind,
+        vision=reads_images(backend),
+    )
 
 
 @router.get("/models")
 async def list_models(request: Request) -> ModelList:
     hidden = hidden_models(request)
-    return ModelList(data=[_describe(b) for model_id, b in request.app.state.registry.all().items()
-                           if model_id not in hidden])
+    return ModelList(
+        data=[_describe(b) for model_id, b in request.app.state.registry.all().items() if model_id not in hidden]
+    )
 
 
 @router.get("/models/{model_id:path}")

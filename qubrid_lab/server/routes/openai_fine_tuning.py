@@ -39,23 +39,36 @@ def create_fine_tuning_job(body: CreateOpenAIJobRequest, request: Request) -> Op
     manager = request.app.state.job_manager
     dataset = manager.datasets.find(body.training_file, scope_of(request))
     if dataset is None:
-        raise InvalidRequestError(f"training_file: no file '{body.training_file}'; upload one with POST /v1/files "
-                                  "(purpose 'fine-tune').", param="training_file")
+        raise InvalidRequestError(
+            f"training_file: no file '{body.training_file}'; upload one with POST /v1/files (purpose 'fine-tune').",
+            param="training_file",
+        )
     hyperparameters = body.chosen_hyperparameters().platform(dataset.row_count)
     if body.seed is not None:
         hyperparameters["seed"] = body.seed
     try:
-        job = manager.create(base_model=body.model, dataset_id=dataset.id, task_type=infer_task_type(dataset.columns),
-                             hyperparameters=hyperparameters, suffix=body.suffix, owner=owner_of(request),
-                             scope=scope_of(request), validation_dataset_id=body.validation_file)
+        job = manager.create(
+            base_model=body.model,
+            dataset_id=dataset.id,
+            task_type=infer_task_type(dataset.columns),
+            hyperparameters=hyperparameters,
+            suffix=body.suffix,
+            owner=owner_of(request),
+            scope=scope_of(request),
+            validation_dataset_id=body.validation_file,
+        )
     except InvalidRequestError as exc:
         raise _in_openai_names(exc) from None
     return _shown(request, job)
 
 
 # the job manager's field names where OpenAI's request names the same thing differently
-OPENAI_NAMES = {"base_model": "model", "dataset_id": "training_file", "validation_dataset_id": "validation_file",
-                "hyperparameters.epochs": "hyperparameters.n_epochs"}
+OPENAI_NAMES = {
+    "base_model": "model",
+    "dataset_id": "training_file",
+    "validation_dataset_id": "validation_file",
+    "hyperparameters.epochs": "hyperparameters.n_epochs",
+}
 
 
 def _in_openai_names(error: InvalidRequestError) -> InvalidRequestError:
@@ -66,8 +79,9 @@ def _in_openai_names(error: InvalidRequestError) -> InvalidRequestError:
 
 
 @router.get("")
-def list_fine_tuning_jobs(request: Request, after: str | None = Query(None),
-                          limit: int = Query(20, ge=1, le=100)) -> OpenAIJobList:
+def list_fine_tuning_jobs(
+    request: Request, after: str | None = Query(None), limit: int = Query(20, ge=1, le=100)
+) -> OpenAIJobList:
     """Jobs newest first, those older than the job ``after`` when given."""
     jobs, has_more = request.app.state.job_manager.jobs.page_after(after, limit, scope_of(request))
     return OpenAIJobList(data=[_shown(request, job) for job in jobs], has_more=has_more)
@@ -97,8 +111,9 @@ def resume_fine_tuning_job(fine_tuning_job_id: str, request: Request) -> OpenAIF
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints")
-def list_fine_tuning_job_checkpoints(fine_tuning_job_id: str, request: Request, after: str | None = Query(None),
-                                     limit: int = Query(10, ge=1, le=100)) -> OpenAICheckpointList:
+def list_fine_tuning_job_checkpoints(
+    fine_tuning_job_id: str, request: Request, after: str | None = Query(None), limit: int = Query(10, ge=1, le=100)
+) -> OpenAICheckpointList:
     """The job's saved checkpoints newest first, those after the checkpoint ``after`` when given."""
     job, checkpoints = request.app.state.job_manager.checkpoints(fine_tuning_job_id, scope_of(request))
     shown = [OpenAICheckpoint.of(job, checkpoint) for checkpoint in checkpoints]
@@ -106,9 +121,11 @@ def list_fine_tuning_job_checkpoints(fine_tuning_job_id: str, request: Request, 
 
 
 @router.get("/{fine_tuning_job_id}/events")
-def list_fine_tuning_events(fine_tuning_job_id: str, request: Request, after: str | None = Query(None),
-                            limit: int = Query(20, ge=1, le=1000)) -> OpenAIJobEventList:
+def list_fine_tuning_events(
+    fine_tuning_job_id: str, request: Request, after: str | None = Query(None), limit: int = Query(20, ge=1, le=1000)
+) -> OpenAIJobEventList:
     """The job's events newest first (OpenAI's order), those before the event ``after`` when given."""
-    events, has_more = request.app.state.job_manager.jobs.events(fine_tuning_job_id, after, limit,
-                                                                 scope_of(request), newest_first=True)
+    events, has_more = request.app.state.job_manager.jobs.events(
+        fine_tuning_job_id, after, limit, scope_of(request), newest_first=True
+    )
     return OpenAIJobEventList(data=[OpenAIJobEvent.of(event) for event in events], has_more=has_more)

@@ -32,9 +32,13 @@ def _id(prefix: str) -> str:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens_details": {"reasoning_tokens": 0}}
+    return {
+        "input_tokens": prompt_tokens,
+        "output_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
 
 
 def _text_part(text: str) -> dict:
@@ -42,14 +46,24 @@ def _text_part(text: str) -> dict:
 
 
 def _message(message_id: str, text: str, status: str) -> dict:
-    return {"type": "message", "id": message_id, "status": status, "role": "assistant",
-            "content": [] if status == "in_progress" else [_text_part(text)]}
+    return {
+        "type": "message",
+        "id": message_id,
+        "status": status,
+        "role": "assistant",
+        "content": [] if status == "in_progress" else [_text_part(text)],
+    }
 
 
 def _function_call(call: dict, arguments: str | None = None) -> dict:
-    return {"type": "function_call", "id": _id("fc"), "call_id": call["id"], "name": call["function"]["name"],
-            "arguments": call["function"]["arguments"] if arguments is None else arguments,
-            "status": "completed" if arguments is None else "in_progress"}
+    return {
+        "type": "function_call",
+        "id": _id("fc"),
+        "call_id": call["id"],
+        "name": call["function"]["name"],
+        "arguments": call["function"]["arguments"] if arguments is None else arguments,
+        "status": "completed" if arguments is None else "in_progress",
+    }
 
 
 class ResponseShape:
@@ -58,12 +72,27 @@ class ResponseShape:
     def __init__(self, body: ResponseRequest):
         self.body, self.id, self.created = body, _id("resp"), int(time.time())
 
-    def __call__(self, status: str, output: list[dict], usage: dict | None = None, metrics: dict | None = None,
-                 reason: str | None = None) -> dict:
-        return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
-                "model": self.body.model, "output": output, "usage": usage, "error": None,
-                "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
-                **self.body.echoed(), "x_metrics": metrics}
+    def __call__(
+        self,
+        status: str,
+        output: list[dict],
+        usage: dict | None = None,
+        metrics: dict | None = None,
+        reason: str | None = None,
+    ) -> dict:
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.body.model,
+            "output": output,
+            "usage": usage,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if reason == "length" else None,
+            **self.body.echoed(),
+            "x_metrics": metrics,
+        }
 
 
 @router.post("/responses", response_model=None)
@@ -76,10 +105,18 @@ async def create_response(body: ResponseRequest, request: Request):
         return sse_response(_stream(run, charge, shape))
     done = await collect(run, charge)
     reason, calls = done.reasons[0], done.tool_calls[0]
-    output = [_function_call(call) for call in calls] if calls else \
-        [_message(_id("msg"), done.texts[0], "incomplete" if reason == "length" else "completed")]
-    return shape("incomplete" if reason == "length" else "completed", output,
-                 _usage(done.prompt_tokens, done.completion_tokens), done.metrics, reason)
+    output = (
+        [_function_call(call) for call in calls]
+        if calls
+        else [_message(_id("msg"), done.texts[0], "incomplete" if reason == "length" else "completed")]
+    )
+    return shape(
+        "incomplete" if reason == "length" else "completed",
+        output,
+        _usage(done.prompt_tokens, done.completion_tokens),
+        done.metrics,
+        reason,
+    )
 
 
 async def _stream(run: GenerationRun, charge: Charge, shape: ResponseShape) -> AsyncIterator[str]:
@@ -119,10 +156,18 @@ async def _stream(run: GenerationRun, charge: Charge, shape: ResponseShape) -> A
                     yield event("response.output_item.added", output_index=index, item=pending)
                     arguments = call["function"]["arguments"]
                     for start in range(0, len(arguments), ARGUMENT_FRAGMENT):
-                        yield event("response.function_call_arguments.delta", item_id=pending["id"],
-                                    output_index=index, delta=arguments[start:start + ARGUMENT_FRAGMENT])
-                    yield event("response.function_call_arguments.done", item_id=pending["id"], output_index=index,
-                                arguments=arguments)
+                        yield event(
+                            "response.function_call_arguments.delta",
+                            item_id=pending["id"],
+                            output_index=index,
+                            delta=arguments[start : start + ARGUMENT_FRAGMENT],
+                        )
+                    yield event(
+                        "response.function_call_arguments.done",
+                        item_id=pending["id"],
+                        output_index=index,
+                        arguments=arguments,
+                    )
                     output.append({**pending, "arguments": arguments, "status": "completed"})
                     yield event("response.output_item.done", output_index=index, item=output[-1])
             else:
@@ -131,8 +176,13 @@ async def _stream(run: GenerationRun, charge: Charge, shape: ResponseShape) -> A
                 yield event("response.content_part.done", **where, part=_text_part(text))
                 output.append(_message(message_id, text, status))
                 yield event("response.output_item.done", output_index=0, item=output[-1])
-        final = shape("incomplete" if reason == "length" else "completed", output,
-                      _usage(run.prompt_tokens, tokens), run.metrics(tokens), reason)
+        final = shape(
+            "incomplete" if reason == "length" else "completed",
+            output,
+            _usage(run.prompt_tokens, tokens),
+            run.metrics(tokens),
+            reason,
+        )
         yield event("response.incomplete" if reason == "length" else "response.completed", response=final)
     finally:
         run.cancel()

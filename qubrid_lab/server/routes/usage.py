@@ -27,12 +27,13 @@ def _day(value: str | None, field: str) -> date | None:
 
 
 @router.get("/usage")
-async def get_usage(request: Request,
-                    start_date: str | None = Query(None, pattern=DAY, description="First UTC day, YYYY-MM-DD."),
-                    end_date: str | None = Query(None, pattern=DAY, description="Last UTC day, YYYY-MM-DD."),
-                    model: str | None = Query(None, max_length=512),
-                    key_name: str | None = Query(None, max_length=64, description="Admins only: one key's usage.")
-                    ) -> UsageList:
+async def get_usage(
+    request: Request,
+    start_date: str | None = Query(None, pattern=DAY, description="First UTC day, YYYY-MM-DD."),
+    end_date: str | None = Query(None, pattern=DAY, description="Last UTC day, YYYY-MM-DD."),
+    model: str | None = Query(None, max_length=512),
+    key_name: str | None = Query(None, max_length=64, description="Admins only: one key's usage."),
+) -> UsageList:
     """Tokens and cost by UTC day, model and key: the caller's own, or (admin keys) every key's."""
     start_date, end_date = _day(start_date, "start_date"), _day(end_date, "end_date")
     if start_date and end_date and start_date > end_date:
@@ -43,8 +44,9 @@ async def get_usage(request: Request,
         require_admin(request, "Reading another key's usage")
     if key is not None and not key.admin:
         key_id = key.id
-    rows = await run_in_threadpool(request.app.state.meter.ledger.report, key_id=key_id, start_date=start_date,
-                                   end_date=end_date, model=model)
+    rows = await run_in_threadpool(
+        request.app.state.meter.ledger.report, key_id=key_id, start_date=start_date, end_date=end_date, model=model
+    )
     if key_name is not None:
         rows = [row for row in rows if row.key_name == key_name]
     return UsageList(data=[UsageRecord(**vars(row)) for row in rows])
