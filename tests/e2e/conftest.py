@@ -15,7 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.smollm2 import model_cache_home
+from tests.smollm2 import CHAT_MODEL, model_cache_home
+
+__all__ = ["CHAT_MODEL"]  # the e2e tests take the chat model's id from here
 
 EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 API_KEY = "qbt_e2e-test-key"
