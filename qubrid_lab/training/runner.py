@@ -25,7 +25,7 @@ from qubrid_lab.data.formatting import IGNORE_INDEX
 from qubrid_lab.data.splits import Split, split_examples, steps_per_epoch
 from qubrid_lab.errors import QubridError
 from qubrid_lab.models.loading import TRAINED_TEMPLATE_FILE
-from qubrid_lab.training.batches import ExampleDataset, PaddingCollator, has_target
+from qubrid_lab.training.batches import PACKED, ExampleDataset, choose_batching, collator, has_target
 from qubrid_lab.training.callbacks import SinkCallback
 from qubrid_lab.training.checkpoints import (
     CHECKPOINTS_DIR,
@@ -110,6 +110,7 @@ class TrainingResult:
     best_step: int | None = None  # the checkpoint with the lowest validation loss (with validation data)
     served_step: int | None = None  # the step whose weights the adapter holds: best_step with load_best_at_end
     early_stopped: bool = False  # validation loss stopped improving before the planned steps were done
+    batching: str | None = None  # "packed" or "padded" (``training.batches``); None when stopped before loading
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,11 @@ def _usable_examples(path: Path, plan: ColumnPlan, tokenizer, max_seq_length: in
     return examples
 
 
-def training_arguments(spec: TrainingSpec, schedule: Schedule, placement: Placement, has_validation: bool):
-    """The Trainer's configuration: the hyperparameters plus fixed choices (no hub, log every step)."""
+def training_arguments(
+    spec: TrainingSpec, schedule: Schedule, placement: Placement, has_validation: bool, batching: str
+):
+    """The Trainer's configuration: the hyperparameters, how batches are made (``batching``) and fixed choices (no
+    hub, log every step)."""
     from transformers import TrainingArguments
 
     hyperparameters = spec.hyperparameters
@@ -199,6 +203,9 @@ def training_arguments(spec: TrainingSpec, schedule: Schedule, placement: Placem
         use_cpu=placement.device == "cpu",
         seed=hyperparameters.seed,
         data_seed=hyperparameters.seed,
+        # padded batches take rows of similar length together, so that little padding is left to compute
+        train_sampling_strategy="random" if batching == PACKED else "group_by_length",
+        use_cache=False,  # with a cache, transformers would not read packed rows' boundaries from the position ids
         eval_strategy="steps" if has_validation else "no",
         eval_steps=schedule.eval_steps,
         prediction_loss_only=False,  # evaluation also measures token accuracy (on argmaxes, not logits)
@@ -212,7 +219,7 @@ def training_arguments(spec: TrainingSpec, schedule: Schedule, placement: Placem
         greater_is_better=False,
         logging_strategy="steps",
         logging_steps=1,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="all" if batching == PACKED else "non_padding",  # packed: no padding at all
         report_to=hyperparameters.report_to,
         run_name=spec.output_dir.name,  # a job's directory is named after the job
         disable_tqdm=True,
@@ -231,7 +238,8 @@ def predicted_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 def mean_token_accuracy(prediction) -> dict[str, float]:
     """The share of answer tokens (labels other than -100) the model predicts exactly, as OpenAI's
-    ``valid_mean_token_accuracy``; position i predicts token i + 1."""
+    ``valid_mean_token_accuracy``; position i predicts token i + 1. A packed batch is one row holding all its
+    rows, and the first label of each is -100, so the same tokens count as in padded batches."""
     predicted = torch.as_tensor(prediction.predictions)[:, :-1]
     labels = torch.as_tensor(prediction.label_ids)[:, 1:]
     trained = labels != IGNORE_INDEX
@@ -330,6 +338,8 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
     with memory_errors_explained(placement, hyperparameters):
         # 2. Model: frozen base weights, trainable LoRA matrices.
         model = lora_model(spec.model_dir, placement, hyperparameters)
+        batching = choose_batching(model, placement.device)
+        log.info("training on %s batches", batching)
         callback = SinkCallback(sink)
         callbacks = [callback]
         if split.validation and hyperparameters.early_stopping_patience:
@@ -338,8 +348,8 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
             )
         trainer = Trainer(
             model=model,
-            args=training_arguments(spec, schedule, placement, bool(split.validation)),
-            data_collator=PaddingCollator(tokenizer.pad_token_id),
+            args=training_arguments(spec, schedule, placement, bool(split.validation), batching),
+            data_collator=collator(batching, tokenizer.pad_token_id),
             train_dataset=ExampleDataset(split.train),
             eval_dataset=ExampleDataset(split.validation) if split.validation else None,
             callbacks=callbacks,
@@ -377,4 +387,5 @@ def train(spec: TrainingSpec, sink: ProgressSink) -> TrainingResult:
         best_step=best_step,
         served_step=best_step if trainer.args.load_best_model_at_end and best_step else state.global_step,
         early_stopped=not callback.stopped and state.global_step < schedule.total_steps,
+        batching=batching,
     )

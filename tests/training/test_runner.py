@@ -14,6 +14,10 @@ import pytest
 import torch
 
 from qubrid_lab.data.columns import ColumnPlan
+from qubrid_lab.data.dataset_files import read_dataset
+from qubrid_lab.data.formatting import build_examples
+from qubrid_lab.data.splits import split_examples
+from qubrid_lab.training.batches import PACKED, PADDED
 from qubrid_lab.training.checkpoints import saved_checkpoints
 from qubrid_lab.training.hyperparameters import Hyperparameters
 from qubrid_lab.training.runner import TrainingError, TrainingSpec, train
@@ -140,6 +144,22 @@ def test_tokens_per_step_count_the_non_padding_tokens_of_the_batch(run, repeated
     # Identical rows: every step trains four copies of one example, with no padding.
     assert sink.steps[0]["tokens"] == sink.steps[1]["tokens"]
     assert sink.steps[0]["tokens"] % 4 == 0
+
+
+@pytest.mark.parametrize("packs", [True, False])
+def test_an_epoch_trains_every_row_once_on_packed_or_on_padded_batches(
+    run, facts_csv, tiny_tokenizer, monkeypatch, packs
+):
+    if not packs:  # as for a model whose rows would not stay apart in one sequence (Mamba)
+        monkeypatch.setattr("qubrid_lab.training.batches.keeps_packed_rows_apart", lambda model: False)
+    sink, result = run(facts_csv, epochs=1, validation_split=0.25)
+
+    assert result.batching == (PACKED if packs else PADDED)  # the tiny Llama keeps packed rows apart
+    examples = build_examples(read_dataset(facts_csv), QA, tiny_tokenizer, 64).examples
+    trained = split_examples(examples, 0.25, 42).train
+    assert result.train_tokens == sum(len(example["input_ids"]) for example in trained)  # no padding counted
+    assert [record["step"] for record in sink.steps] == [1, 2, 3]
+    assert sink.evaluations and all(0 <= record["token_accuracy"] <= 1 for record in sink.evaluations)
 
 
 def test_epochs_set_the_number_of_steps(run, facts_csv):
