@@ -4,26 +4,37 @@ A background thread follows the job with ``qubrid_lab.Client.jobs.follow`` (each
 the events that are new, and measures the pace and the time left), so the kernel stays free for other cells;
 it stops when the job ends or the widget is closed.
 
+When the job ends, the monitor's cell also gets the final loss curves as a PNG, an output of its own
+(``loss_image``), which a saved notebook keeps where the widget shows nothing (GitHub, nbviewer, no kernel); a
+monitor displayed for a job that has already ended shows it at once. The polling thread cannot ``display()`` it:
+ipykernel sends a thread's output to the cell running at the time (or the last one that ran). So displaying the
+monitor also makes an empty display with an id in its own cell, which the thread replaces by that id
+(``update_display_data``); JupyterLab, Notebook 7 and nbclient apply that to the cell holding the display.
+
 The loss plot is a plotly ``FigureWidget``. It updates in place in JupyterLab 4 (since plotly 6 it is an
 anywidget, so no lab extension has to be built or enabled), new points are sent as one message per poll
 (``batch_update``), and the reader gets hover values per step, zoom and a PNG download for free. ipympl was
 not chosen because every update re-renders the whole matplotlib figure in the kernel and ships an image,
-and it adds matplotlib and a widget extension to the install; bqplot also updates in place, but it is
-another extension to install and its figures have no values on hover or image export out of the box.
+and it adds a widget extension to the install; bqplot also updates in place, but it is another extension to
+install and its figures have no values on hover or image export out of the box.
 """
 
 from __future__ import annotations
 
+import base64
+import copy
 import html
 import threading
 from typing import Any
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
+from IPython.display import DisplayHandle, display
 
 from qubrid_lab.client.job_progress import JobProgress, ProgressTracker
 from qubrid_lab.widgets._client import FINISHED_STATUSES, ServerError, connect
 from qubrid_lab.widgets._fields import status_html
+from qubrid_lab.widgets.loss_image import CURVES, loss_png
 
 TRAINING, VALIDATION = 0, 1  # trace indexes in the figure
 
@@ -50,13 +61,15 @@ def loss_figure() -> go.FigureWidget:
     """An empty training/validation loss plot: step on x, loss on y, both named in the legend."""
     figure = go.FigureWidget(
         data=[
-            go.Scatter(x=[], y=[], name="training loss", mode="lines+markers", line={"color": "#1f77b4"}),
+            go.Scatter(
+                x=[], y=[], name=CURVES["training"][0], mode="lines+markers", line={"color": CURVES["training"][1]}
+            ),
             go.Scatter(
                 x=[],
                 y=[],
-                name="validation loss",
+                name=CURVES["validation"][0],
                 mode="lines+markers",
-                line={"color": "#ff7f0e", "dash": "dash"},
+                line={"color": CURVES["validation"][1], "dash": "dash"},
                 marker={"symbol": "diamond", "size": 8},
             ),
         ],
@@ -78,8 +91,10 @@ class TrainingMonitor(widgets.VBox):
     """Launch a job (``job=`` a ``POST /v1/fine-tuning/jobs`` body) or attach to one (``job_id=``) and watch it.
 
     Shows a live loss plot (``figure``), a progress bar with the time left, the latest event, a Cancel button
-    and, once the job ends, its final metrics. ``wait()`` blocks until the job ends and returns it; ``job`` is
-    the latest copy read from the server; ``points`` holds ``{"training": {step: loss}, "validation": {...}}``.
+    and, once the job ends, its final metrics and, below the widget, the loss curves as a PNG that stays in the
+    saved notebook. ``wait()`` blocks until the job ends and returns it; ``job`` is the latest copy read from the
+    server; ``points`` holds ``{"training": {step: loss}, "validation": {...}}``; ``png`` the image once the job
+    has ended (None before, or when no loss was logged).
     """
 
     def __init__(
@@ -101,8 +116,11 @@ class TrainingMonitor(widgets.VBox):
         self.error: str | None = None
         self.points: dict[str, dict[int, float]] = {"training": {}, "validation": {}}
         self.latest: dict[str, float] = {}  # the newest of each number the metrics events carry
+        self.png: bytes | None = None
+        self._total_steps: int | None = None
         self._ended = threading.Event()
         self._lock = threading.Lock()
+        self._image_displays: list[DisplayHandle] = []  # the cells' displays awaiting the final image
 
         self.figure = loss_figure()
         self.title = widgets.HTML()
@@ -131,6 +149,9 @@ class TrainingMonitor(widgets.VBox):
             self._end(exc.message)
             return
         self._show_job(ProgressTracker().update(self.job, []))
+        if self.job["status"] in FINISHED_STATUSES:
+            self._follow()  # one poll reads it whole, so the cell shows the ended job and its image at once
+            return
         self._thread = threading.Thread(target=self._follow, name=f"TrainingMonitor:{self.job['id']}", daemon=True)
         self._thread.start()
 
@@ -161,6 +182,14 @@ class TrainingMonitor(widgets.VBox):
         self._stop.set()
         super().close()
 
+    def _ipython_display_(self) -> None:
+        """Display the widget, then the final loss image (or, while the job runs, the empty display it will fill)."""
+        display(self._repr_mimebundle_(), raw=True)
+        with self._lock:
+            handle = display(self._image_bundle(), raw=True, display_id=True)
+            if handle is not None and not self._ended.is_set():
+                self._image_displays.append(handle)
+
     # --- the polling thread -------------------------------------------------------------------------------
 
     def _follow(self) -> None:
@@ -190,6 +219,7 @@ class TrainingMonitor(widgets.VBox):
         with self._lock:
             self.job = progress.job
             self.latest = progress.metrics
+            self._total_steps = progress.total_steps
             if progress.events:
                 self._redraw(progress.total_steps)
             self._show_job(progress, last_message)
@@ -204,6 +234,12 @@ class TrainingMonitor(widgets.VBox):
                 self.figure.layout.xaxis.range = [0, total_steps + 0.5]
                 # plotly ticks a short run at 0.5 steps; there are no half steps
                 self.figure.layout.xaxis.dtick = 1 if total_steps <= 10 else None
+        # plotly sends changes to the views open now as messages, and syncs the figure itself only when it is
+        # displayed: a view opened later (a reloaded page, Notebook 7 on this kernel) would draw the empty plot
+        # of that moment. Syncing it as plotly's own display does keeps those views whole.
+        with self.figure.hold_sync():
+            self.figure._widget_data = copy.deepcopy(self.figure._data)
+            self.figure._widget_layout = copy.deepcopy(self.figure._layout_obj._props)
 
     # --- what the widgets show ----------------------------------------------------------------------------
 
@@ -269,15 +305,34 @@ class TrainingMonitor(widgets.VBox):
         return f"<table>{cells}</table>"
 
     def _end(self, error: str | None = None) -> None:
-        """Stop following; ``error`` says why when the job's end was not seen."""
-        if self._ended.is_set():
-            return
-        self.error = error
-        if error:
-            with self._lock:
-                self.status.value = status_html(error, "error")
-                self.cancel_button.disabled = True
-        self._ended.set()
+        """Stop following; ``error`` says why when the job's end was not seen. At the job's end, draw its image
+        into the displays waiting for it, before ``wait()`` returns: nbclient only takes in a display update
+        while some cell runs."""
+        with self._lock:
+            if self._ended.is_set():
+                return
+            self.error = error
+            try:
+                if error:
+                    self.status.value = status_html(error, "error")
+                    self.cancel_button.disabled = True
+                else:
+                    title = f"Loss · {self.job['id']} · {self.job['status']}\n{self.job['base_model']}"
+                    self.png = loss_png(self.points, title, self._total_steps)
+                    for handle in self._image_displays:
+                        handle.update(self._image_bundle(), raw=True)
+            finally:
+                self._image_displays.clear()
+                self._ended.set()
+
+    def _image_bundle(self) -> dict:
+        """The final image as a display's content; an empty text while there is none."""
+        if self.png is None:
+            return {"text/plain": ""}
+        return {
+            "image/png": base64.b64encode(self.png).decode("ascii"),
+            "text/plain": f"loss curves of {self.job['id']} ({self.job['base_model']})",
+        }
 
     def _on_cancel(self) -> None:
         try:

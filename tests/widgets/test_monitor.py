@@ -1,16 +1,31 @@
-"""TrainingMonitor: a live loss plot fed by the events endpoint, progress, cancel, and attaching to any job."""
+"""TrainingMonitor: a live loss plot fed by the events endpoint, progress, cancel, attaching to any job, and the
+PNG of the final curves (what a saved notebook keeps: tests/widgets/test_monitor_notebook.py)."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
 import pytest
+from PIL import Image
 
 from qubrid_lab.widgets import HyperparameterForm, TrainingMonitor
+from qubrid_lab.widgets.loss_image import CURVES
 from tests.widgets.conftest import SMALL_RUN
 
 JOB_SECONDS = 240  # bound for a tiny job on a busy 2-core machine; never a timing assertion
+
+
+def assert_draws_both_curves(png: bytes) -> None:
+    """``png`` is the monitor's 800x360 image of a job of a few steps, both loss curves in the live plot's colours."""
+    image = Image.open(io.BytesIO(png))
+    assert (image.format, image.size) == ("PNG", (800, 360))
+    pixels = {colour: count for count, colour in image.convert("RGB").getcolors(image.width * image.height)}
+    for key, (_, colour) in CURVES.items():
+        # three points joined make well over a hundred pixels, even half hidden under the other curve; a legend
+        # entry and a single point make fewer
+        assert pixels.get(tuple(bytes.fromhex(colour[1:])), 0) > 120, f"no {key} curve drawn"
 
 
 def wait_until(condition, what: str, seconds: float = JOB_SECONDS) -> None:
@@ -42,6 +57,16 @@ def test_the_plot_has_a_point_per_step_for_both_losses(finished):
     assert all(loss > 0 for loss in training.y + validation.y)
     assert list(training.y)[-1] == pytest.approx(job["training_metrics"]["training_loss"])
     assert monitor.figure.layout.xaxis.title.text == "step" and monitor.figure.layout.yaxis.title.text == "loss"
+    # what a view opened later (a reloaded page, another front end on the kernel) is sent: the same points
+    state = monitor.figure.get_state()
+    assert [list(trace["x"]) for trace in state["_widget_data"]] == [[1, 2, 3], [1, 2, 3]]
+    assert list(state["_widget_data"][0]["y"]) == list(training.y)
+    assert state["_widget_layout"]["xaxis"]["range"] == [0, 3.5]
+
+
+def test_the_ended_job_leaves_its_curves_as_a_png(finished):
+    monitor, _, _ = finished
+    assert_draws_both_curves(monitor.png)
 
 
 def test_progress_status_and_final_metrics_follow_the_job(finished):
@@ -58,7 +83,8 @@ def test_progress_status_and_final_metrics_follow_the_job(finished):
 def test_a_monitor_attaches_to_a_finished_job_and_draws_it_whole(server, finished):
     first, job, _ = finished
     again = TrainingMonitor(server, job_id=job["id"])
-    assert again.wait(timeout=60)["status"] == "completed"
+    assert not again.polling and again.png is not None  # read whole as it was built: a cell shows it at once
+    assert again.wait(timeout=0)["status"] == "completed"
     assert again.points == first.points and list(again.figure.data[0].x) == [1, 2, 3]
 
 
@@ -89,11 +115,12 @@ def test_a_launched_job_updates_live_while_the_kernel_is_free_and_cancels(server
     assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
     assert monitor.cancel_button.disabled and "cancelled" in monitor.status.value
     assert monitor.progress.bar_style == "warning"
+    assert monitor.png is not None and watcher.png is None  # a closed monitor saw no end to draw
 
 
 def test_problems_are_shown_instead_of_a_traceback(server, facts_dataset):
     missing = TrainingMonitor(server, job_id="ftjob-missing")
-    assert not missing.polling and "ftjob-missing" in missing.status.value
+    assert not missing.polling and "ftjob-missing" in missing.status.value and missing.png is None
     with pytest.raises(RuntimeError, match="ftjob-missing"):
         missing.wait(timeout=1)
 
