@@ -79,6 +79,11 @@ class _Row:
         return entries
 
 
+def _new_tokens(handle: GenerationHandle) -> int:
+    """The prompt tokens a prefill computes: those after its cached shared prefix."""
+    return len(handle.prompt_ids) - handle.shared_prefix
+
+
 class PrefixCache:
     """The keys/values of recently seen shared prompt prefixes, least recently used dropped first.
 
@@ -214,12 +219,9 @@ class BatchScheduler:
         admitted = self._waiting()
         joined: set[int] = set()
         try:
-            packable = [h for h in admitted if self._packs(h)]
-            for handle in admitted:
-                if not any(handle is h for h in packable):
-                    self._join(handle, *self._prefill(handle))
-                    joined.add(id(handle))
-            for group in self._packs_of(packable):
+            alone = [h for h in admitted if not self._packs(h)]
+            groups = [[h] for h in alone] + self._packs_of([h for h in admitted if self._packs(h)])
+            for group in groups:
                 if len(group) == 1:
                     self._join(group[0], *self._prefill(group[0]))
                 else:
@@ -252,23 +254,20 @@ class BatchScheduler:
             self._packed is not None
             and not handle.params.echo_logprobs
             and handle.images is None
-            and len(handle.prompt_ids) - handle.shared_prefix <= MAX_PACKED_TOKENS
+            and _new_tokens(handle) <= MAX_PACKED_TOKENS
         )
 
     @staticmethod
     def _packs_of(handles: list[GenerationHandle]) -> list[list[GenerationHandle]]:
         """``handles`` in groups of one adapter and at most :data:`MAX_PACKED_TOKENS` new prompt tokens."""
         groups: list[list[GenerationHandle]] = []
-        open_groups: dict[str | None, tuple[list[GenerationHandle], list[int]]] = {}
+        filling: dict[str | None, list[GenerationHandle]] = {}  # per adapter, the group still taking prompts
         for handle in handles:
-            size = len(handle.prompt_ids) - handle.shared_prefix
-            group, tokens = open_groups.get(handle.adapter, (None, [0]))
-            if group is None or tokens[0] + size > MAX_PACKED_TOKENS:
-                group, tokens = [], [0]
+            group = filling.get(handle.adapter)
+            if group is None or sum(map(_new_tokens, group)) + _new_tokens(handle) > MAX_PACKED_TOKENS:
+                group = filling[handle.adapter] = []
                 groups.append(group)
-                open_groups[handle.adapter] = (group, tokens)
             group.append(handle)
-            tokens[0] += size
         return groups
 
     def _prefix(self, handle: GenerationHandle) -> PrefillKV | None:
@@ -317,7 +316,7 @@ class BatchScheduler:
             positions = torch.cat(
                 [torch.arange(h.shared_prefix, len(h.prompt_ids), device=self.device) for h in handles]
             )
-            kv = PackedPrefillKV([len(h.prompt_ids) - h.shared_prefix for h in handles], prefixes, self.device)
+            kv = PackedPrefillKV([_new_tokens(h) for h in handles], prefixes, self.device)
             logits = self._packed(torch.tensor([ids], dtype=torch.long, device=self.device), positions[None], kv)
         self.packed_prompts += len(handles)
         return [(prefill, logits[i : i + 1]) for i, prefill in enumerate(kv.prompts)]
