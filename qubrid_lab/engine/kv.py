@@ -114,6 +114,9 @@ class BatchKV:
         self.values: list[torch.Tensor] = []
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
         self.length = 0  # columns in use; every row's last real token sits in column length - 1
+        # Each row's real tokens, kept on the host too: whether a step needs its mask, and which columns only
+        # pad, are then known without waiting for the device.
+        self.row_lengths: list[int] = []
 
     @property
     def rows(self) -> int:
@@ -136,20 +139,23 @@ class BatchKV:
             self._reallocate(torch.arange(self.rows, device=self.device), 0, max(2 * self.capacity, 64))
         positions = self.mask[:, : self.length].sum(dim=1, keepdim=True)
         self.mask[:, self.length] = 1
-        mask = self.mask[:, : self.length + 1]
-        return None if bool(mask.all()) else mask, positions
+        padded = any(length != self.length for length in self.row_lengths)
+        return self.mask[:, : self.length + 1] if padded else None, positions
 
     def commit_step(self) -> None:
         self.length += 1
+        self.row_lengths = [length + 1 for length in self.row_lengths]
 
     def add_rows(self, prefill: PrefillKV, mask: torch.Tensor) -> None:
         """Append the rows of a prefilled, left-padded cache whose padding is given by ``mask``."""
         new_len = mask.shape[1]
+        added_lengths = [int(n) for n in mask.sum(dim=1).tolist()]
         if not self.keys:
             self.keys = [k.contiguous() for k in prefill.keys]
             self.values = [v.contiguous() for v in prefill.values]
             self.mask = mask.clone()
             self.length = new_len
+            self.row_lengths = added_lengths
             self._reallocate(torch.arange(self.rows, device=self.device), 0, new_len + 64)
             return
         length = max(self.length, new_len)
@@ -170,17 +176,17 @@ class BatchKV:
         merged_mask[:old_rows, length - self.length : length] = self.mask[:, : self.length]
         merged_mask[old_rows:, length - new_len : length] = mask
         self.keys, self.values, self.mask, self.length = keys, values, merged_mask, length
+        self.row_lengths = self.row_lengths + added_lengths
 
     def keep_rows(self, keep: list[int]) -> None:
         """Drop every row not in ``keep`` (in that order) and the columns that only padded them."""
         if not keep:
-            self.keys, self.values, self.length = [], [], 0
+            self.keys, self.values, self.length, self.row_lengths = [], [], 0, []
             self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
             return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        used = self.mask[index, : self.length].any(dim=0).nonzero()
-        start = int(used[0]) if used.numel() else self.length
-        self._reallocate(index, start, self.capacity)
+        self.row_lengths = [self.row_lengths[i] for i in keep]
+        start = self.length - max(self.row_lengths)
+        self._reallocate(torch.tensor(keep, dtype=torch.long, device=self.device), start, self.capacity)
 
     def _reallocate(self, index: torch.Tensor, start: int, capacity: int) -> None:
         """Copy rows ``index`` and columns ``[start, length)`` into fresh buffers of ``capacity`` columns."""

@@ -63,17 +63,19 @@ def sample_next(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
         presence = torch.tensor([rows[i].params.presence_penalty for i in penalised], device=logits.device)
         logits[index] -= frequency[:, None] * counts + presence[:, None] * (counts > 0).float()
 
-    chosen = logits.argmax(dim=-1).tolist()
+    chosen = logits.argmax(dim=-1)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
     if sampled:
         index = torch.tensor(sampled, device=logits.device)
         temperature = torch.tensor([rows[i].params.temperature for i in sampled], device=logits.device)
         probs = torch.softmax(logits[index] / temperature[:, None], dim=-1)
-        top_p = torch.tensor([rows[i].params.top_p for i in sampled], device=logits.device)
-        if bool((top_p < 1.0).any()):
+        if any(rows[i].params.top_p < 1.0 for i in sampled):
+            top_p = torch.tensor([rows[i].params.top_p for i in sampled], device=logits.device)
             probs = _nucleus(probs, top_p)
-        for slot, i in enumerate(sampled):
-            chosen[i] = int(torch.multinomial(probs[slot], 1, generator=rows[i].generator))
+        # each row draws from its own generator; the draws stay on the device, read back once with the rest
+        draws = [torch.multinomial(probs[slot], 1, generator=rows[i].generator) for slot, i in enumerate(sampled)]
+        chosen = chosen.index_copy(0, index, torch.cat(draws))
+    chosen = chosen.tolist()  # the one point where the host waits for the device
     for row, token in zip(rows, chosen):
         row.observe(token)
     return chosen

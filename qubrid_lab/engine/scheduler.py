@@ -10,7 +10,8 @@ at a time, so other models' work (embeddings) interleaves between decode steps. 
   1. drops rows whose client went away,
   2. prefills waiting requests, packed into one pass where it can (reusing cached prefix keys/values), and
      merges them into the batch,
-  3. runs one decode step for every row and samples each row with its own parameters,
+  3. runs one decode step for every row (on a GPU, replayed from a CUDA graph: :mod:`.cuda_graphs`) and
+     samples each row with its own parameters,
   4. streams text deltas (with the log probabilities of their tokens, for rows that ask) and retires
      finished rows.
 """
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationHandle
+from qubrid_lab.engine.cuda_graphs import graphed_decode
 from qubrid_lab.engine.detokenize import TextAssembler
 from qubrid_lab.engine.forward import Forward
 from qubrid_lab.engine.kv import BatchKV, PackedPrefillKV, PrefillKV
@@ -144,6 +146,7 @@ class BatchScheduler:
         self._lock = threading.Lock()
         self._thread = model_thread
         self._packed = getattr(forward, "packed", None)  # many prompts in one prefill pass, where the forward can
+        self.graphs = graphed_decode(forward, device)  # decode steps replayed from CUDA graphs, where they apply
         self.packed_prompts = 0  # prompts prefilled in a packed pass, for the metrics and the tests
         self._scheduled = False  # a step is queued on the model thread
         self._closed = False
@@ -377,11 +380,18 @@ class BatchScheduler:
     # 3. decode
     def _decode_step(self) -> None:
         mask, positions = self._kv.step_inputs()
-        if any(row.position_offset for row in self._rows):
+        offsets = any(row.position_offset for row in self._rows)
+        if offsets:
             positions = positions + torch.tensor([[row.position_offset] for row in self._rows], device=self.device)
-        ids = torch.tensor([[row.next_token] for row in self._rows], dtype=torch.long, device=self.device)
-        with self._adapters([row.adapter for row in self._rows]):
-            logits = self.forward(ids, positions, self._kv, mask)
+        ids = torch.tensor([[row.next_token] for row in self._rows], dtype=torch.long)
+        # from page-locked memory, the copy to a GPU is queued without the host waiting for it
+        ids = ids.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else ids
+        adapters = [row.adapter for row in self._rows]
+        if self.graphs is not None and not offsets and not any(adapters):
+            logits = self.graphs(ids, positions, self._kv)
+        else:
+            with self._adapters(adapters):
+                logits = self.forward(ids, positions, self._kv, mask)
         self._kv.commit_step()
         self._take_next(logits, self._rows)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from qubrid_lab.engine.cuda_graphs import GraphedDecode, bucket
 from qubrid_lab.engine.forward import FusedLlama, transformers_forward
 from qubrid_lab.engine.kv import BatchKV, PackedPrefillKV, PrefillKV
 
@@ -32,14 +33,28 @@ def solo_logits(model, ids: list[int], steps: int) -> list[torch.Tensor]:
     return logits
 
 
-@pytest.fixture(params=["transformers", "fused"])
+class GraphedSteps:
+    """The fused forward with its decode steps run as a CUDA graph records them (fixed shapes, the cache
+    moved into the graphs' buffers), without a graph: what a GPU replays, checked here on the CPU."""
+
+    def __init__(self, fused: FusedLlama):
+        self.fused = fused
+        self.graphs = GraphedDecode(fused, capture=False)
+
+    def __call__(self, ids, positions, kv, mask, every_position=False):
+        if isinstance(kv, BatchKV):
+            return self.graphs(ids, positions, kv)
+        return self.fused(ids, positions, kv, mask, every_position)
+
+
+@pytest.fixture(params=["transformers", "fused", "graphed"])
 def forward(request, tiny_model):
-    """Both forward implementations; the fused one runs on a fused copy of the tiny model."""
+    """The forward implementations; the fused ones run on a fused copy of the tiny model."""
     if request.param == "transformers":
         return transformers_forward(tiny_model)
     fused = copy.deepcopy(tiny_model)
     FusedLlama.fuse(fused)
-    return FusedLlama(fused)
+    return FusedLlama(fused) if request.param == "fused" else GraphedSteps(FusedLlama(fused))
 
 
 class Batch:
@@ -253,3 +268,25 @@ def test_prompts_prefilled_packed_decode_as_if_each_was_prefilled_alone(tiny_mod
             alone = solo_logits(tiny_model, ids, 4)
             for step, (a, b) in enumerate(zip([g[i] for g in generated], alone)):
                 assert torch.allclose(a, b, atol=1e-4), f"prompt {i} step {step}: {(a - b).abs().max()}"
+
+
+def test_graphed_steps_keep_their_buffers_until_rows_join_or_leave(tiny_model):
+    fused = copy.deepcopy(tiny_model)
+    FusedLlama.fuse(fused)
+    steps = GraphedSteps(FusedLlama(fused))
+    batch = Batch(steps)
+    batch.join({"a": prompt(5, 1), "b": prompt(9, 2), "c": prompt(4, 3)})
+    batch.step()
+    buffers = steps.graphs._buffers
+    assert buffers.rows == bucket(3) == 4  # three rows run as four, the fourth computing on nothing
+    batch.step(2)
+    assert batch.kv.keys[0].data_ptr() == buffers.keys[0].data_ptr()  # the cache lives in the graphs' buffers
+    batch.keep(["a", "c"])
+    assert batch.kv.keys[0].data_ptr() != buffers.keys[0].data_ptr()  # leaving built a fresh cache...
+    batch.step()
+    assert steps.graphs._buffers is buffers  # ...moved back into the same buffers: same capacity, fewer rows
+    assert batch.kv.keys[0].data_ptr() == buffers.keys[0].data_ptr()
+
+
+def test_rows_round_up_to_a_power_of_two():
+    assert [bucket(rows) for rows in (1, 2, 3, 4, 5, 16, 17, 64)] == [1, 2, 4, 4, 8, 16, 32, 64]
