@@ -10,7 +10,8 @@ carry), it measures:
    and without graphs, against ``model.generate`` on batches of the same size: tokens/s, TTFT and inter-token
    latency, and the share of the HBM roofline (weights plus the cache read once per decode step); greedy
    answers with and without graphs compared; host synchronisations per decode step;
-4. a LoRA job's training steps through ``qubrid_lab.training.runner.train`` on ``data/mixed_lengths.csv``.
+4. what ``--dtype auto`` picks on the GPU;
+5. a LoRA job's training steps through ``qubrid_lab.training.runner.train`` on ``data/mixed_lengths.csv``.
 
 Every section runs on its own: one that fails prints its traceback and the rest go on. The last lines are
 the table to record in ``benchmarks/README.md``.
@@ -342,6 +343,24 @@ def serving(model_dir: Path, max_tokens: int) -> None:
     shutil.rmtree(cache, ignore_errors=True)
 
 
+@section("--dtype auto on the GPU")
+def auto_pick(model_dir: Path) -> None:
+    """What ``--dtype auto`` (the default) measures and picks on this GPU, and one answer from it."""
+    from qubrid_lab.engine.local import LocalChatEngine
+    from qubrid_lab.models.catalogue import ModelEntry
+
+    cache = Path(tempfile.mkdtemp())
+    engine = LocalChatEngine(ModelEntry("smollm2-random", "chat", f"dir:{model_dir}"), cache, DEVICE, "auto")
+    try:
+        RESULTS["auto"] = engine.precision_choice.summary()
+        print(RESULTS["auto"])
+        prompt_ids = engine.encode_chat([{"role": "user", "content": PROMPT}])
+        print(asyncio.run(engine_level(engine, prompt_ids, 1, 2, 16)))
+    finally:
+        engine.close()
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 class StepTimes:
     """A progress sink keeping each training step's end time and tokens."""
 
@@ -422,6 +441,8 @@ def summary() -> None:
         )
     if RESULTS.get("answers_agree") is not None:
         print(f"greedy answers' leading equal tokens, graphs against eager (of 32): {RESULTS['answers_agree']}")
+    if "auto" in RESULTS:
+        print(f"--dtype auto: {RESULTS['auto']}")
     if "syncs_per_decode_step" in RESULTS:
         print(f"host syncs per decode step: {RESULTS['syncs_per_decode_step']:.2f}")
     if "training" in RESULTS:
@@ -451,6 +472,9 @@ def main() -> int:
     if DEVICE == "cuda":
         decode_steps(model_dir)
     serving(model_dir, args.max_tokens)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        auto_pick(model_dir)
     training(model_dir, args.data, args.training_steps)
     summary()
     args.out.mkdir(parents=True, exist_ok=True)
