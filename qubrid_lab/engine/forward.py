@@ -6,8 +6,8 @@ Two implementations:
   * :class:`FusedLlama` is a lean forward for Llama-architecture models (Llama, SmolLM, ...): q/k/v and
     gate/up projections fused into one matmul each, fused RMSNorm, and none of the generic per-layer Python
     plumbing. On a 2-core CPU a decode step takes about 30% less time (benchmarks/README.md); in fp32 its
-    logits match transformers' own (tests/engine/test_kv.py). It reuses the model's rotary embedding and
-    transformers' ``apply_rotary_pos_emb``, so rope scaling variants keep working.
+    logits match transformers' own (tests/engine/test_kv.py). It reuses the model's rotary embedding (its
+    cos/sin), so rope scaling variants keep working.
 """
 
 from __future__ import annotations
@@ -123,20 +123,24 @@ class FusedLlama:
         return self._head(x[0, kv.last_tokens])
 
     def _layers(self, input_ids, position_ids, kv: KVWriter, mask, causal: bool) -> torch.Tensor:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         inner = self.model.model
         rows, width = input_ids.shape
         x = inner.embed_tokens(input_ids)
         cos, sin = inner.rotary_emb(x, position_ids)
+        # Rotary embedding as transformers applies it, x * cos + rotate_half(x) * sin with rotate_half(x) =
+        # [-x2, x1], computed as x * cos + roll(x) * [-sin1, sin2] (the same products and sums, so the same
+        # bits), over the queries and keys of a layer at once: 4 operations per layer instead of 14.
+        half = cos.shape[-1] // 2
+        cos, sin = cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None]
         for index, layer in enumerate(inner.layers):
             attention, mlp = layer.self_attn, layer.mlp
             h = self._norm(x, layer.input_layernorm.weight)
-            q, k, v = attention.qkv_proj(h).split(attention.qkv_split, dim=-1)
-            q = q.view(rows, width, -1, self.head_dim).transpose(1, 2)
-            k = k.view(rows, width, -1, self.head_dim).transpose(1, 2)
+            q_width, k_width, v_width = attention.qkv_split
+            qk, v = attention.qkv_proj(h).split((q_width + k_width, v_width), dim=-1)
+            qk = qk.view(rows, width, -1, self.head_dim).transpose(1, 2)
             v = v.view(rows, width, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
+            q, k = qk.split((q_width // self.head_dim, k_width // self.head_dim), dim=1)
             k, v = kv.write(index, k, v)
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
             x = x + attention.o_proj(attended.transpose(1, 2).reshape(rows, width, -1))

@@ -106,7 +106,15 @@ class _BufferLayer(DynamicLayer):
 
 
 class BatchKV:
-    """Key/value buffers ``[rows, heads, capacity, head_dim]`` per layer, plus a ``[rows, capacity]`` mask."""
+    """Key/value buffers ``[rows, heads, capacity, head_dim]`` per layer, plus a ``[rows, capacity]`` mask.
+
+    The buffers hold more rows than are in use (up to the next power of two), so that rows join and leave
+    in place: a joining prompt no longer than the batch is written into spare rows, and a leaving row's slot
+    is filled by moving one of the last rows into it. Both copy only the rows that change, where rebuilding
+    the buffers copied the whole cache of every layer, each time a request started or ended (8% of the model
+    thread's time at 16 concurrent requests on a 2-core CPU; benchmarks/README.md). Rows are rebuilt, and the
+    columns that only pad trimmed, when the cache must grow or a quarter of its columns has become padding.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -117,6 +125,10 @@ class BatchKV:
         # Each row's real tokens, kept on the host too: whether a step needs its mask, and which columns only
         # pad, are then known without waiting for the device.
         self.row_lengths: list[int] = []
+        # the whole buffers, spare rows included; keys/values/mask are views of their first rows
+        self._all_keys: list[torch.Tensor] = []
+        self._all_values: list[torch.Tensor] = []
+        self._all_mask = self.mask
 
     @property
     def rows(self) -> int:
@@ -136,7 +148,8 @@ class BatchKV:
         """Prepare one decode step: the attention mask (None when nothing is padded) and each row's next
         position. The step's forward pass then writes through :meth:`write`."""
         if self.length + 1 > self.capacity:
-            self._reallocate(torch.arange(self.rows, device=self.device), 0, max(2 * self.capacity, 64))
+            start = self.length - max(self.row_lengths)
+            self._reallocate(list(range(self.rows)), start, max(2 * (self.length - start), 64))
         positions = self.mask[:, : self.length].sum(dim=1, keepdim=True)
         self.mask[:, self.length] = 1
         padded = any(length != self.length for length in self.row_lengths)
@@ -148,58 +161,91 @@ class BatchKV:
 
     def add_rows(self, prefill: PrefillKV, mask: torch.Tensor) -> None:
         """Append the rows of a prefilled, left-padded cache whose padding is given by ``mask``."""
-        new_len = mask.shape[1]
+        new_len, added = mask.shape[1], mask.shape[0]
         added_lengths = [int(n) for n in mask.sum(dim=1).tolist()]
-        if not self.keys:
-            self.keys = [k.contiguous() for k in prefill.keys]
-            self.values = [v.contiguous() for v in prefill.values]
-            self.mask = mask.clone()
-            self.length = new_len
-            self.row_lengths = added_lengths
-            self._reallocate(torch.arange(self.rows, device=self.device), 0, new_len + 64)
-            return
-        length = max(self.length, new_len)
-        capacity = max(self.capacity, length + 64)
-        old_rows, added = self.rows, mask.shape[0]
-        keys, values = [], []
-        for i in range(len(self.keys)):
-            for source, old, target in (
-                (prefill.keys[i], self.keys[i], keys),
-                (prefill.values[i], self.values[i], values),
-            ):
-                heads, head_dim = old.shape[1], old.shape[3]
-                merged = torch.zeros((old_rows + added, heads, capacity, head_dim), dtype=old.dtype, device=self.device)
-                merged[:old_rows, :, length - self.length : length] = old[:, :, : self.length]
-                merged[old_rows:, :, length - new_len : length] = source
-                target.append(merged)
-        merged_mask = torch.zeros((old_rows + added, capacity), dtype=torch.long, device=self.device)
-        merged_mask[:old_rows, length - self.length : length] = self.mask[:, : self.length]
-        merged_mask[old_rows:, length - new_len : length] = mask
-        self.keys, self.values, self.mask, self.length = keys, values, merged_mask, length
+        old_rows = self.rows
+        if not self.keys:  # the first rows: the prefill's shapes and dtype make the buffers
+            self.keys, self.values, self._all_keys, self._all_values = prefill.keys, prefill.values, [], []
+        if not self._all_keys or new_len > self.length or not self._spare_rows(added):
+            # rebuild: the old rows shift right when the newcomer is longer than the batch
+            length = max(self.length, new_len)
+            capacity = max(self.capacity, length + 64)
+            self._reallocate(list(range(old_rows)), 0, capacity, rows=old_rows + added, shift=length - self.length)
+            self.length = length
+        rows = slice(old_rows, old_rows + added)
+        columns = slice(self.length - new_len, self.length)
+        for layer in range(len(prefill.keys)):
+            self._all_keys[layer][rows, :, columns] = prefill.keys[layer]
+            self._all_values[layer][rows, :, columns] = prefill.values[layer]
+        self._all_mask[rows] = 0  # a reused row's old contents are masked out
+        self._all_mask[rows, columns] = mask
         self.row_lengths = self.row_lengths + added_lengths
+        self._view(old_rows + added)
 
-    def keep_rows(self, keep: list[int]) -> None:
-        """Drop every row not in ``keep`` (in that order) and the columns that only padded them."""
+    def keep_rows(self, keep: list[int]) -> list[int]:
+        """Drop every row not in ``keep``. Returns the rows' new order, as their old indices: ``keep`` itself
+        when the buffers are rebuilt, else each remaining row in its old slot but for the last rows, which move
+        into the slots of rows that left."""
         if not keep:
             self.keys, self.values, self.length, self.row_lengths = [], [], 0, []
             self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)
-            return
-        self.row_lengths = [self.row_lengths[i] for i in keep]
-        start = self.length - max(self.row_lengths)
-        self._reallocate(torch.tensor(keep, dtype=torch.long, device=self.device), start, self.capacity)
+            self._all_keys, self._all_values, self._all_mask = [], [], self.mask
+            return []
+        start = self.length - max(self.row_lengths[i] for i in keep)
+        if start >= max(16, self.length // 4) or not self._spare_rows(0):
+            self.row_lengths = [self.row_lengths[i] for i in keep]
+            self._reallocate(keep, start, self.capacity)
+            return list(keep)
+        count, kept = len(keep), set(keep)
+        holes = [slot for slot in range(count) if slot not in kept]
+        movers = [row for row in keep if row >= count]
+        order = list(range(count))
+        if holes:
+            target = torch.tensor(holes, device=self.device)
+            source = torch.tensor(movers, device=self.device)
+            for buffer in (*self._all_keys, *self._all_values, self._all_mask):
+                buffer[target] = buffer[source]
+            for hole, mover in zip(holes, movers):
+                order[hole] = mover
+        self.row_lengths = [self.row_lengths[row] for row in order]
+        self._view(count)
+        return order
 
-    def _reallocate(self, index: torch.Tensor, start: int, capacity: int) -> None:
-        """Copy rows ``index`` and columns ``[start, length)`` into fresh buffers of ``capacity`` columns."""
+    def _spare_rows(self, wanted: int) -> bool:
+        """Whether the views are still this object's own (a CUDA graph's buffers may have replaced them, see
+        :mod:`.cuda_graphs`) and the buffers have ``wanted`` rows to spare."""
+        return (
+            bool(self._all_keys)
+            and self.keys[0].data_ptr() == self._all_keys[0].data_ptr()
+            and self.rows + wanted <= self._all_mask.shape[0]
+        )
+
+    def _view(self, rows: int) -> None:
+        self.keys = [k[:rows] for k in self._all_keys]
+        self.values = [v[:rows] for v in self._all_values]
+        self.mask = self._all_mask[:rows]
+
+    def _reallocate(self, index: list[int], start: int, capacity: int, rows: int | None = None, shift: int = 0):
+        """Copy rows ``index`` and columns ``[start, length)`` into fresh buffers of ``capacity`` columns, with
+        room for ``rows`` rows (at least), the columns moved right by ``shift``."""
         kept = self.length - start
-        capacity = max(capacity, kept + 1)
+        capacity = max(capacity, kept + shift + 1)
+        rows = max(rows or 0, len(index))
+        spare = 1 << (rows - 1).bit_length()  # the next power of two
+        source = torch.tensor(index, dtype=torch.long, device=self.device)
+        template_keys = self._all_keys or self.keys
+        template_values = self._all_values or self.values
 
-        def copy(buffer: torch.Tensor) -> torch.Tensor:
-            fresh = buffer.new_zeros((len(index), buffer.shape[1], capacity, buffer.shape[3]))
-            fresh[:, :, :kept] = buffer[index, :, start : self.length]
+        def copy(buffer: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            fresh = buffer.new_zeros((spare, *buffer.shape[1:2], capacity, *buffer.shape[3:]))
+            if kept and len(index):
+                fresh[: len(index), :, shift : shift + kept] = old[source, :, start : self.length]
             return fresh
 
-        self.keys = [copy(k) for k in self.keys]
-        self.values = [copy(v) for v in self.values]
-        mask = self.mask.new_zeros((len(index), capacity))
-        mask[:, :kept] = self.mask[index, start : self.length]
-        self.mask, self.length = mask, kept
+        self._all_keys = [copy(k, old) for k, old in zip(template_keys, self.keys)]
+        self._all_values = [copy(v, old) for v, old in zip(template_values, self.values)]
+        mask = self.mask.new_zeros((spare, capacity))
+        if kept and len(index):
+            mask[: len(index), shift : shift + kept] = self.mask[source, start : self.length]
+        self._all_mask, self.length = mask, kept + shift
+        self._view(len(index))

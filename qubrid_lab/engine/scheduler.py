@@ -435,8 +435,8 @@ class BatchScheduler:
     def _retire(self, cancelled_only: bool = False) -> None:
         keep = [i for i, row in enumerate(self._rows) if not row.handle.cancelled and (cancelled_only or not row.done)]
         if len(keep) != len(self._rows):
-            self._kv.keep_rows(keep)
-            self._rows = [self._rows[i] for i in keep]
+            order = self._kv.keep_rows(keep)  # the cache may move rows into the slots of those that left
+            self._rows = [self._rows[i] for i in order]
 
     def _fail_everything(self, message: str) -> None:
         with self._lock:

@@ -83,13 +83,18 @@ def pick_precision(setting: str, device: torch.device) -> Precision:
 
 
 def quantize(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
-    """The model with its linear layers quantized as ``precision`` says (unchanged for a plain dtype)."""
+    """The model with its linear layers quantized as ``precision`` says; for plain bf16 on the CPU, with their
+    weights packed for oneDNN (:mod:`qubrid_lab.models.packed_linear`); else unchanged."""
     if precision.int8:
         return quantize_linear_int8(model)
     if precision.w8a16:
         from qubrid_lab.models.weight_int8 import quantize_weights_int8
 
         return quantize_weights_int8(model)
+    if precision.dtype == torch.bfloat16:
+        from qubrid_lab.models.packed_linear import pack_linears
+
+        return pack_linears(model)
     return model
 
 

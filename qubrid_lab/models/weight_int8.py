@@ -4,7 +4,8 @@ Decoding a few rows is bound by reading the weights: torch's ``_weight_int8pack_
 torchao's int8 weight-only path) reads a quarter of fp32's bytes and half of bf16's, and converts them to
 floats in registers. Its cost grows with the rows multiplied, though, while a bf16 matmul (oneDNN, AMX where
 present) hardly notices 16 rows more than one; so each layer keeps both forms and picks by the number of rows:
-int8 up to :attr:`Int8WeightLinear.small_rows`, bf16 beyond (prompts, large batches). Where the int8 kernel
+int8 up to :attr:`Int8WeightLinear.small_rows`, bf16 beyond (prompts, large batches), with the bf16 weight kept
+in oneDNN's blocked layout where torch has oneDNN (:mod:`qubrid_lab.models.packed_linear`). Where the int8 kernel
 wins is measured on this machine for each layer shape when the model is quantized (:func:`crossover`), not
 assumed: on a CPU where it never wins, the layer is plain bf16.
 
@@ -20,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from qubrid_lab.models.packed_linear import pack_weight, packed_linear
 
 CALIBRATION_ROWS = (1, 2, 4, 8, 16)
 CALIBRATION_REPEATS = 5
@@ -37,7 +40,11 @@ class Int8WeightLinear(nn.Module):
             (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8), requires_grad=False
         )
         self.scales = nn.Parameter(scales.to(torch.bfloat16), requires_grad=False)
-        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        weight = linear.weight.detach().to(torch.bfloat16)
+        packed = pack_weight(weight)
+        # the bf16 form: packed for oneDNN where it can be, else plain for F.linear (never both: memory)
+        self.packed = nn.Parameter(packed, requires_grad=False) if packed is not None else None
+        self.weight = nn.Parameter(weight, requires_grad=False) if packed is None else None
         self.bias = (
             nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
             if linear.bias is not None
@@ -48,13 +55,19 @@ class Int8WeightLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows > self.small_rows:
-            return F.linear(x, self.weight, self.bias)
+            return self.bf16(x)
         out = torch.ops.aten._weight_int8pack_mm(
             x.reshape(rows, self.in_features).contiguous(), self.weight_int8, self.scales
         )
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features)
+
+    def bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's product through its bf16 weight."""
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 up to {self.small_rows} rows"
@@ -77,7 +90,7 @@ def crossover(layer: Int8WeightLinear) -> int:
         for rows in CALIBRATION_ROWS:
             x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
             int8 = _median_ms(lambda: torch.ops.aten._weight_int8pack_mm(x, layer.weight_int8, layer.scales))
-            bf16 = _median_ms(lambda: F.linear(x, layer.weight))
+            bf16 = _median_ms(lambda: layer.bf16(x))
             if int8 >= bf16:
                 break
             best = rows

@@ -87,8 +87,9 @@ class Batch:
                 self.logits[name].append(row)
 
     def keep(self, names: list[str]) -> None:
-        self.kv.keep_rows([self.names.index(name) for name in names])
-        self.names = list(names)
+        order = self.kv.keep_rows([self.names.index(name) for name in names])
+        assert sorted(order) == sorted(self.names.index(name) for name in names)
+        self.names = [self.names[i] for i in order]
 
 
 def assert_same_as_alone(model, batch: Batch, prompts: dict[str, list[int]]) -> None:
@@ -154,6 +155,27 @@ def test_rows_can_leave_in_any_order(tiny_model, forward):
     batch.join(prompts)
     batch.step(2)
     batch.keep(["c", "a"])
+    batch.step(3)
+    del prompts["b"]
+    assert_same_as_alone(tiny_model, batch, prompts)
+
+
+def test_rows_join_and_leave_in_place_moving_only_the_rows_that_change(tiny_model, forward):
+    """A prompt no longer than the batch joins in a spare row, and a leaving row's slot takes the last row:
+    the buffers stay the same tensors, and every row still decodes as it would alone."""
+    prompts = {name: prompt(length, seed) for seed, (name, length) in enumerate(zip("abcde", (9, 4, 6, 5, 3)))}
+    batch = Batch(forward)
+    batch.join({name: prompts[name] for name in "abcd"})
+    batch.step(2)
+    buffers = batch.kv._all_keys[0]
+    if isinstance(forward, GraphedSteps):  # the graphs' buffers hold the cache: BatchKV rebuilds its own
+        buffers = None
+    batch.keep(["a", "c", "d"])  # b leaves; d, the last row, takes its slot
+    assert batch.names == (["a", "d", "c"] if buffers is not None else ["a", "c", "d"])
+    batch.step(2)
+    batch.join({"e": prompts["e"]})  # shorter than the batch, and the buffers have a spare row
+    if buffers is not None:
+        assert batch.kv._all_keys[0] is buffers
     batch.step(3)
     del prompts["b"]
     assert_same_as_alone(tiny_model, batch, prompts)
