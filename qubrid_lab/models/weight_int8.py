@@ -83,15 +83,30 @@ def _median_ms(fn) -> float:
     return statistics.median(times) * 1e3
 
 
-def crossover(layer: Int8WeightLinear) -> int:
-    """The most rows for which the int8 kernel beats the bf16 matmul on this layer's shape here (0: never)."""
+def crossover(layers: Int8WeightLinear | list[Int8WeightLinear]) -> int:
+    """The most rows for which the int8 kernel beats the bf16 matmul on these layers' shape here (0: never).
+
+    Each timing runs the product through every layer given (all of a model's layers of one shape), one after
+    the other, as a forward pass does: timed on one layer alone, its weights stay in the CPU's caches and the
+    bf16 product looks faster than it is in a model whose weights stream from memory (on the Xeon measured,
+    one layer alone put the crossover at 2 rows for shapes where the model's decode step is faster with int8 up
+    to 4).
+    """
+    layers = layers if isinstance(layers, list) else [layers]
     best = 0
     with torch.inference_mode():
         for rows in CALIBRATION_ROWS:
-            x = torch.randn(rows, layer.in_features, dtype=torch.bfloat16)
-            int8 = _median_ms(lambda: torch.ops.aten._weight_int8pack_mm(x, layer.weight_int8, layer.scales))
-            bf16 = _median_ms(lambda: layer.bf16(x))
-            if int8 >= bf16:
+            x = torch.randn(rows, layers[0].in_features, dtype=torch.bfloat16)
+
+            def int8() -> None:
+                for layer in layers:
+                    torch.ops.aten._weight_int8pack_mm(x, layer.weight_int8, layer.scales)
+
+            def bf16() -> None:
+                for layer in layers:
+                    layer.bf16(x)
+
+            if _median_ms(int8) >= _median_ms(bf16):
                 break
             best = rows
     return best
@@ -99,20 +114,21 @@ def crossover(layer: Int8WeightLinear) -> int:
 
 def quantize_weights_int8(model: nn.Module) -> nn.Module:
     """Swap every ``nn.Linear`` of a bf16 model (the output head included) for an :class:`Int8WeightLinear`,
-    each shape's row threshold measured once."""
+    each shape's row threshold measured once, over all the layers of that shape."""
     head = model.get_output_embeddings()
     if head is not None and head.weight is model.get_input_embeddings().weight:
         head.weight = nn.Parameter(head.weight.detach().clone())  # untie: the head gets its own int8 copy
-    thresholds: dict[tuple[int, int], int] = {}
+    by_shape: dict[tuple[int, int], list[Int8WeightLinear]] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not nn.Linear or child.weight.device.type != "cpu":
                 continue
             layer = Int8WeightLinear(child, 0)
-            shape = (child.in_features, child.out_features)
-            if shape not in thresholds:
-                thresholds[shape] = crossover(layer)
-            layer.small_rows = thresholds[shape]
+            by_shape.setdefault((child.in_features, child.out_features), []).append(layer)
             setattr(parent, name, layer)
+    thresholds = {shape: crossover(layers) for shape, layers in by_shape.items()}
+    for shape, layers in by_shape.items():
+        for layer in layers:
+            layer.small_rows = thresholds[shape]
     model.weight_int8_rows = thresholds  # what was measured, for the load log and the benchmarks
     return model
