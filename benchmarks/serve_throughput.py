@@ -639,6 +639,59 @@ def benchmark_server(name: str, args: argparse.Namespace, batches: list[list[str
     return result
 
 
+def merge_rounds(rounds: list[ServerResult]) -> ServerResult:
+    """One server's rounds (``--rounds``) as one result: each level's figures are their medians over the rounds,
+    peak memory and other processes' CPU the highest seen, the request-surface runs all rounds' runs."""
+    if len(rounds) == 1:
+        return rounds[0]
+    first = rounds[0]
+
+    def median_of(values: list[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return statistics.median(known) if known else None
+
+    def highest(values: list[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return max(known) if known else None
+
+    merged = ServerResult(
+        name=first.name,
+        command=first.command,
+        startup_s=median_of([r.startup_s for r in rounds]),
+        token_counting=first.token_counting,
+        peak_rss_startup_gib=highest([r.peak_rss_startup_gib for r in rounds]),
+        peak_rss_serving_gib=highest([r.peak_rss_serving_gib for r in rounds]),
+        background_cores=highest([r.background_cores for r in rounds]),
+        embeddings_inputs_per_s=median_of([r.embeddings_inputs_per_s for r in rounds]),
+        embeddings_direct_inputs_per_s=median_of([r.embeddings_direct_inputs_per_s for r in rounds]),
+        error=next((r.error for r in rounds if r.error), None),
+    )
+    for concurrency, level in first.levels.items():
+        levels = [r.levels[concurrency] for r in rounds if concurrency in r.levels]
+        figures = {
+            name: statistics.median(getattr(each, name) for each in levels)
+            for name in (
+                "wall_s",
+                "tokens_per_s",
+                "requests_per_s",
+                "ttft_p50_s",
+                "ttft_p95_s",
+                "itl_p50_s",
+                "itl_max_s",
+            )
+        }
+        merged.levels[concurrency] = LevelResult(
+            concurrency=concurrency,
+            requests=level.requests,
+            output_tokens=sum(each.output_tokens for each in levels) // len(levels),
+            **figures,
+        )
+    for kind in ("plain", "mixed", "control"):
+        name = f"surface_{kind}_tokens_per_s"
+        setattr(merged, name, [value for r in rounds for value in getattr(r, name)])
+    return merged
+
+
 def ratio_rows(results: dict[str, ServerResult]) -> list[dict]:
     """Each target's ratio of ours to its reference, with PASS/FAIL where it has a bound."""
     rows = []
@@ -759,6 +812,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=[s for s in SERVERS if s != "vllm"])
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="start and measure every server this many times, in turns (the order reversed each round); "
+        "figures are medians over the rounds",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="our server's --dtype (auto: its measured pick)")
     parser.add_argument(
@@ -800,11 +860,29 @@ def main() -> int:
     print(machine, flush=True)
     measure_embeddings = "ours" in args.servers and not args.skip_embeddings
     batches = embedding_batches(args.embedding_requests, args.embedding_batch) if measure_embeddings else None
-    # One server at a time: on a small machine two would compete for the same cores.
-    results = {name: benchmark_server(name, args, batches) for name in args.servers}
+    # One server at a time: on a small machine two would compete for the same cores. With --rounds, the servers
+    # take turns, the order reversed each round, so that the machine's drift hits each alike.
+    rounds: dict[str, list[ServerResult]] = {name: [] for name in args.servers}
+    for round_index in range(args.rounds):
+        for name in args.servers if round_index % 2 == 0 else args.servers[::-1]:
+            if args.rounds > 1:
+                print(f"round {round_index + 1} of {args.rounds}: {name}", flush=True)
+            rounds[name].append(benchmark_server(name, args, batches))
+    results = {name: merge_rounds(each) for name, each in rounds.items()}
     direct = results["ours"].embeddings_direct_inputs_per_s if measure_embeddings else None
     rows = ratio_rows(results)
     print(f"\n{machine}\n")
+    if args.rounds > 1:
+        print(f"Medians over {args.rounds} rounds; each round's ratios:")
+        for round_index in range(args.rounds):
+            each = ratio_rows({name: runs[round_index] for name, runs in rounds.items()})
+            shown = [
+                f"{row['metric']} c={row['concurrency']} {row['ratio']:.2f}x"
+                for row in each
+                if row["ratio"] is not None and row["target"]
+            ]
+            print(f"  round {round_index + 1}: " + ", ".join(shown))
+        print()
     print_levels(results)
     print_ratios(rows)
     print_memory(results)
@@ -818,6 +896,7 @@ def main() -> int:
             "prompt": PROMPT,
             "max_tokens": args.max_tokens,
             "servers": {name: asdict(result) for name, result in results.items()},
+            "rounds": {name: [asdict(result) for result in runs] for name, runs in rounds.items()},
             "ratios": rows,
             "embeddings_direct_inputs_per_s": direct,
         }
