@@ -98,6 +98,14 @@ def quantize(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
     return model
 
 
+def untie_output_head(model: torch.nn.Module) -> None:
+    """Give the output head its own weight where it shares the input embeddings', so that the head can be
+    quantized or packed while the embeddings stay as they are."""
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+
+
 def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Swap every ``nn.Linear`` (the output head included) for a dynamic int8 one, for CPU inference.
 
@@ -107,9 +115,7 @@ def quantize_linear_int8(model: torch.nn.Module) -> torch.nn.Module:
 
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is model.get_input_embeddings().weight:
-        head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untie so the head can be quantized
+    untie_output_head(model)
     with warnings.catch_warnings():  # torch marks quantized tensors deprecated; 2.13 still ships their kernels
         warnings.simplefilter("ignore", UserWarning)
         return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)

@@ -4,8 +4,8 @@
 the blocked layout its AMX/AVX512 kernels read before multiplying: for a decode step's few rows that copy costs
 as much as the product. torch's inductor avoids it for compiled models by packing each weight once
 (``mkldnn._reorder_linear_weight``, run by its weight-pack pass) and calling ``mkldnn._linear_pointwise``; this
-module does the same for the eager forward. Measured on SmolLM2-135M's layer shapes (benchmarks/README.md),
-packed weights took 15-30% less time per decode step than ``F.linear``.
+module does the same for the eager forward. On SmolLM2-135M (benchmarks/README.md, session g), a decode step
+over bf16 products took 6% less time at batch 16 and 16% less at batch 64 than through ``F.linear``.
 
 Packing needs a torch build with oneDNN (every x86 CPU wheel has it); where it is missing, or the weight is not
 bf16, :func:`pack_weight` returns None and layers stay as they are.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from qubrid_lab.models.device import untie_output_head
 
 # The row count oneDNN picks the blocked layout for; the layout serves every row count (a mismatch costs a
 # little speed, never a wrong result). 16: a busy batch's decode step, a short prompt's prefill.
@@ -66,8 +68,8 @@ def pack_linears(model: nn.Module) -> nn.Module:
     """Swap each bf16 CPU ``nn.Linear`` of ``model`` (the output head included) for a :class:`PackedLinear`;
     a model whose weights cannot be packed here is returned unchanged."""
     head = model.get_output_embeddings()
-    if head is not None and can_pack(head.weight) and head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.detach().clone())  # untie: the head gets its own packed copy
+    if head is not None and can_pack(head.weight):
+        untie_output_head(model)  # the head gets its own packed copy
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and (packed := pack_weight(child.weight)) is not None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qubrid_lab.models.device import untie_output_head
 from qubrid_lab.models.packed_linear import pack_weight, packed_linear
 
 CALIBRATION_ROWS = (1, 2, 4, 8, 16)
@@ -83,7 +84,7 @@ def _median_ms(fn) -> float:
     return statistics.median(times) * 1e3
 
 
-def crossover(layers: Int8WeightLinear | list[Int8WeightLinear]) -> int:
+def crossover(layers: list[Int8WeightLinear]) -> int:
     """The most rows for which the int8 kernel beats the bf16 matmul on these layers' shape here (0: never).
 
     Each timing runs the product through every layer given (all of a model's layers of one shape), one after
@@ -92,7 +93,6 @@ def crossover(layers: Int8WeightLinear | list[Int8WeightLinear]) -> int:
     one layer alone put the crossover at 2 rows for shapes where the model's decode step is faster with int8 up
     to 4).
     """
-    layers = layers if isinstance(layers, list) else [layers]
     best = 0
     with torch.inference_mode():
         for rows in CALIBRATION_ROWS:
@@ -115,9 +115,7 @@ def crossover(layers: Int8WeightLinear | list[Int8WeightLinear]) -> int:
 def quantize_weights_int8(model: nn.Module) -> nn.Module:
     """Swap every ``nn.Linear`` of a bf16 model (the output head included) for an :class:`Int8WeightLinear`,
     each shape's row threshold measured once, over all the layers of that shape."""
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is model.get_input_embeddings().weight:
-        head.weight = nn.Parameter(head.weight.detach().clone())  # untie: the head gets its own int8 copy
+    untie_output_head(model)
     by_shape: dict[tuple[int, int], list[Int8WeightLinear]] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -50,7 +50,7 @@ def test_a_layer_without_bias():
 
 def test_the_crossover_is_one_of_the_measured_row_counts():
     _, quantized = layer()
-    assert crossover(quantized) in (0, *CALIBRATION_ROWS)
+    assert crossover([quantized]) in (0, *CALIBRATION_ROWS)
 
 
 def test_every_linear_of_a_model_is_swapped_and_the_tied_head_gets_its_own_weights(tiny_model_dir):
