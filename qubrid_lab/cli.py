@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--catalogue-file", type=Path, help="JSON list of extra catalogue entries")
     serve.add_argument("--device", help="auto, cpu or cuda[:N]")
     serve.add_argument(
-        "--dtype", help="auto (measured: fastest accurate), float32, bfloat16, float16, or on a CPU w8a16 or int8"
+        "--dtype",
+        help="auto (measured: fastest accurate), float32, bfloat16, float16, or on a CPU w8a16, w4a16, w4a32 or int8",
     )
     serve.add_argument("--max-batch-size", type=int, help="most sequences decoded together per model")
     serve.add_argument("--max-tokens-cap", type=int, help="cap on generated tokens when a request sets none")

@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     dtype: str = Field(
         "auto",
         description="'auto' (the fastest precision that passes the accuracy bar, measured once per machine and "
-        "model), 'float32', 'bfloat16', 'float16', and on a CPU 'w8a16' (int8 weights, bf16 activations) or "
-        "'int8' (dynamic int8 linear layers).",
+        "model), 'float32', 'bfloat16', 'float16', and on a CPU 'w8a16' (int8 weights, bf16 activations), "
+        "'w4a16' / 'w4a32' (int4 weights in groups of 32, the model in bf16 / float32) or 'int8' (dynamic int8 "
+        "linear layers).",
     )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most sequences decoded together on one model.")
     max_tokens_cap: int | None = Field(

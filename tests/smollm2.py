@@ -47,8 +47,8 @@ class Answer:
 
 
 # Chosen because SmolLM2 answers them right by a clear margin at every token up to the fact, in fp32, bf16,
-# w8a16 and int8 (int8 for the chat prompt only: it gets no plain-text fact right on this model, which is why
-# --dtype auto never serves it here). "What is the capital of France?" was dropped: its first token is a
+# w8a16, w4a16, w4a32 and int8 (int8 for the chat prompt only: it gets no plain-text fact right on this model,
+# which is why --dtype auto never serves it here). "What is the capital of France?" was dropped: its first token is a
 # near-tie in fp32 ("The" 0.152 vs "L" 0.140), which bf16 rounding flips.
 CAPITAL_CHAT = Answer("Paris", messages=({"role": "user", "content": "Name the capital city of France."},))
 CAPITAL_TEXT = Answer("Paris", prompt="The capital of France is")
@@ -56,6 +56,8 @@ ANSWERS_BY_PRECISION = {
     "float32": [CAPITAL_CHAT, CAPITAL_TEXT],
     "bfloat16": [CAPITAL_CHAT, CAPITAL_TEXT],
     "w8a16": [CAPITAL_CHAT, CAPITAL_TEXT],
+    "w4a16": [CAPITAL_CHAT, CAPITAL_TEXT],
+    "w4a32": [CAPITAL_CHAT, CAPITAL_TEXT],
     "int8": [CAPITAL_CHAT],
 }
 

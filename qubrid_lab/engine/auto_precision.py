@@ -5,12 +5,14 @@ than another path at batch 1) and says nothing about accuracy, so each candidate
 (:func:`~qubrid_lab.models.device.precision_candidates`) is measured on the model being loaded:
   1. accuracy: teacher-forced on fixed probe prompts against transformers' fp32 forward; a candidate that
      fails :data:`~qubrid_lab.engine.accuracy.ACCURACY_BAR` is never served;
-  2. speed: the median time of a decode step at batch 1 and at batch 16, through the engine's forward,
-     over rounds that alternate the candidates.
+  2. speed: the median time of a decode step at batch 1 and at batch 16, and of a 128-token prompt's prefill
+     (where products over many rows decide), through the engine's forward, over rounds that alternate the
+     candidates.
 The default (the first candidate) is left only for a passing candidate that is at least 10% faster (the
-geometric mean of its speed-ups over the two batch sizes) and no slower at either: a path that trades
-single-request latency for batch throughput, or the reverse, is a trade-off for ``--dtype`` to make, not a
-speed-up. The result is cached in the model cache, keyed by the CPU or GPU, the model's files and the
+geometric mean of its speed-ups over the three timings) and no slower at any, beyond the timings' noise (10%:
+the same forward's prefill varied by 15% between rounds on a shared 2-core machine): a path that trades
+single-request latency for batch throughput or long prompts, or the reverse, is a trade-off for ``--dtype``
+to make, not a speed-up. The result is cached in the model cache, keyed by the CPU or GPU, the model's files and the
 torch version, so later starts reuse it.
 """
 
@@ -52,12 +54,14 @@ PROBE_MESSAGES = [
 ]
 PROBE_TOKENS = 16  # greedy fp32 tokens that continue each probe prompt, teacher-forced for every candidate
 BATCH_SIZES = (1, 16)
+PREFILL_TOKENS = 128
 WARMUP_STEPS = 2
 TIMED_STEPS = 8
 TIMED_ROUNDS = 3
 SWITCH_SPEEDUP = 1.10
+NOISE = 0.10
 CACHE_FILE = "precision-picks.json"
-METHOD = 4  # part of the cache key: change it when the workload or the bar changes
+METHOD = 5  # part of the cache key: change it when the workload or the bar changes
 
 
 @dataclass
@@ -75,7 +79,7 @@ class PrecisionChoice:
         parts = []
         for label, figures in self.candidates.items():
             if figures["passes"]:
-                steps = "/".join(f"{figures['decode_ms'][str(b)]:.0f}" for b in BATCH_SIZES)
+                steps = "/".join(f"{ms:.0f}" for ms in _timings(figures))
                 parts.append(f"{label} {steps} ms")
             elif "error" in figures:
                 parts.append(f"{label} does not run ({figures['error']})")
@@ -87,31 +91,38 @@ class PrecisionChoice:
         if not parts:
             return f"{self.precision.label} ({self.how})"
         sizes = "/".join(str(b) for b in BATCH_SIZES)
-        return f"{self.precision.label} ({self.how}; decode step at batch {sizes}: " + "; ".join(parts) + ")"
+        return (
+            f"{self.precision.label} ({self.how}; decode step at batch {sizes} and a {PREFILL_TOKENS}-token prefill: "
+            + "; ".join(parts)
+            + ")"
+        )
 
 
 def fastest_passing(candidates: dict[str, dict], default: str) -> str:
     """The label to serve: ``default``, unless a candidate that passes the bar is at least
-    :data:`SWITCH_SPEEDUP` faster than it (geometric mean over the batch sizes) and no slower at any batch
-    size; then the fastest such one."""
+    :data:`SWITCH_SPEEDUP` faster than it (geometric mean over the timings) and no slower at any (beyond
+    :data:`NOISE`); then the fastest such one."""
     passing = {label: c for label, c in candidates.items() if c["passes"]}
     if not passing:
         return default
     if default not in passing:
-        return min(passing, key=lambda label: _geometric_mean(_step_ms(passing[label])))
+        return min(passing, key=lambda label: _geometric_mean(_timings(passing[label])))
 
     def ratios(label: str) -> list[float]:
-        return [base / own for base, own in zip(_step_ms(passing[default]), _step_ms(passing[label]))]
+        return [base / own for base, own in zip(_timings(passing[default]), _timings(passing[label]))]
 
     faster = {
-        label: _geometric_mean(ratios(label)) for label in passing if label != default and min(ratios(label)) >= 1.0
+        label: _geometric_mean(ratios(label))
+        for label in passing
+        if label != default and min(ratios(label)) >= 1 - NOISE
     }
     best = max(faster, key=faster.get, default=None)
     return best if best is not None and faster[best] >= SWITCH_SPEEDUP else default
 
 
-def _step_ms(figures: dict) -> list[float]:
-    return [figures["decode_ms"][str(b)] for b in BATCH_SIZES]
+def _timings(figures: dict) -> list[float]:
+    """A candidate's decode-step milliseconds at each batch size, then its prefill's."""
+    return [*(figures["decode_ms"][str(b)] for b in BATCH_SIZES), figures["prefill_ms"]]
 
 
 def _geometric_mean(values: list[float]) -> float:
@@ -198,17 +209,17 @@ def measure_candidates(
                     held[precision.label] = (model, forward)
                     held_bytes += size
                 else:
-                    figures[precision.label]["decode_ms"] = _time_rounds(
-                        {precision.label: forward}, device, prompts[0]
-                    )[precision.label]
+                    figures[precision.label].update(
+                        _time_rounds({precision.label: forward}, device, prompts[0])[precision.label]
+                    )
         except Exception as exc:  # noqa: BLE001 - a path this machine or model cannot run is simply no candidate
             log.warning("dtype auto: %s cannot serve this model here: %s: %s", precision.label, type(exc).__name__, exc)
             figures[precision.label] = {"passes": False, "error": f"{type(exc).__name__}: {exc}"}
         model = forward = reference = None
         _free_memory()
     timed = _time_rounds({label: forward for label, (_, forward) in held.items()}, device, prompts[0])
-    for label, decode_ms in timed.items():
-        figures[label]["decode_ms"] = decode_ms
+    for label, timings in timed.items():
+        figures[label].update(timings)
     held.clear()
     _free_memory()
     for label, entry in figures.items():
@@ -216,18 +227,25 @@ def measure_candidates(
     return figures
 
 
-def _time_rounds(forwards: dict, device: torch.device, prompt: list[int]) -> dict[str, dict[str, float]]:
-    """Median decode-step milliseconds per label and batch size over rounds that alternate the labels."""
-    samples: dict[str, dict[int, list[float]]] = {label: {b: [] for b in BATCH_SIZES} for label in forwards}
+def _time_rounds(forwards: dict, device: torch.device, prompt: list[int]) -> dict[str, dict]:
+    """Per label, ``decode_ms`` (per batch size) and ``prefill_ms``: medians over rounds that alternate the
+    labels."""
+    decode: dict[str, dict[int, list[float]]] = {label: {b: [] for b in BATCH_SIZES} for label in forwards}
+    prefill: dict[str, list[float]] = {label: [] for label in forwards}
+    long_prompt = (prompt * (PREFILL_TOKENS // len(prompt) + 1))[:PREFILL_TOKENS]
     order = list(forwards)
     for _ in range(TIMED_ROUNDS):
         for label in order:
             for batch in BATCH_SIZES:
-                samples[label][batch].append(decode_step_ms(forwards[label], device, prompt, batch))
+                decode[label][batch].append(decode_step_ms(forwards[label], device, prompt, batch))
+            prefill[label].append(prefill_ms(forwards[label], device, long_prompt))
         order.reverse()
     return {
-        label: {str(b): round(statistics.median(times), 2) for b, times in by_batch.items()}
-        for label, by_batch in samples.items()
+        label: {
+            "decode_ms": {str(b): round(statistics.median(times), 2) for b, times in decode[label].items()},
+            "prefill_ms": round(statistics.median(prefill[label]), 2),
+        }
+        for label in forwards
     }
 
 
@@ -274,6 +292,21 @@ def decode_step_ms(forward, device: torch.device, prompt: list[int], batch: int)
                 times.append(time.perf_counter() - started)
             kv.commit_step()
     return statistics.median(times) * 1000
+
+
+def prefill_ms(forward, device: torch.device, prompt: list[int]) -> float:
+    """Milliseconds of the prefill of ``prompt`` (the faster of two runs: the first may warm caches)."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(2):
+            tokens = torch.tensor([prompt], device=device)
+            positions = torch.arange(len(prompt), device=device)[None]
+            _synchronize(device)
+            started = time.perf_counter()
+            forward(tokens, positions, PrefillKV(), None)
+            _synchronize(device)
+            times.append(time.perf_counter() - started)
+    return min(times) * 1000
 
 
 def _synchronize(device: torch.device) -> None:

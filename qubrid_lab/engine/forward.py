@@ -164,7 +164,7 @@ def load_causal_lm(location: str, precision: Precision, device: torch.device, fu
     """Load a causal LM for serving in ``precision`` on ``device``: ``(model, forward)``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=precision.dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=precision.load_dtype, attn_implementation="sdpa")
     model.to(device).eval()
     forward = prepare_forward(model, fused)
     model = quantize(model, precision)

@@ -178,10 +178,10 @@ class LoraSet:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    """A plain, dynamic-int8, w8a16 or oneDNN-packed linear layer."""
+    """A plain, dynamic-int8, w8a16, w4a16/w4a32 or oneDNN-packed linear layer."""
     return (
         isinstance(module, nn.Linear)
-        or type(module).__name__ in ("Linear", "Int8WeightLinear", "PackedLinear")
+        or type(module).__name__ in ("Linear", "Int8WeightLinear", "Int4WeightLinear", "PackedLinear")
         and hasattr(module, "in_features")
     )
 

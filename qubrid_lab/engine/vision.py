@@ -47,7 +47,9 @@ def load_vision_lm(location: str, precision: Precision, device: torch.device):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(location)
-    model = AutoModelForImageTextToText.from_pretrained(location, dtype=precision.dtype, attn_implementation="sdpa")
+    model = AutoModelForImageTextToText.from_pretrained(
+        location, dtype=precision.load_dtype, attn_implementation="sdpa"
+    )
     model.to(device).eval()
     forward = transformers_forward(model)
     model = quantize(model, precision)

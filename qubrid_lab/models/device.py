@@ -23,18 +23,28 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Precision:
-    """The dtype weights are loaded in, and whether linear layers are then quantized: ``int8`` (dynamic int8,
-    activations too) or ``w8a16`` (int8 weights, bf16 activations; :mod:`qubrid_lab.models.weight_int8`)."""
+    """The dtype a model runs in, and whether linear layers are quantized: ``int8`` (dynamic int8, activations
+    too), ``w8a16`` (int8 weights, bf16 activations; :mod:`qubrid_lab.models.weight_int8`), or ``w4a16`` /
+    ``w4a32`` (int4 weights in groups of 32, the model in bf16 / float32; :mod:`qubrid_lab.models.weight_int4`)."""
 
     dtype: torch.dtype
     int8: bool = False
     w8a16: bool = False
+    w4: bool = False
 
     @property
     def label(self) -> str:
+        if self.w4:
+            return "w4a16" if self.dtype == torch.bfloat16 else "w4a32"
         if self.int8 or self.w8a16:
             return "int8" if self.int8 else "w8a16"
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def load_dtype(self) -> torch.dtype:
+        """The dtype to load the checkpoint in: int4 groups are rounded from the float32 weights (bf16 would
+        blur the 4-bit steps a GGUF ``Q4_1`` checkpoint holds exactly), then the model is cast to ``dtype``."""
+        return torch.float32 if self.w4 else self.dtype
 
     @classmethod
     def from_label(cls, label: str) -> "Precision":
@@ -43,7 +53,12 @@ class Precision:
         return cls(DTYPES[label])
 
 
-CPU_QUANTIZED = {"int8": Precision(torch.float32, int8=True), "w8a16": Precision(torch.bfloat16, w8a16=True)}
+CPU_QUANTIZED = {
+    "int8": Precision(torch.float32, int8=True),
+    "w8a16": Precision(torch.bfloat16, w8a16=True),
+    "w4a16": Precision(torch.bfloat16, w4=True),
+    "w4a32": Precision(torch.float32, w4=True),
+}
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -68,17 +83,19 @@ def precision_candidates(device: torch.device) -> list[Precision]:
         if torch.cuda.is_bf16_supported():
             return [Precision(torch.bfloat16), Precision(torch.float16)]
         return [Precision(torch.float16)]
-    return [Precision(torch.float32), Precision(torch.bfloat16), CPU_QUANTIZED["w8a16"], CPU_QUANTIZED["int8"]]
+    return [Precision(torch.float32), Precision(torch.bfloat16), *CPU_QUANTIZED.values()]
 
 
 def pick_precision(setting: str, device: torch.device) -> Precision:
     """The precision an explicit ``--dtype`` names (``auto`` is measured: see :func:`precision_candidates`)."""
     if setting in CPU_QUANTIZED:
         if device.type != "cpu":
-            raise InvalidRequestError(f"dtype '{setting}' (int8 linear layers) is for CPUs; on a GPU use auto.")
+            raise InvalidRequestError(f"dtype '{setting}' (integer linear layers) is for CPUs; on a GPU use auto.")
         return CPU_QUANTIZED[setting]
     if setting not in DTYPES:
-        raise InvalidRequestError(f"dtype '{setting}' is unknown; use auto, int8, w8a16, " + ", ".join(DTYPES) + ".")
+        raise InvalidRequestError(
+            f"dtype '{setting}' is unknown; use auto, " + ", ".join([*CPU_QUANTIZED, *DTYPES]) + "."
+        )
     return Precision(DTYPES[setting])
 
 
@@ -91,6 +108,10 @@ def quantize(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
         from qubrid_lab.models.weight_int8 import quantize_weights_int8
 
         return quantize_weights_int8(model)
+    if precision.w4:
+        from qubrid_lab.models.weight_int4 import quantize_weights_int4
+
+        return quantize_weights_int4(model, precision.dtype)
     if precision.dtype == torch.bfloat16:
         from qubrid_lab.models.packed_linear import pack_linears
 

@@ -38,10 +38,10 @@ def test_auto_measures_once_then_reuses_its_pick(tmp_path, checked_answers):
         stop_server(server)
     assert first["how"] == "measured"
     candidates = first["candidates"]
-    assert set(candidates) == {"float32", "bfloat16", "w8a16", "int8"}
+    assert set(candidates) == {"float32", "bfloat16", "w8a16", "w4a16", "w4a32", "int8"}
     assert candidates["float32"]["passes"] and candidates["float32"]["mean_kl"] < 1e-4
     for figures in candidates.values():
-        assert ("decode_ms" in figures) == figures["passes"]  # only paths that pass are timed
+        assert ("decode_ms" in figures) == ("prefill_ms" in figures) == figures["passes"]  # only passing paths timed
     assert candidates[first["dtype"]]["passes"]
     assert first["dtype"] == fastest_passing(candidates, "float32")
     assert "dtype auto: measuring" in server.log() and f"in {first['dtype']} (measured" in server.log()

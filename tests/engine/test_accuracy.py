@@ -149,3 +149,15 @@ def test_w8a16_passes_the_bar_on_every_path(smollm2_served, probes, path):
     _, forward = smollm2_served("w8a16")
     result = divergence(probes[2], engine_logits(forward, probes, path))
     assert result.passes(ACCURACY_BAR) and result.mean_kl <= 0.01 and result.clear_top1 == 1.0, result
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("label", ["w4a16", "w4a32"])
+def test_w4_passes_the_bar_on_every_path(smollm2_served, probes, path, label):
+    """int4 weights in groups of 32: the bundled SmolLM2 comes from a GGUF ``Q4_1`` file, whose 4-bit steps they
+    recover, so they stray about as far as bf16 does (README, "Precision") and keep every clearly decided token.
+    Decoding a few rows goes through the int4 kernel and prefilling a prompt through the float copy, where that is
+    faster here, so the paths here cover both."""
+    _, forward = smollm2_served(label)
+    result = divergence(probes[2], engine_logits(forward, probes, path))
+    assert result.passes(ACCURACY_BAR) and result.mean_kl <= 0.01 and result.clear_top1 == 1.0, result

@@ -10,10 +10,11 @@ import pytest
 from qubrid_lab.engine.auto_precision import CACHE_FILE, fastest_passing
 
 
-def figures(b1: float, b16: float, passes: bool = True) -> dict:
+def figures(b1: float, b16: float, passes: bool = True, prefill: float = 300.0) -> dict:
     entry = {"passes": passes, "mean_kl": 0.001 if passes else 0.5, "clear_top1": 1.0 if passes else 0.8}
     if passes:
         entry["decode_ms"] = {"1": b1, "16": b16}
+        entry["prefill_ms"] = prefill
     return entry
 
 
@@ -23,6 +24,8 @@ def figures(b1: float, b16: float, passes: bool = True) -> dict:
         ({"float32": figures(40, 120), "bfloat16": figures(30, 50)}, "bfloat16"),  # faster at both sizes
         ({"float32": figures(40, 120), "bfloat16": figures(38, 112)}, "float32"),  # ~6% faster: not worth it
         ({"float32": figures(32, 91), "bfloat16": figures(43, 51)}, "float32"),  # a trade-off, not a speed-up
+        ({"float32": figures(60, 150), "w4a32": figures(35, 130, prefill=320)}, "w4a32"),  # prefill within noise
+        ({"float32": figures(60, 150), "w4a16": figures(31, 143, prefill=650)}, "float32"),  # long prompts slower
         ({"float32": figures(40, 120), "int8": figures(10, 20, passes=False)}, "float32"),  # too inaccurate
         ({"float32": figures(40, 120), "bfloat16": figures(30, 60), "int8": figures(25, 50)}, "int8"),
         ({"bfloat16": figures(40, 50, passes=False), "float16": figures(45, 60)}, "float16"),  # default fails
@@ -38,7 +41,7 @@ def test_auto_measures_every_candidate_then_reuses_the_cached_pick(engine_factor
     first = engine_factory("tiny-auto", dtype="auto")
     choice = first.precision_choice
     assert choice.how == "measured"
-    assert set(choice.candidates) == {"float32", "bfloat16", "w8a16", "int8"}
+    assert set(choice.candidates) == {"float32", "bfloat16", "w8a16", "w4a16", "w4a32", "int8"}
     assert choice.candidates["float32"]["passes"] and choice.candidates["float32"]["mean_kl"] < 1e-4
     assert choice.precision.label == fastest_passing(choice.candidates, "float32")
     assert first.precision == choice.precision

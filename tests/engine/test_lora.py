@@ -200,8 +200,8 @@ def test_deleting_a_fine_tuned_model_fails_its_running_requests_with_the_reason(
     assert isinstance(events[-1], Failure) and "was deleted" in events[-1].message
 
 
-@pytest.mark.parametrize("dtype", ["int8", "w8a16"])
-def test_adapters_also_apply_over_int8_layers(engine_factory, adapters, dtype):
+@pytest.mark.parametrize("dtype", ["int8", "w8a16", "w4a16"])
+def test_adapters_also_apply_over_integer_layers(engine_factory, adapters, dtype):
     """CPU precisions quantize the base's linear layers; the adapters' float updates go on top of them."""
     base = engine_factory(f"tiny-{dtype}", dtype=dtype)
     registry = ModelRegistry(chat={"tiny": base})

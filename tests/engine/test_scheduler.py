@@ -12,6 +12,7 @@ import torch
 from qubrid_lab.engine.base import Delta, Failure, Finish, GenerationRun
 from qubrid_lab.engine.sampling import SamplingParams
 from qubrid_lab.errors import InvalidRequestError
+from qubrid_lab.models.weight_int4 import Int4WeightLinear
 from qubrid_lab.models.weight_int8 import Int8WeightLinear
 
 WAIT_SECONDS = 30  # generous bound for polling the engine's state; never a timing assertion
@@ -280,11 +281,19 @@ def test_requests_beyond_the_batch_size_wait_their_turn(engine_factory):
     assert sorted(generate(engine, prompts[:1], n=3, temperature=0.0, max_tokens=3).finishes) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("dtype, layer", [("int8", torch.ao.nn.quantized.dynamic.Linear), ("w8a16", Int8WeightLinear)])
-def test_int8_weights_generate(engine_factory, dtype, layer):
+@pytest.mark.parametrize(
+    "dtype, layer",
+    [
+        ("int8", torch.ao.nn.quantized.dynamic.Linear),
+        ("w8a16", Int8WeightLinear),
+        ("w4a16", Int4WeightLinear),
+        ("w4a32", Int4WeightLinear),
+    ],
+)
+def test_integer_weights_generate(engine_factory, dtype, layer):
     engine = engine_factory(f"tiny-{dtype}", dtype=dtype)
     assert engine.precision.label == dtype
-    assert isinstance(engine.model.lm_head, layer)
+    assert isinstance(engine.model.model.layers[0].mlp.down_proj, layer)
     ids = chat(engine, "Hello")
     first = generate(engine, [ids], temperature=0.0, max_tokens=8)
     assert (first.finishes[0].reason, first.finishes[0].completion_tokens) == ("length", 8)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qubrid_lab.models.weight_int8 import CALIBRATION_ROWS, Int8WeightLinear, crossover, quantize_weights_int8
+from qubrid_lab.models.weight_int8 import Int8WeightLinear, quantize_weights_int8
+from qubrid_lab.models.weight_only import CALIBRATION_ROWS, EVERY_ROW_COUNT, crossover
 
 
 def layer(bias: bool = True, small_rows: int = 4) -> tuple[nn.Linear, Int8WeightLinear]:
@@ -50,10 +51,10 @@ def test_a_layer_without_bias():
 
 def test_the_crossover_is_one_of_the_measured_row_counts():
     _, quantized = layer()
-    assert crossover([quantized]) in (0, *CALIBRATION_ROWS)
+    assert crossover([quantized]) in (0, *CALIBRATION_ROWS[:-1], EVERY_ROW_COUNT)
 
 
-def test_every_linear_of_a_model_is_swapped_and_the_tied_head_gets_its_own_weights(tiny_model_dir):
+def test_every_linear_of_a_model_is_swapped_and_the_embeddings_stay_as_they_were(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
@@ -62,6 +63,6 @@ def test_every_linear_of_a_model_is_swapped_and_the_tied_head_gets_its_own_weigh
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert isinstance(model.lm_head, Int8WeightLinear)
     assert torch.equal(model.get_input_embeddings().weight, embeddings)
-    assert set(model.weight_int8_rows) == {
-        (m.in_features, m.out_features) for m in model.modules() if isinstance(m, Int8WeightLinear)
+    assert set(model.weight_only_rows) == {
+        ("int8", m.in_features, m.out_features) for m in model.modules() if isinstance(m, Int8WeightLinear)
     }
