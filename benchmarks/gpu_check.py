@@ -132,22 +132,17 @@ def kv_bytes_per_token(config) -> int:
 
 @section("decode step: eager against a CUDA graph")
 def decode_steps(model_dir: Path) -> None:
+    from qubrid_lab.engine.auto_precision import prompt_batch
     from qubrid_lab.engine.cuda_graphs import GraphedDecode
     from qubrid_lab.engine.forward import load_causal_lm
-    from qubrid_lab.engine.kv import BatchKV, PrefillKV
     from qubrid_lab.models.device import Precision
 
     model, forward = load_causal_lm(str(model_dir), Precision(torch.bfloat16), torch.device("cuda"))
-    prompt = torch.randint(0, model.config.vocab_size, (1, 96), device="cuda")
+    prompt = torch.randint(0, model.config.vocab_size, (96,)).tolist()
     rows_out = {}
     for rows in (1, 16, 64):
+        _, kv = prompt_batch(forward, torch.device("cuda"), prompt, rows)
         with torch.inference_mode():
-            prefill = PrefillKV()
-            forward(prompt, torch.arange(96, device="cuda")[None], prefill, None)
-            prefill.keys = [k.expand(rows, -1, -1, -1) for k in prefill.keys]
-            prefill.values = [v.expand(rows, -1, -1, -1) for v in prefill.values]
-            kv = BatchKV(torch.device("cuda"))
-            kv.add_rows(prefill, torch.ones((rows, 96), dtype=torch.long, device="cuda"))
             ids = torch.randint(0, model.config.vocab_size, (rows, 1), device="cuda")
             mask, positions = kv.step_inputs()  # the same step, run again and again: it rewrites one column
 

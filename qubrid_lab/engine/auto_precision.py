@@ -268,17 +268,25 @@ def _free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def decode_step_ms(forward, device: torch.device, prompt: list[int], batch: int) -> float:
-    """Median milliseconds of one decode step for ``batch`` rows that each hold ``prompt``."""
+def prompt_batch(forward, device: torch.device, prompt: list[int], rows: int) -> tuple[torch.Tensor, BatchKV]:
+    """``prompt`` prefilled once and held by ``rows`` rows of a decode batch: its last logits and the batch's
+    cache, ready for a decode step (what a decode step's timing starts from)."""
     prefill = PrefillKV()
     with torch.inference_mode():
         logits = forward(
             torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)[None], prefill, None
         )
-        prefill.keys = [k.expand(batch, -1, -1, -1) for k in prefill.keys]
-        prefill.values = [v.expand(batch, -1, -1, -1) for v in prefill.values]
+        prefill.keys = [k.expand(rows, -1, -1, -1) for k in prefill.keys]
+        prefill.values = [v.expand(rows, -1, -1, -1) for v in prefill.values]
         kv = BatchKV(device)
-        kv.add_rows(prefill, torch.ones((batch, len(prompt)), dtype=torch.long, device=device))
+        kv.add_rows(prefill, torch.ones((rows, len(prompt)), dtype=torch.long, device=device))
+    return logits, kv
+
+
+def decode_step_ms(forward, device: torch.device, prompt: list[int], batch: int) -> float:
+    """Median milliseconds of one decode step for ``batch`` rows that each hold ``prompt``."""
+    logits, kv = prompt_batch(forward, device, prompt, batch)
+    with torch.inference_mode():
         tokens = logits.argmax(-1).view(1, 1).expand(batch, 1)
         times = []
         for step in range(WARMUP_STEPS + TIMED_STEPS):
