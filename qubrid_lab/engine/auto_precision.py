@@ -304,11 +304,11 @@ def decode_step_ms(forward, device: torch.device, prompt: list[int], batch: int)
 
 def prefill_ms(forward, device: torch.device, prompt: list[int]) -> float:
     """Milliseconds of the prefill of ``prompt`` (the faster of two runs: the first may warm caches)."""
+    tokens = torch.tensor([prompt], device=device)
+    positions = torch.arange(len(prompt), device=device)[None]
     times = []
     with torch.inference_mode():
         for _ in range(2):
-            tokens = torch.tensor([prompt], device=device)
-            positions = torch.arange(len(prompt), device=device)[None]
             _synchronize(device)
             started = time.perf_counter()
             forward(tokens, positions, PrefillKV(), None)

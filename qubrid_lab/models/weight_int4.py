@@ -1,5 +1,5 @@
-"""``w4a16``: int4 weights in groups of 32 with bf16 activations for the CPU, through torch's weight-only int4
-kernel (``_weight_int4pack_mm_for_cpu``, the kernel behind torchao's int4 weight-only path).
+"""``w4a16`` and ``w4a32``: int4 weights in groups of 32 for the CPU, through torch's weight-only int4 kernel
+(``_weight_int4pack_mm_for_cpu``, the kernel behind torchao's int4 weight-only path; it takes bf16 activations).
 
 Each group of 32 consecutive input weights of an output row gets its own scale and offset (the group's range
 split into 15 steps), the layout of GGUF's ``Q4_1``. A model converted from a ``Q4_1`` file (the bundled
@@ -8,8 +8,9 @@ and only the bf16 rounding of each group's scale and offset is lost. Other model
 int4, which ``--dtype auto`` serves only where it passes the accuracy bar.
 
 The output head stays int8 (``Q4_1`` files keep it in 8 bits too): its rows are the token embeddings, whose
-every logit is read. As with ``w8a16``, each layer keeps its bf16 form for products over many rows
-(:mod:`qubrid_lab.models.weight_only`). The model is quantized from its float32 weights, then cast to bf16.
+every logit is read. As with ``w8a16``, each layer keeps a float form for products over many rows
+(:mod:`qubrid_lab.models.weight_only`). The model is quantized from its float32 weights, then the rest of it is
+cast to the dtype it runs in: bf16 for ``w4a16``, float32 for ``w4a32``.
 """
 
 from __future__ import annotations

@@ -118,9 +118,9 @@ def crossover(layers: list[WeightOnlyLinear]) -> int:
     return EVERY_ROW_COUNT
 
 
-def quantize_weights(model: nn.Module, make: Callable[[nn.Linear, bool], WeightOnlyLinear | None]) -> nn.Module:
+def quantize_weights(model: nn.Module, make: Callable[[nn.Linear, bool], WeightOnlyLinear]) -> nn.Module:
     """Swap each CPU ``nn.Linear`` of ``model`` (the output head included) for what ``make(linear, is_head)``
-    returns (None: keep it), each kind and shape's row threshold measured once. A layer whose integer product
+    returns, each kind and shape's row threshold measured once. A layer whose integer product
     wins at every row count drops its float weight (memory)."""
     head = model.get_output_embeddings()
     groups: dict[tuple, list[WeightOnlyLinear]] = {}
@@ -129,8 +129,6 @@ def quantize_weights(model: nn.Module, make: Callable[[nn.Linear, bool], WeightO
             if type(child) is not nn.Linear or child.weight.device.type != "cpu":
                 continue
             layer = make(child, child is head)
-            if layer is None:
-                continue
             groups.setdefault((layer.kind, child.in_features, child.out_features), []).append(layer)
             setattr(parent, name, layer)
     thresholds = {key: crossover(layers) for key, layers in groups.items()}
