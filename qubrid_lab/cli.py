@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (measured: fastest accurate), float32, bfloat16, float16, or on a CPU w8a16, w4a16, w4a32 or int8",
     )
     serve.add_argument("--max-batch-size", type=int, help="most sequences decoded together per model")
+    serve.add_argument(
+        "--prompt-cache-mib",
+        type=int,
+        help="MiB per chat model kept of recent prompts' keys/values (default 32; 0: off)",
+    )
     serve.add_argument("--max-tokens-cap", type=int, help="cap on generated tokens when a request sets none")
     serve.add_argument("--api-key-file", type=Path, help="file of accepted keys, one per line")
     serve.add_argument("--max-dataset-bytes", type=int, help="largest CSV dataset upload (default 100 MB)")

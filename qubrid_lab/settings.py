@@ -40,6 +40,12 @@ class Settings(BaseSettings):
         "linear layers).",
     )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most sequences decoded together on one model.")
+    prompt_cache_mib: int = Field(
+        32,
+        ge=0,
+        description="MiB per chat model for the keys/values of recent prompts, so that a prompt beginning like "
+        "one seen before (a conversation's next turn, a repeated request) prefills only the rest (0: off).",
+    )
     max_tokens_cap: int | None = Field(
         None, ge=1, description="Server-side cap on generated tokens when a request sets no max_tokens."
     )

@@ -71,6 +71,7 @@ class GenerationHandle:
     prompt_logprobs: list[TokenLogprob] | None = (
         None  # with echo and logprobs: the prompt's tokens, set before any event
     )
+    cached_tokens: int = 0  # leading prompt tokens whose keys/values came from the prompt cache, set at prefill
     matchers: list | None = None  # structured outputs: one grammar matcher per choice, set by the backend
     images: object | None = None  # a vision model's prompt: what its images add to the prefill (vision.ImageInputs)
     first_token_at: float | None = None
@@ -132,6 +133,11 @@ class GenerationRun:
     def prompt_logprobs(self, prompt: int) -> list[TokenLogprob] | None:
         """Prompt ``prompt``'s own tokens with log probabilities (``echo`` with ``logprobs``), once it has begun."""
         return self.handles[prompt].prompt_logprobs
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the backend did not prefill: their keys/values came from its prompt cache."""
+        return sum(handle.cached_tokens for handle in self.handles)
 
     def cancel(self) -> None:
         """Free the backend's slots (the client went away or the request is over)."""
@@ -203,6 +209,7 @@ class RemoteRun:
     token ids at start), and no prompt log probabilities (refused at start too)."""
 
     request: GenerationRequest
+    cached_tokens: int = 0  # as the backend reports them (``prompt_tokens_details``), where it does
 
     def prompt_text(self, prompt: int) -> str:
         return self.request.prompts[prompt]

@@ -20,6 +20,7 @@ from qubrid_lab.engine.auto_precision import PrecisionChoice, choose_precision
 from qubrid_lab.engine.base import GenerationHandle, GenerationRequest, GenerationRun, start_local
 from qubrid_lab.engine.forward import load_causal_lm
 from qubrid_lab.engine.lora import LoraSet
+from qubrid_lab.engine.prompt_cache import DEFAULT_BYTES
 from qubrid_lab.engine.scheduler import BatchScheduler
 from qubrid_lab.engine.structured import matchers
 from qubrid_lab.engine.thread import ModelThread
@@ -68,6 +69,7 @@ class LocalChatEngine:
         max_tokens_cap: int | None = None,
         fused: bool = True,
         thread: ModelThread | None = None,
+        prompt_cache_bytes: int = DEFAULT_BYTES,
     ):
         self.model_id = entry.id
         self.entry = entry
@@ -100,6 +102,7 @@ class LocalChatEngine:
             self._thread,
             self.lora,
             vocab_size=self.model.config.get_text_config().vocab_size,
+            prompt_cache_bytes=prompt_cache_bytes,
         )
         self._thread.submit(lambda: self.scheduler.texts.ll_tokenizer).result()  # built now, not on a request
         log.info(
@@ -194,7 +197,7 @@ class LocalChatEngine:
 
         That block (the system prompt, given or the template's default, and the next turn's header) starts
         every conversation with the same system message, so its keys/values are computed once and reused
-        (:class:`~qubrid_lab.engine.scheduler.PrefixCache`). It is found by rendering the conversation's system
+        (:mod:`~qubrid_lab.engine.prompt_cache`). It is found by rendering the conversation's system
         part with two different probe messages and keeping the tokens the two renderings share.
         """
         system = [m for m in messages[:1] if m.get("role") == "system"]
@@ -274,11 +277,21 @@ class LocalChatEngine:
 
     def add_adapter(self, name: str, adapter_dir: Path) -> None:
         """Load a peft LoRA adapter trained on this model; requests whose handle names it decode with it."""
-        self._thread.submit(self.lora.load, name, Path(adapter_dir)).result()
+
+        def load() -> None:
+            self.scheduler.prompts.forget(name)  # a name loaded again may hold other weights
+            self.lora.load(name, Path(adapter_dir))
+
+        self._thread.submit(load).result()
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter; requests still using it fail on the next step, saying the model was deleted."""
-        self._thread.submit(self.lora.remove, name).result()
+
+        def remove() -> None:
+            self.lora.remove(name)
+            self.scheduler.prompts.forget(name)
+
+        self._thread.submit(remove).result()
 
     def fine_tuned(self, model_id: str, adapter_dir: Path, created: int) -> FineTunedChat:
         """The fine-tuned model ``model_id``: this engine decoding with the LoRA adapter in ``adapter_dir``."""

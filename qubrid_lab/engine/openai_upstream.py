@@ -310,6 +310,7 @@ class UpstreamRun(RemoteRun):
         # OpenAI reports usage per request, not per choice: the last finish carries the request's total.
         if usage:
             completion_tokens, self.prompt_tokens = int(usage["completion_tokens"]), int(usage["prompt_tokens"])
+            self.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
         else:
             counter = self.upstream.counter
             completion_tokens = sum(counter.text("".join(texts)) for texts in pieces)

@@ -160,4 +160,5 @@ def _load_backend(entry: ModelEntry, settings: Settings, thread: ModelThread) ->
         settings.max_batch_size,
         settings.max_tokens_cap,
         thread=thread,
+        prompt_cache_bytes=settings.prompt_cache_mib * 1024 * 1024,
     )

@@ -8,8 +8,8 @@ aligned cache (:mod:`qubrid_lab.engine.kv`) is faster. See ``benchmarks/README.m
 The model's thread (:mod:`qubrid_lab.engine.thread`, shared by every model on the device) runs one step
 at a time, so other models' work (embeddings) interleaves between decode steps. Each step:
   1. drops rows whose client went away,
-  2. prefills waiting requests, packed into one pass where it can (reusing cached prefix keys/values), and
-     merges them into the batch,
+  2. prefills waiting requests, packed into one pass where it can (each from the keys/values of the longest
+     start it shares with a recent prompt: :mod:`.prompt_cache`), and merges them into the batch,
   3. runs one decode step for every row (on a GPU, replayed from a CUDA graph: :mod:`.cuda_graphs`) and
      samples each row with its own parameters,
   4. streams text deltas (with the log probabilities of their tokens, for rows that ask) and retires
@@ -35,6 +35,7 @@ from qubrid_lab.engine.forward import Forward
 from qubrid_lab.engine.kv import BatchKV, PackedPrefillKV, PrefillKV
 from qubrid_lab.engine.logprobs import TokenLogprob, TokenTexts, chosen_logprobs, prompt_logprobs
 from qubrid_lab.engine.lora import LoraSet
+from qubrid_lab.engine.prompt_cache import DEFAULT_BYTES, PromptCache
 from qubrid_lab.engine.sampling import RowSampler, sample_next
 from qubrid_lab.engine.structured import advance, constrain
 from qubrid_lab.engine.thread import ModelThread
@@ -86,38 +87,6 @@ def _new_tokens(handle: GenerationHandle) -> int:
     return len(handle.prompt_ids) - handle.shared_prefix
 
 
-class PrefixCache:
-    """The keys/values of recently seen shared prompt prefixes, least recently used dropped first.
-
-    A prompt with a shared prefix is always prefilled in two parts, prefix then rest, whether the prefix is
-    cached or not: with int8 activations (CPU default) the quantization scale depends on which tokens pass
-    through a layer together, so splitting the same way every time keeps a prompt's output independent of
-    what the cache held when it arrived.
-    """
-
-    def __init__(self, max_entries: int = 16):
-        self.max_entries = max_entries
-        self._entries: collections.OrderedDict[tuple, PrefillKV] = collections.OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple) -> PrefillKV | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: tuple, prefix: PrefillKV) -> None:
-        prefix.keys = [k.contiguous() for k in prefix.keys]
-        prefix.values = [v.contiguous() for v in prefix.values]
-        self._entries[key] = prefix
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-
 class BatchScheduler:
     """Owns a model's forward pass and decodes every submitted request in one shared batch."""
 
@@ -131,6 +100,7 @@ class BatchScheduler:
         model_thread: ModelThread,
         lora: LoraSet | None = None,
         vocab_size: int | None = None,
+        prompt_cache_bytes: int = DEFAULT_BYTES,
     ):
         self.forward = forward
         self.lora = lora
@@ -142,7 +112,7 @@ class BatchScheduler:
         self._pending: collections.deque[GenerationHandle] = collections.deque()
         self._rows: list[_Row] = []
         self._kv = BatchKV(device)
-        self.prefixes = PrefixCache()
+        self.prompts = PromptCache(prompt_cache_bytes)
         self._lock = threading.Lock()
         self._thread = model_thread
         self._packed = getattr(forward, "packed", None)  # many prompts in one prefill pass, where the forward can
@@ -274,19 +244,26 @@ class BatchScheduler:
         return groups
 
     def _prefix(self, handle: GenerationHandle) -> PrefillKV | None:
-        """The keys/values of the prompt's shared prefix (see :class:`PrefixCache`), prefilled alone when not
-        cached; call within the handle's adapter."""
+        """The keys/values of the prompt's start that need no prefill (call within the handle's adapter): the
+        longest start it shares with a cached prompt, else its template block (``handle.shared_prefix``: the
+        system block every conversation under that system prompt begins with), prefilled alone and kept, so that
+        prompts arriving together share it. Sets ``handle.shared_prefix`` to the length returned."""
+        length, cached = self.prompts.longest(handle.adapter, handle.prompt_ids)
+        if cached is not None and length >= handle.shared_prefix:
+            handle.shared_prefix = handle.cached_tokens = length
+            return cached
         split = handle.shared_prefix
         if not split:
             return None
-        key = (handle.adapter, *handle.prompt_ids[:split])  # an adapter on k/v changes the prefix's cache
-        prefix = self.prefixes.get(key)
-        if prefix is None:
-            prefix = PrefillKV()
-            ids = torch.tensor([handle.prompt_ids[:split]], dtype=torch.long, device=self.device)
-            self.forward(ids, torch.arange(split, device=self.device)[None], prefix, None)
-            self.prefixes.put(key, prefix)
+        prefix = PrefillKV()
+        ids = torch.tensor([handle.prompt_ids[:split]], dtype=torch.long, device=self.device)
+        self.forward(ids, torch.arange(split, device=self.device)[None], prefix, None)
+        self.prompts.put(handle.adapter, handle.prompt_ids[:split], prefix)
         return prefix
+
+    def _keep(self, handle: GenerationHandle, prefill: PrefillKV) -> None:
+        """Cache a text prompt's keys/values for the prompts that will begin like it."""
+        self.prompts.put(handle.adapter, handle.prompt_ids, PrefillKV(prefill.keys, prefill.values))
 
     def _prefill(self, handle: GenerationHandle) -> tuple[PrefillKV, torch.Tensor]:
         """One prompt prefilled alone: its keys/values and its last token's logits ``[1, vocab]``."""
@@ -306,6 +283,8 @@ class BatchScheduler:
             split = handle.shared_prefix if prefix is not None else 0
             prefill = PrefillKV(prefix.keys, prefix.values) if prefix is not None else PrefillKV()
             logits = self.forward(ids[:, split:], positions[..., split:], prefill, None, every_position=echo, **extra)
+        if images is None:
+            self._keep(handle, prefill)
         if echo:
             handle.prompt_logprobs = self._prompt_logprobs(handle, logits[0])
             logits = logits[:, -1]
@@ -322,6 +301,8 @@ class BatchScheduler:
             kv = PackedPrefillKV([_new_tokens(h) for h in handles], prefixes, self.device)
             logits = self._packed(torch.tensor([ids], dtype=torch.long, device=self.device), positions[None], kv)
         self.packed_prompts += len(handles)
+        for handle, prefill in zip(handles, kv.prompts):
+            self._keep(handle, prefill)
         return [(prefill, logits[i : i + 1]) for i, prefill in enumerate(kv.prompts)]
 
     def _join(self, handle: GenerationHandle, prefill: PrefillKV, logits: torch.Tensor) -> None:

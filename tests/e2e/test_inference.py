@@ -75,6 +75,27 @@ def test_streaming_matches_the_non_streamed_answer(client):
     assert chunks[-1].model_extra["x_metrics"]["ttft_seconds"] > 0
 
 
+def test_a_conversations_next_turn_reports_its_history_as_cached_tokens(client):
+    """The prompt cache, seen as OpenAI reports it: the second turn begins with the whole first prompt."""
+    messages = [{"role": "user", "content": "Name one planet of the solar system, in one word."}]
+    first = client.chat.completions.create(model=CHAT_MODEL, messages=messages, temperature=0, max_tokens=5)
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And one more, please?"},
+    ]
+    stream = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=messages,
+        temperature=0,
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage][0]
+    assert usage.prompt_tokens > first.usage.prompt_tokens
+    assert usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+
+
 def test_stream_ends_with_done_and_metrics_without_usage(http):
     body = {"model": CHAT_MODEL, "messages": QUESTION, "max_tokens": 10, "stream": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as response:

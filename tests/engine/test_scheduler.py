@@ -344,18 +344,18 @@ def test_an_empty_prompt_is_refused(engine_factory):
 def test_a_shared_system_prompt_is_prefilled_once_and_changes_no_output(engine_factory):
     system = {"role": "system", "content": "You are a careful assistant who answers every question with few words."}
     conversations = [[system, {"role": "user", "content": text}] for text in ("Hello there", "Tell me a story")]
-    fresh = engine_factory()  # has seen no chat prompt, so it knows no prefix and prefills whole
+    fresh = engine_factory(prompt_cache_bytes=0)  # knows no template prefix and caches no prompt: prefills whole
     prompts = [
         fresh.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False)
         for c in conversations
     ]
     whole = [generate(fresh, [ids], temperature=0.0, max_tokens=8).text() for ids in prompts]
-    assert fresh.scheduler.prefixes.hits + fresh.scheduler.prefixes.misses == 0
+    assert fresh.scheduler.prompts.hits == 0
 
     engine = engine_factory()
     replies = [generate(engine, [engine.encode_chat(c)], temperature=0.0, max_tokens=8).text() for c in conversations]
     again = generate(engine, [engine.encode_chat(conversations[0])], temperature=0.0, max_tokens=8).text()
-    assert (engine.scheduler.prefixes.misses, engine.scheduler.prefixes.hits) == (1, 2)
+    assert (engine.scheduler.prompts.misses, engine.scheduler.prompts.hits) == (1, 2)
     assert replies == whole
     assert again == whole[0]
 

@@ -282,6 +282,7 @@ def test_a_chat_completion_has_usage_and_metrics(client, chat_engine):
     assert usage["prompt_tokens"] == len(chat_engine.encode_chat(HELLO)) > 0
     assert usage["completion_tokens"] == 6
     assert usage["total_tokens"] == usage["prompt_tokens"] + 6
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
     metrics = body["x_metrics"]
     assert set(metrics) == METRIC_KEYS
     assert 0 <= metrics["ttft_seconds"] <= metrics["total_time_seconds"] and metrics["tps"] > 0
@@ -310,7 +311,9 @@ def test_text_parts_read_like_a_string(client):
     as_parts = client.post("/v1/chat/completions", json=chat_body(messages=parts)).json()
     as_string = client.post("/v1/chat/completions", json=chat_body()).json()
     assert as_parts["choices"][0]["message"] == as_string["choices"][0]["message"]
-    assert as_parts["usage"] == as_string["usage"]
+    # the same prompt tokens (the second read all but the last from the prompt cache)
+    assert as_parts["usage"]["prompt_tokens"] == as_string["usage"]["prompt_tokens"]
+    assert as_string["usage"]["prompt_tokens_details"]["cached_tokens"] == as_string["usage"]["prompt_tokens"] - 1
 
 
 def test_null_means_the_default_and_unknown_fields_are_ignored(client):
@@ -357,11 +360,15 @@ def test_a_stream_can_end_with_usage(client, chat_engine):
     chunks = [json.loads(p) for p in payloads[:-1]]
     last = chunks[-1]
     assert last["choices"] == []
+    prompt_tokens = len(chat_engine.encode_chat(HELLO))
+    cached = last["usage"]["prompt_tokens_details"]["cached_tokens"]  # this prompt may have been sent before
     assert last["usage"] == {
-        "prompt_tokens": len(chat_engine.encode_chat(HELLO)),
+        "prompt_tokens": prompt_tokens,
         "completion_tokens": 5,
-        "total_tokens": len(chat_engine.encode_chat(HELLO)) + 5,
+        "total_tokens": prompt_tokens + 5,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
+    assert 0 <= cached < prompt_tokens
     assert set(last["x_metrics"]) == METRIC_KEYS
     assert all(c["usage"] is None for c in chunks[:-1])
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"

@@ -95,10 +95,18 @@ class SamplingFields(WireModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class PromptTokensDetails(WireModel):
+    cached_tokens: int = Field(
+        description="Leading prompt tokens whose keys/values the server had cached from an earlier prompt (a "
+        "conversation's history, a repeated request): not computed again, billed as any prompt token."
+    )
+
+
 class Usage(WireModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Metrics(WireModel):

@@ -36,14 +36,22 @@ class Collected:
     metrics: dict = field(default_factory=dict)
     logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
     tool_calls: list[list[dict] | None] = field(default_factory=list)
+    cached_tokens: int = 0
 
     @property
     def usage(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """A chat or completions answer's ``usage``, with OpenAI's ``prompt_tokens_details.cached_tokens``: the
+    prompt's leading tokens that came from the server's prompt cache (billed as any prompt token)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 async def start_metered(
@@ -94,7 +102,9 @@ async def collect(run: GenerationRun, charge: Charge) -> Collected:
         run.cancel()
         recorded = charge.settle(run.prompt_tokens, tokens, run.metrics(tokens)["ttft_seconds"])
     await settled(recorded)
-    return Collected(texts, reasons, run.prompt_tokens, tokens, run.metrics(tokens), logprobs, tool_calls)
+    return Collected(
+        texts, reasons, run.prompt_tokens, tokens, run.metrics(tokens), logprobs, tool_calls, run.cached_tokens
+    )
 
 
 @dataclass
@@ -151,12 +161,8 @@ async def stream(run: GenerationRun, fmt: StreamFormat, include_usage: bool, cha
             extra = {"x_metrics": run.metrics(tokens)} if last else {}
             yield chunk([fmt.piece(event.index, "", event.reason, None)], **extra)
         if include_usage:
-            usage = {
-                "prompt_tokens": run.prompt_tokens,
-                "completion_tokens": tokens,
-                "total_tokens": run.prompt_tokens + tokens,
-            }
-            yield chunk([], usage=usage, x_metrics=run.metrics(tokens))
+            totals = usage(run.prompt_tokens, tokens, run.cached_tokens)
+            yield chunk([], usage=totals, x_metrics=run.metrics(tokens))
         yield DONE
     finally:
         run.cancel()

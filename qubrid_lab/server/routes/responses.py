@@ -31,12 +31,12 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {
         "input_tokens": prompt_tokens,
         "output_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": cached_tokens},
         "output_tokens_details": {"reasoning_tokens": 0},
     }
 
@@ -113,7 +113,7 @@ async def create_response(body: ResponseRequest, request: Request):
     return shape(
         "incomplete" if reason == "length" else "completed",
         output,
-        _usage(done.prompt_tokens, done.completion_tokens),
+        _usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens),
         done.metrics,
         reason,
     )
@@ -179,7 +179,7 @@ async def _stream(run: GenerationRun, charge: Charge, shape: ResponseShape) -> A
         final = shape(
             "incomplete" if reason == "length" else "completed",
             output,
-            _usage(run.prompt_tokens, tokens),
+            _usage(run.prompt_tokens, tokens, run.cached_tokens),
             run.metrics(tokens),
             reason,
         )
