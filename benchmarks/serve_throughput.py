@@ -21,7 +21,8 @@ untimed mixed run): plain requests, and a mix where half ask for ``json_schema``
 
 Every request sends the same prompt, as issue 16's targets were measured; our server's prompt cache then prefills
 only a repeated prompt's last token (vLLM's CPU build caches whole 128-token blocks, none in this short prompt).
-``--distinct-prompts`` numbers each request's prompt, so that only the chat template's start repeats.
+``--distinct-prompts`` numbers each request's prompt (the request-surface runs' too), so that only the chat
+template's start repeats.
 """
 
 from __future__ import annotations
@@ -570,6 +571,7 @@ async def load_server(
         await asyncio.wait_for(stream_one(client, spec.chat_model, args.max_tokens), args.request_timeout)
         background = BackgroundLoad(server)
         counted_by_usage = []
+        prompt_of = distinct_prompt if args.distinct_prompts else lambda index: PROMPT
         for concurrency in args.concurrency:
             requests = requests_at(concurrency, args.requests)
             level, requests_done = await run_level(
@@ -579,7 +581,7 @@ async def load_server(
                 requests,
                 args.max_tokens,
                 args.request_timeout,
-                prompt_of=distinct_prompt if args.distinct_prompts else lambda index: PROMPT,
+                prompt_of=prompt_of,
             )
             result.levels[concurrency] = level
             counted_by_usage += [request.tokens_from_usage for request in requests_done]
@@ -596,6 +598,7 @@ async def load_server(
                 args.max_tokens,
                 args.request_timeout,
                 surface_extra,
+                prompt_of,
             )
         lengths = [args.max_tokens] * surface_requests  # the mixed run's answer lengths, for the control
         for round_index in range(args.surface_rounds if spec.name == "ours" else 0):
@@ -616,6 +619,7 @@ async def load_server(
                     args.max_tokens,
                     args.request_timeout,
                     extra_of,
+                    prompt_of,
                 )
                 if kind == "mixed":
                     lengths = [max(1, request.tokens) for request in done]
