@@ -29,7 +29,6 @@ DEFAULT_BYTES = 32 * 1024 * 1024  # SmolLM2 in fp32: ~700 tokens (46 KiB each)
 
 @dataclass
 class _Entry:
-    tokens: bytes
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     size: int
@@ -71,9 +70,9 @@ class PromptCache:
         with its keys/values: ``(length, kv)``, or ``(0, None)`` when none reaches :data:`MIN_REUSED_TOKENS`."""
         probe = _tokens(ids[:-1])
         best, found = 0, None
-        for key, entry in self._entries.items():
-            if key[0] == adapter and entry.tokens[:8] == probe[:8]:
-                length = _common(entry.tokens, probe)
+        for key in self._entries:
+            if key[0] == adapter and key[1][:8] == probe[:8]:
+                length = _common(key[1], probe)
                 if length > best:
                     best, found = length, key
         if found is None or best < MIN_REUSED_TOKENS:
@@ -104,7 +103,7 @@ class PromptCache:
         size = sum(t.numel() * t.element_size() for t in (*keys, *values))
         if size > self.max_bytes:
             return
-        self._entries[(adapter, tokens)] = _Entry(tokens, keys, values, size)
+        self._entries[(adapter, tokens)] = _Entry(keys, values, size)
         self.bytes += size
         while self.bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))

@@ -263,7 +263,7 @@ class BatchScheduler:
 
     def _keep(self, handle: GenerationHandle, prefill: PrefillKV) -> None:
         """Cache a text prompt's keys/values for the prompts that will begin like it."""
-        self.prompts.put(handle.adapter, handle.prompt_ids, PrefillKV(prefill.keys, prefill.values))
+        self.prompts.put(handle.adapter, handle.prompt_ids, prefill)
 
     def _prefill(self, handle: GenerationHandle) -> tuple[PrefillKV, torch.Tensor]:
         """One prompt prefilled alone: its keys/values and its last token's logits ``[1, vocab]``."""
