@@ -9,26 +9,25 @@ and picks by the number of rows. Where the integer kernel wins is measured per l
 quantized (:func:`crossover`), not assumed: on a CPU where it never wins, a layer runs in floats only, and on
 one without bf16 units (where a bf16 matmul is slow at any size) it may win at every size measured.
 
-The integer kernels take bf16 activations; the float form is in the model's dtype (bf16 weights kept in
-oneDNN's blocked layout where torch has oneDNN: :mod:`qubrid_lab.models.packed_linear`).
+The integer kernels take bf16 activations; the float form is in the model's dtype, kept in oneDNN's blocked
+layout (:mod:`qubrid_lab.models.packed_linear`) for the layer shapes where that is measured faster than
+``F.linear`` on the plain weight.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qubrid_lab.models.packed_linear import pack_weight, packed_linear
+from qubrid_lab.models.calibration import compare_ms
+from qubrid_lab.models.packed_linear import pack_weight, packed_linear, packing_pays
 
 # Row counts timed, in order, until the float product wins. An integer kernel that still wins at 64 rows (a
 # CPU without bf16 units, against bf16: there it won up to 512) is used for every row count.
 CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
-CALIBRATION_REPEATS = 3
 EVERY_ROW_COUNT = 1 << 30
 
 
@@ -42,14 +41,15 @@ class WeightOnlyLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = dtype  # of the float weight and of the activations the layer takes
-        weight = linear.weight.detach().to(dtype)
-        packed = pack_weight(weight)
-        # the float form: packed for oneDNN where it can be, else plain for F.linear (never both: memory); a
-        # weight already in ``dtype`` is kept as the same parameter, so a head tied to the embeddings stays tied
-        self.packed = nn.Parameter(packed, requires_grad=False) if packed is not None else None
-        self.weight = None
-        if packed is None:
-            self.weight = linear.weight if linear.weight.dtype == dtype else nn.Parameter(weight, requires_grad=False)
+        # the float form: plain for F.linear, or packed for oneDNN where quantize_weights measures that faster
+        # (never both: memory); a weight already in ``dtype`` is kept as the same parameter, so a head tied to
+        # the embeddings stays tied
+        self.packed: nn.Parameter | None = None
+        self.weight = (
+            linear.weight
+            if linear.weight.dtype == dtype
+            else nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
+        )
         self.bias = (
             nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False) if linear.bias is not None else None
         )
@@ -79,14 +79,14 @@ class WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind} {rows}"
 
 
-def _median_ms(fn) -> float:
-    fn()
-    times = []
-    for _ in range(CALIBRATION_REPEATS):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1e3
+def pack_if_faster(layers: list[WeightOnlyLinear]) -> bool:
+    """Keep these layers' float forms (one shape: all of a model's layers of that shape and kind) packed for
+    oneDNN if that is measured faster here (:func:`~qubrid_lab.models.packed_linear.packing_pays`)."""
+    if not packing_pays([layer.weight for layer in layers]):
+        return False
+    for layer in layers:  # one at a time, each plain weight let go as its packed form arrives
+        layer.packed, layer.weight = nn.Parameter(pack_weight(layer.weight), requires_grad=False), None
+    return True
 
 
 def crossover(layers: list[WeightOnlyLinear]) -> int:
@@ -112,7 +112,8 @@ def crossover(layers: list[WeightOnlyLinear]) -> int:
                 for layer in layers:
                     layer.wide(x)
 
-            if _median_ms(integer) >= _median_ms(float_):
+            integer_ms, float_ms = compare_ms(integer, float_)
+            if integer_ms >= float_ms:
                 return best
             best = rows
     return EVERY_ROW_COUNT
@@ -120,9 +121,12 @@ def crossover(layers: list[WeightOnlyLinear]) -> int:
 
 def quantize_weights(model: nn.Module, make: Callable[[nn.Linear, bool], WeightOnlyLinear]) -> nn.Module:
     """Swap each CPU ``nn.Linear`` of ``model`` (the output head included) for what ``make(linear, is_head)``
-    returns, each kind and shape's row threshold measured once. A layer whose integer product
-    wins at every row count drops its float weight (memory)."""
+    returns. For each kind and shape, whether the float weights are packed (:func:`pack_if_faster`), then the
+    row threshold, are measured once. A layer whose integer product wins at every row count drops its float
+    weight (memory). A head tied to the embeddings keeps them as its plain float weight: a packed copy of
+    SmolLM2's would add 113 MB in float32."""
     head = model.get_output_embeddings()
+    embeddings = model.get_input_embeddings().weight
     groups: dict[tuple, list[WeightOnlyLinear]] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -131,6 +135,10 @@ def quantize_weights(model: nn.Module, make: Callable[[nn.Linear, bool], WeightO
             layer = make(child, child is head)
             groups.setdefault((layer.kind, child.in_features, child.out_features), []).append(layer)
             setattr(parent, name, layer)
+    packed = {
+        key: not any(layer.weight is embeddings for layer in layers) and pack_if_faster(layers)
+        for key, layers in groups.items()
+    }
     thresholds = {key: crossover(layers) for key, layers in groups.items()}
     for key, layers in groups.items():
         for layer in layers:
@@ -138,4 +146,5 @@ def quantize_weights(model: nn.Module, make: Callable[[nn.Linear, bool], WeightO
             if layer.small_rows >= EVERY_ROW_COUNT:
                 layer.packed = layer.weight = None
     model.weight_only_rows = thresholds  # what was measured, for the benchmarks
+    model.weight_only_packed = packed
     return model

@@ -1,4 +1,5 @@
-"""bf16 linear layers with oneDNN-packed weights: the same products as ``F.linear``, in every use."""
+"""Linear layers with oneDNN-packed weights: the same products as ``F.linear``, in every use (bf16 exactly; float32
+to float32's rounding, the sums taken in another order), packed only where that is measured faster."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from qubrid_lab.models.device import Precision, quantize
-from qubrid_lab.models.packed_linear import PackedLinear, can_pack, pack_linears, pack_weight
+from qubrid_lab.models.packed_linear import (
+    PackedLinear,
+    can_pack,
+    pack_linears,
+    pack_weight,
+    packed_linear,
+    packing_pays,
+)
+from qubrid_lab.models.weight_int4 import Int4WeightLinear, quantize_weights_int4
 from qubrid_lab.models.weight_int8 import Int8WeightLinear
+from qubrid_lab.models.weight_only import EVERY_ROW_COUNT, pack_if_faster
 
 needs_onednn_bf16 = pytest.mark.skipif(
     not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this CPU or torch build has no oneDNN bf16"
@@ -34,8 +44,60 @@ def test_packed_products_equal_the_plain_ones(shape, bias):
         assert torch.equal(out, F.linear(x, plain.weight, plain.bias))
 
 
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+
+
 def test_weights_that_cannot_be_packed_are_left_alone():
-    assert pack_weight(torch.randn(8, 8)) is None  # float32: MKL's product serves it already
+    assert pack_weight(torch.randn(8, 8, dtype=torch.float16)) is None
+    assert pack_weight(torch.randint(-8, 8, (8, 8), dtype=torch.int8)) is None
+    assert not packing_pays([torch.randn(8, 8, dtype=torch.float16)])
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 64), (16, 64), (3, 1, 64), (2, 3, 5, 64)])
+def test_packed_float32_products_equal_the_plain_ones_to_rounding(shape):
+    torch.manual_seed(0)
+    plain = nn.Linear(64, 96)
+    packed = pack_weight(plain.weight.detach())
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        out = packed_linear(x, packed, plain.bias.detach())
+        assert out.shape == (*shape[:-1], 96) and out.dtype == torch.float32
+        torch.testing.assert_close(out, F.linear(x, plain.weight, plain.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packing_is_kept_only_when_measured_faster(monkeypatch):
+    """The choice follows the timings: packed where its products took less time, plain where they took more."""
+    layers = [Int4WeightLinear(nn.Linear(64, 96, bias=False), small_rows=0, dtype=torch.float32) for _ in range(2)]
+    weights = [layer.weight for layer in layers]
+    monkeypatch.setattr("qubrid_lab.models.packed_linear.compare_ms", lambda plain, packed: (2.0, 1.0))
+    assert packing_pays(weights)
+    monkeypatch.setattr("qubrid_lab.models.packed_linear.compare_ms", lambda plain, packed: (1.0, 2.0))
+    assert not packing_pays(weights)
+    assert not pack_if_faster(layers) and all(layer.packed is None and layer.weight is not None for layer in layers)
+    monkeypatch.setattr("qubrid_lab.models.packed_linear.compare_ms", lambda plain, packed: (2.0, 1.0))
+    assert pack_if_faster(layers) and all(layer.packed is not None and layer.weight is None for layer in layers)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(layers[0].wide(x), F.linear(x, weights[0]), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_w4a32_model_keeps_a_tied_head_on_the_embeddings_and_packs_what_pays(tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr("qubrid_lab.models.packed_linear.compare_ms", lambda plain, packed: (2.0, 1.0))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.lm_head.weight = model.get_input_embeddings().weight  # tied, as SmolLM2's is
+    quantize_weights_int4(model, torch.float32)
+    assert model.lm_head.packed is None and model.lm_head.weight is model.get_input_embeddings().weight
+    for key, packed in model.weight_only_packed.items():
+        layers = [
+            m for m in model.modules() if isinstance(m, Int4WeightLinear) and key[1:] == (m.in_features, m.out_features)
+        ]
+        if key[0] == "int4" and model.weight_only_rows[key] < EVERY_ROW_COUNT:
+            assert packed and all(layer.packed is not None and layer.weight is None for layer in layers)
 
 
 @needs_onednn_bf16
@@ -58,7 +120,7 @@ def test_a_bf16_model_serves_from_packed_layers_and_its_logits_do_not_change(tin
 def test_w8a16_layers_run_their_many_row_products_packed():
     plain = nn.Linear(64, 96)
     quantized = Int8WeightLinear(plain, small_rows=2)
-    assert quantized.packed is not None and quantized.weight is None  # one bf16 copy, not two
+    quantized.packed, quantized.weight = nn.Parameter(pack_weight(quantized.weight), requires_grad=False), None
     x = torch.randn(8, 64, dtype=torch.bfloat16)
     with torch.inference_mode():
         expected = F.linear(x, plain.weight.detach().bfloat16(), plain.bias.detach().bfloat16())
