@@ -29,6 +29,7 @@ from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.models.catalogue import ModelEntry
 from qubrid_lab.models.device import Precision, pick_device, pick_precision, precision_candidates
 from qubrid_lab.models.loading import TRAINED_TEMPLATE_FILE, registered_at, weights_location
+from qubrid_lab.models.packed_linear import bound_kernel_caches
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class LocalChatEngine:
         thread: ModelThread | None = None,
         prompt_cache_bytes: int = DEFAULT_BYTES,
     ):
+        bound_kernel_caches()  # in a process of its own (a notebook's), before its first product
         self.model_id = entry.id
         self.entry = entry
         self.device = pick_device(device)

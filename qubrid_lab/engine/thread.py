@@ -4,6 +4,10 @@ torch's OpenMP worker pool belongs to the thread that first runs a parallel regi
 loading a model on one thread and decoding on another made every decode step about twice as slow
 (measured in benchmarks/README.md). So models are loaded and run on one thread for their lifetime; the
 server shares one among all its models, whose jobs (decode steps, embedding batches) then take turns.
+
+Once it has been idle for :data:`IDLE_TRIM_SECONDS` after work, the thread hands the heap pages freed by that
+work back to the OS (:func:`~qubrid_lab.models.device.trim_heap`): under load they are reused, idle they would
+keep the process hundreds of MB larger than it needs.
 """
 
 from __future__ import annotations
@@ -12,6 +16,10 @@ import queue
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable
+
+from qubrid_lab.models.device import trim_heap
+
+IDLE_TRIM_SECONDS = 2.0
 
 
 class ModelThread:
@@ -31,7 +39,17 @@ class ModelThread:
         self._jobs.put(None)
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        worked = False
+        while True:
+            try:
+                job = self._jobs.get(timeout=IDLE_TRIM_SECONDS if worked else None)
+            except queue.Empty:
+                trim_heap()
+                worked = False
+                continue
+            if job is None:
+                return
+            worked = True
             future, fn, args = job
             if future.set_running_or_notify_cancel():
                 try:

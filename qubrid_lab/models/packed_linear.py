@@ -21,6 +21,8 @@ they are.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,21 @@ PACKING_ROWS = (1, 16, 128)
 # What :func:`packing_pays` times of a layer shape: more than the last-level cache of the CPUs measured (an AMD
 # EPYC's 32 MB per core complex), so that the weights stream from memory as in a forward pass.
 TIMED_BYTES = 64 << 20
+# oneDNN and ideep (torch's layer over it) each keep the kernels they compiled, up to 1024 by default: one per
+# layer shape and row count, about 0.6 MB each on the AMD EPYC of benchmarks/README.md (session k), whatever the
+# shape. A server's prefills come at every prompt length, so a busy one filled both: 400 prefills of random
+# lengths over 8 packed layers of SmolLM2's 4 shapes grew the process by 456-1126 MB. Capped at 128, by 60-290
+# MB, at the same speed: compiling a kernel again takes about 0.5 ms, less than one product at that many rows.
+KERNEL_CACHE_CAPACITY = 128
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def bound_kernel_caches() -> None:
+    """Cap oneDNN's and ideep's kernel caches at :data:`KERNEL_CACHE_CAPACITY` where the environment does not
+    size them. Both read their size once, at the process's first oneDNN product, so this counts only before
+    it; the server calls it first thing."""
+    for name in KERNEL_CACHE_VARIABLES:
+        os.environ.setdefault(name, str(KERNEL_CACHE_CAPACITY))
 
 
 def can_pack(weight: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@ import uvicorn
 from qubrid_lab.engine.registry import load_registry
 from qubrid_lab.errors import InvalidRequestError
 from qubrid_lab.models.catalogue import default_catalogue
+from qubrid_lab.models.packed_linear import bound_kernel_caches
 from qubrid_lab.server.app import create_app
 from qubrid_lab.server.home import claim_home, process_alive
 from qubrid_lab.server.observability import configure_logging
@@ -41,6 +42,7 @@ def serve(settings: Settings, *, allow_open: bool = False, owner_pid: int | None
     The home directory is held for this server alone (``claim_home``). With ``owner_pid`` the server stops by
     itself, as on Ctrl-C, once that process has exited (a notebook kernel that started it and died).
     """
+    bound_kernel_caches()
     configure_logging(settings.log_level)
     keys = settings.load_api_keys()
     stored = _stored_keys(settings)

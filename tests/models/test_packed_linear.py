@@ -3,6 +3,11 @@ to float32's rounding, the sums taken in another order), packed only where that 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +15,10 @@ from torch import nn
 
 from qubrid_lab.models.device import Precision, quantize
 from qubrid_lab.models.packed_linear import (
+    KERNEL_CACHE_CAPACITY,
+    KERNEL_CACHE_VARIABLES,
     PackedLinear,
+    bound_kernel_caches,
     can_pack,
     pack_linears,
     pack_weight,
@@ -133,3 +141,49 @@ def test_pack_linears_leaves_a_float32_model_unchanged(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     pack_linears(model)
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+# A child process: products over a packed float32 weight at 300 row counts, then what they added to the resident
+# memory (MB), freed pages handed back first. The caches are sized at the first product, hence a process each.
+KERNEL_CACHE_PROBE = """
+import ctypes, sys
+import torch
+from qubrid_lab.models.packed_linear import bound_kernel_caches, pack_weight, packed_linear
+if sys.argv[1] == "bounded":
+    bound_kernel_caches()
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+weight = pack_weight(torch.randn(256, 256))
+with torch.inference_mode():
+    packed_linear(torch.randn(1, 256), weight, None)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = resident()
+    for rows in range(17, 317):
+        packed_linear(torch.randn(rows, 256), weight, None)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+print(resident() - before)
+"""
+
+
+@needs_onednn
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc")
+def test_bounded_kernel_caches_keep_a_server_from_growing_with_each_prompt_length():
+    environment = {name: value for name, value in os.environ.items() if name not in KERNEL_CACHE_VARIABLES}
+
+    def grown(mode: str) -> float:
+        run = subprocess.run(
+            [sys.executable, "-c", KERNEL_CACHE_PROBE, mode], env=environment, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return float(run.stdout)
+
+    unbounded, bounded = grown("default"), grown("bounded")
+    assert unbounded > 30  # a kernel per row count, 300 of them kept (167 MB on an AMD EPYC)
+    assert bounded < unbounded / 2
+
+
+def test_kernel_cache_sizes_set_in_the_environment_win(monkeypatch):
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "16")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    bound_kernel_caches()
+    assert os.environ["LRU_CACHE_CAPACITY"] == "16"
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(KERNEL_CACHE_CAPACITY)
