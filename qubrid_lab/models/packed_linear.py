@@ -40,9 +40,10 @@ PACKING_ROWS = (1, 16, 128)
 TIMED_BYTES = 64 << 20
 # oneDNN and ideep (torch's layer over it) each keep the kernels they compiled, up to 1024 by default: one per
 # layer shape and row count, about 0.6 MB each on the AMD EPYC of benchmarks/README.md (session k), whatever the
-# shape. A server's prefills come at every prompt length, so a busy one filled both: 400 prefills of random
-# lengths over 8 packed layers of SmolLM2's 4 shapes grew the process by 456-1126 MB. Capped at 128, by 60-290
-# MB, at the same speed: compiling a kernel again takes about 0.5 ms, less than one product at that many rows.
+# shape. A server's prefills come at every prompt length, so a busy one filled both: prefills of random lengths
+# over 8 packed layers of SmolLM2's 4 shapes grew a process by 600 MB in 300 and 1126 MB in 1200. Capped at 128,
+# by at most 288 MB in 600, at the same speed within the noise: compiling a kernel again takes about 0.5 ms, less
+# than one product at the row counts of a prefill.
 KERNEL_CACHE_CAPACITY = 128
 KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
